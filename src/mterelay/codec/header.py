@@ -1,0 +1,99 @@
+"""
+The ``x-mte-relay`` header (parsed and formatted only here) and the plain content of the encoded header block.
+
+``x-mte-relay: <version>,<client id>,<pair id>,<MKE|MTE>,<counter>,<url>,<headers>,<body>,<streaming>`` where the
+last four fields are ``0`` or ``1``. A wrong version or encode type raises ``CodecError(568)``, anything else
+malformed ``CodecError(569)``.
+"""
+
+import json
+import re
+
+import attrs
+
+from mterelay.codec.errors import BAD_HEADER, BAD_VERSION, DECODE_FAILED, CodecError
+from mterelay.codec.wire import PROTOCOL_VERSION, check_id, check_type
+
+NAME = "x-mte-relay"
+#: Longest accepted x-mte-relay value (ids are at most 64 characters, the counter 20 digits).
+MAX_LENGTH = 200
+#: Most [name, value] pairs in one header block.
+MAX_HEADER_PAIRS = 256
+
+_COUNTER = re.compile(r"0|[1-9][0-9]{0,19}")
+_FLAGS = {"0": False, "1": True}
+
+
+def _flag(value):
+    if value not in _FLAGS:
+        raise CodecError(BAD_HEADER, f"{NAME} flags must be 0 or 1")
+    return _FLAGS[value]
+
+
+@attrs.frozen
+class RelayHeader:
+    """What one encoded message says about itself; ``counter`` is the MKE counter or the MTE step."""
+
+    client_id: str
+    pair_id: str
+    encode_type: str
+    counter: int
+    url: bool = False
+    headers: bool = False
+    body: bool = False
+    streaming: bool = False
+    version: int = PROTOCOL_VERSION
+
+    def format(self):
+        """The header value."""
+        flags = ",".join("1" if f else "0" for f in (self.url, self.headers, self.body, self.streaming))
+        return f"{self.version},{self.client_id},{self.pair_id},{self.encode_type},{self.counter},{flags}"
+
+    @classmethod
+    def parse(cls, value):
+        """Parse a header value (str or bytes); malformed values raise ``CodecError`` 569 (568 for version/type)."""
+        if isinstance(value, bytes):
+            value = value.decode("ascii", "replace")
+        if not isinstance(value, str) or len(value) > MAX_LENGTH:
+            raise CodecError(BAD_HEADER, f"{NAME} is missing or too long")
+        fields = [f.strip(" \t") for f in value.split(",")]
+        if len(fields) != 9:
+            raise CodecError(BAD_HEADER, f"{NAME} must have 9 comma-separated fields")
+        version, client_id, pair_id, encode_type, counter, *flags = fields
+        if not version.isdigit() or not version.isascii():
+            raise CodecError(BAD_HEADER, f"{NAME} version is not a number")
+        if version != str(PROTOCOL_VERSION):
+            raise CodecError(BAD_VERSION, f"{NAME} version is not supported")
+        check_id(client_id, "client id")
+        check_id(pair_id, "pair id")
+        check_type(encode_type)
+        if not _COUNTER.fullmatch(counter) or int(counter) >= 1 << 64:
+            raise CodecError(BAD_HEADER, f"{NAME} counter is not a 64-bit decimal")
+        return cls(client_id, pair_id, encode_type, int(counter), *map(_flag, flags))
+
+
+def encode_header_block(pairs):
+    """
+    The plain header-block item: a JSON array of ``[name, value]`` strings, bytes mapped one-to-one by Latin-1 so
+    every header byte survives; repeated names (several Set-Cookie) stay separate pairs, in order.
+    """
+    return json.dumps(
+        [[name.decode("latin-1"), value.decode("latin-1")] for name, value in pairs], separators=(",", ":")
+    ).encode("ascii")
+
+
+def decode_header_block(data):
+    """The ``[(name, value)]`` byte pairs of an opened header block, or ``CodecError(562)`` if it is malformed."""
+    try:
+        pairs = json.loads(data)
+        if not isinstance(pairs, list) or len(pairs) > MAX_HEADER_PAIRS:
+            raise ValueError
+        result = []
+        for pair in pairs:
+            name, value = pair
+            if not isinstance(name, str) or not isinstance(value, str) or not name:
+                raise ValueError
+            result.append((name.encode("latin-1"), value.encode("latin-1")))
+        return result
+    except (ValueError, TypeError, UnicodeError):
+        raise CodecError(DECODE_FAILED, "header block is not a list of [name, value] pairs") from None

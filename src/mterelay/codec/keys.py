@@ -1,0 +1,178 @@
+"""
+Per-message keys: sealing and opening of the url and header-block items and the streamed body records.
+
+A ``MessageKeys`` holds one message key for one direction of one message. Every item is AES-256-GCM with a nonce made
+of the item kind and record index (unique under a key used for one message only) and associated data binding the
+protocol version, encode type, direction, counter, pair id, item kind, record index, final flag and a caller binding.
+"""
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from mterelay.codec.errors import DECODE_FAILED, CodecError
+from mterelay.codec.wire import ENCODE_TYPES, PROTOCOL_VERSION, lp
+
+#: Plaintext bytes in every non-final body record; the final record holds fewer (possibly 0).
+RECORD_SIZE = 65536
+TAG_SIZE = 16
+C2S = 0
+S2C = 1
+URL = "url"
+HEADERS = "headers"
+_KINDS = {URL: 1, HEADERS: 2}
+_BODY = 3
+
+
+def encoded_length(n, record_size=RECORD_SIZE):
+    """Encoded size of an ``n``-byte body: one 16-byte tag per record, ``n // record_size + 1`` records."""
+    return n + TAG_SIZE * (n // record_size + 1)
+
+
+def decoded_length(m, record_size=RECORD_SIZE):
+    """The plaintext size of an ``m``-byte encoded body, or ``CodecError(562)`` if no body encodes to ``m`` bytes."""
+    full, rest = divmod(m, record_size + TAG_SIZE)
+    if rest < TAG_SIZE:
+        raise CodecError(DECODE_FAILED, "encoded body length is impossible")
+    return full * record_size + rest - TAG_SIZE
+
+
+def request_binding(method, target=None):
+    """
+    The binding for every item of a request: its method and, when the URL is not encoded, the visible path and
+    query, so that neither can be changed in transit.
+    """
+    return b"req" + lp(method, b"" if target is None else b"\x01" + target)
+
+
+def response_binding(status):
+    """The binding for every item of a response: its status code."""
+    return b"resp" + lp(b"%d" % status)
+
+
+def _nonce(kind, index):
+    return bytes((kind, 0, 0, 0)) + index.to_bytes(8, "big")
+
+
+class MessageKeys:
+    """Seals or opens the items of one message in one direction; decoding failures raise ``CodecError(562)``."""
+
+    __slots__ = ("_aead", "_prefix", "counter", "direction")
+
+    def __init__(self, key, encode_type, direction, counter, pair_id):
+        self._aead = AESGCM(key)
+        self.counter = counter
+        self.direction = direction
+        self._prefix = (
+            bytes((PROTOCOL_VERSION, ENCODE_TYPES.index(encode_type) + 1, direction))
+            + counter.to_bytes(8, "big")
+            + lp(pair_id.encode("ascii"))
+        )
+
+    def __repr__(self):
+        return f"<MessageKeys {('c2s', 's2c')[self.direction]} counter={self.counter}>"
+
+    def _ad(self, kind, index, final, binding):
+        return self._prefix + bytes((kind,)) + index.to_bytes(8, "big") + (b"\x01" if final else b"\x00") + binding
+
+    def seal(self, kind, plaintext, binding=b""):
+        """Seal the ``url`` or ``headers`` item."""
+        code = _KINDS[kind]
+        return self._aead.encrypt(_nonce(code, 0), plaintext, self._ad(code, 0, True, binding))
+
+    def open(self, kind, data, binding=b""):
+        """Open the ``url`` or ``headers`` item, or raise ``CodecError(562)``."""
+        code = _KINDS[kind]
+        try:
+            return self._aead.decrypt(_nonce(code, 0), data, self._ad(code, 0, True, binding))
+        except InvalidTag:
+            raise CodecError(DECODE_FAILED, f"{kind} item failed authentication") from None
+
+    def body_encoder(self, binding=b"", record_size=RECORD_SIZE):
+        """A streaming body encoder (``feed(bytes) -> bytes``, ``finish() -> bytes``)."""
+        return BodyEncoder(self, binding, record_size)
+
+    def body_decoder(self, binding=b"", record_size=RECORD_SIZE):
+        """A streaming body decoder (``feed(bytes) -> bytes``, ``finish() -> bytes``) that detects truncation."""
+        return BodyDecoder(self, binding, record_size)
+
+
+class _Records:
+    """Record bookkeeping shared by the encoder and the decoder: a bounded buffer, the next index, finished state."""
+
+    __slots__ = ("_keys", "_binding", "_size", "_buffer", "_index", "_done")
+
+    def __init__(self, keys, binding, size):
+        self._keys = keys
+        self._binding = binding
+        self._size = size
+        self._buffer = b""
+        self._index = 0
+        self._done = False
+
+    def _record(self, data, final):
+        keys = self._keys
+        nonce = _nonce(_BODY, self._index)
+        ad = keys._ad(_BODY, self._index, final, self._binding)
+        self._index += 1
+        return self._transform(keys._aead, nonce, data, ad)
+
+    def _records(self, data, step):
+        """Transform every complete non-final record in buffer + data; keep the rest (< ``step`` bytes) buffered."""
+        if self._done:
+            raise CodecError(DECODE_FAILED, "body stream already finished or failed")
+        view = memoryview(self._buffer + data if self._buffer else data)
+        out = []
+        pos = 0
+        while len(view) - pos >= step:
+            out.append(self._record(view[pos : pos + step], False))
+            pos += step
+        self._buffer = bytes(view[pos:])
+        return b"".join(out)
+
+    def _final(self):
+        if self._done:
+            raise CodecError(DECODE_FAILED, "body stream already finished or failed")
+        self._done = True
+        return self._record(self._buffer, True)
+
+
+class BodyEncoder(_Records):
+    """Cuts plaintext into records of exactly ``record_size`` bytes and a shorter final record."""
+
+    __slots__ = ()
+
+    @staticmethod
+    def _transform(aead, nonce, data, ad):
+        return aead.encrypt(nonce, data, ad)
+
+    def feed(self, data):
+        """Encoded records for every complete ``record_size`` bytes seen so far."""
+        return self._records(data, self._size)
+
+    def finish(self):
+        """The final record (the buffered rest, shorter than a record)."""
+        return self._final()
+
+
+class BodyDecoder(_Records):
+    """Opens records; a record of ``record_size + 16`` bytes is never final, so no look-ahead is needed."""
+
+    __slots__ = ()
+
+    def _transform(self, aead, nonce, data, ad):
+        try:
+            return aead.decrypt(nonce, data, ad)
+        except InvalidTag:
+            self._done = True
+            raise CodecError(DECODE_FAILED, "body record failed authentication") from None
+
+    def feed(self, data):
+        """Plaintext of every complete authenticated non-final record seen so far."""
+        return self._records(data, self._size + TAG_SIZE)
+
+    def finish(self):
+        """Plaintext of the final record; ``CodecError(562)`` if the stream was truncated."""
+        if not self._done and len(self._buffer) < TAG_SIZE:
+            self._done = True
+            raise CodecError(DECODE_FAILED, "body truncated: no final record")
+        return self._final()
