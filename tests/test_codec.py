@@ -1,0 +1,510 @@
+"""Tests for mterelay.codec: pairing, the MKE and MTE encodings, body records, state and the x-mte-relay header."""
+
+import attrs
+from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, generate_private_key
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from mterelay.codec import (
+    HEADERS,
+    URL,
+    ClientPairing,
+    CodecError,
+    RelayHeader,
+    RelayIdentity,
+    b64decode,
+    b64encode,
+    decode_header_block,
+    decoded_length,
+    encode_header_block,
+    encoded_length,
+    load_state,
+    relay_pair,
+    request_binding,
+    response_binding,
+)
+from mterelay.codec import state as state_module
+from mterelay.errors import RelayError
+
+CLIENT = "client_id-0123456789"
+PAIR = "pair_id-ABCDEFGHIJ"
+SMALL = 32
+fast = settings(max_examples=60, deadline=None)
+IDENTITY = RelayIdentity.generate()
+
+
+def pair(encode_type="MKE", pair_id=PAIR, identity=IDENTITY):
+    """A freshly paired (client state, relay state)."""
+    pairing = ClientPairing.start(CLIENT, pair_id, encode_type)
+    relay_state, reply = relay_pair(identity, CLIENT, pair_id, encode_type, pairing.public_key)
+    return pairing.finish(reply.ciphertext, reply.signature, identity.public_bytes()), relay_state
+
+
+def message(client, relay, counter=0):
+    """Keys for one exchange: (client, relay, client request keys, client response keys, relay req, relay resp)."""
+    if client.encode_type == "MKE":
+        client, creq, cresp = client.keys_for(counter)
+    else:
+        client, creq, cresp = client.advance()
+    relay, rreq, rresp = relay.keys_for(creq.counter)
+    return client, relay, creq, cresp, rreq, rresp
+
+
+def encode_body(keys, data, chunks=1, record_size=SMALL, binding=b""):
+    """Encode ``data`` fed in ``chunks`` roughly equal pieces."""
+    encoder = keys.body_encoder(binding, record_size)
+    step = max(1, len(data) // chunks)
+    return b"".join(encoder.feed(data[i : i + step]) for i in range(0, len(data), step)) + encoder.finish()
+
+
+def decode_body(keys, data, chunks=1, record_size=SMALL, binding=b""):
+    """Decode ``data`` fed in ``chunks`` roughly equal pieces."""
+    decoder = keys.body_decoder(binding, record_size)
+    step = max(1, len(data) // chunks)
+    return b"".join(decoder.feed(data[i : i + step]) for i in range(0, len(data), step)) + decoder.finish()
+
+
+class CodeAssertions:
+    """``assertCode``: a call raises a CodecError carrying a given relay code."""
+
+    def assertCode(self, expected, f, *args, **kwargs):
+        error = self.assertRaises(CodecError, f, *args, **kwargs)
+        self.assertEqual(error.code, expected)
+        self.assertIsInstance(error, RelayError)
+        return error
+
+
+class PairingTests(CodeAssertions, SynchronousTestCase):
+    """Pairing: X-Wing, the relay signature, pins and input checks."""
+
+    def test_both_sides_derive_the_same_keys(self):
+        """A paired client's request opens at the relay and the relay's response opens at the client."""
+        for encode_type in ("MKE", "MTE"):
+            client, relay = pair(encode_type)
+            _, _, creq, cresp, rreq, rresp = message(client, relay)
+            self.assertEqual(rreq.open(URL, creq.seal(URL, b"/a?b=c")), b"/a?b=c")
+            self.assertEqual(cresp.open(HEADERS, rresp.seal(HEADERS, b"[]")), b"[]")
+
+    def test_pin_accepts_raw_key_and_fingerprint(self):
+        """Pinning the identity's raw key or its fingerprint both succeed."""
+        for pin in (IDENTITY.public_bytes(), IDENTITY.fingerprint()):
+            pairing = ClientPairing.start(CLIENT, PAIR, "MKE")
+            _, reply = relay_pair(IDENTITY, CLIENT, PAIR, "MKE", pairing.public_key)
+            state = pairing.finish(reply.ciphertext, reply.signature, IDENTITY.public_bytes(), pin=pin)
+            self.assertEqual(state.position, 0)
+
+    def test_wrong_pin_fails(self):
+        """A relay whose identity does not match the pin is refused with 565."""
+        other = RelayIdentity.generate()
+        pairing = ClientPairing.start(CLIENT, PAIR, "MKE")
+        _, reply = relay_pair(other, CLIENT, PAIR, "MKE", pairing.public_key)
+        self.assertCode(
+            565, pairing.finish, reply.ciphertext, reply.signature, other.public_bytes(), pin=IDENTITY.fingerprint()
+        )
+
+    def test_substituted_identity_fails(self):
+        """A signature by one identity presented with another identity's key is refused with 565."""
+        pairing = ClientPairing.start(CLIENT, PAIR, "MKE")
+        _, reply = relay_pair(RelayIdentity.generate(), CLIENT, PAIR, "MKE", pairing.public_key)
+        self.assertCode(565, pairing.finish, reply.ciphertext, reply.signature, IDENTITY.public_bytes())
+
+    def test_transcript_mismatch_fails(self):
+        """A reply made for another pair id, type or client id (or a flipped ciphertext) fails the signature."""
+        pairing = ClientPairing.start(CLIENT, PAIR, "MKE")
+        for client_id, pair_id, encode_type in [
+            (CLIENT, PAIR + "x", "MKE"),
+            (CLIENT, PAIR, "MTE"),
+            (CLIENT + "x", PAIR, "MKE"),
+        ]:
+            _, reply = relay_pair(IDENTITY, client_id, pair_id, encode_type, pairing.public_key)
+            self.assertCode(565, pairing.finish, reply.ciphertext, reply.signature, IDENTITY.public_bytes())
+        _, reply = relay_pair(IDENTITY, CLIENT, PAIR, "MKE", pairing.public_key)
+        flipped = bytes([reply.ciphertext[0] ^ 1]) + reply.ciphertext[1:]
+        self.assertCode(565, pairing.finish, flipped, reply.signature, IDENTITY.public_bytes())
+        self.assertCode(565, pairing.finish, reply.ciphertext[:-1], reply.signature, IDENTITY.public_bytes())
+
+    def test_bad_pairing_input_is_typed(self):
+        """Bad ids and public keys give 565, an unknown encode type 568."""
+        key = ClientPairing.start(CLIENT, PAIR, "MKE").public_key
+        self.assertCode(565, relay_pair, IDENTITY, "short", PAIR, "MKE", key)
+        self.assertCode(565, relay_pair, IDENTITY, CLIENT, "bad pair id with spaces", "MKE", key)
+        self.assertCode(568, relay_pair, IDENTITY, CLIENT, PAIR, "XYZ", key)
+        self.assertCode(565, relay_pair, IDENTITY, CLIENT, PAIR, "MKE", key[:-1])
+        self.assertCode(565, relay_pair, IDENTITY, CLIENT, PAIR, "MKE", b"\xff" * len(key))
+        self.assertCode(565, ClientPairing.start, CLIENT, "x", "MKE")
+
+    def test_each_pairing_has_its_own_keys(self):
+        """Two pairings with the same ids produce keys that cannot open each other's items."""
+        first = message(*pair())[2]
+        second = message(*pair())[4]
+        self.assertCode(562, second.open, URL, first.seal(URL, b"/"))
+
+
+class IdentityTests(SynchronousTestCase):
+    """The relay identity: PEM round trip and a secret-free repr."""
+
+    def test_pem_round_trip(self):
+        """An identity saved as PEM loads back with the same public key and signs verifiably."""
+        loaded = RelayIdentity.from_pem(IDENTITY.to_pem())
+        self.assertEqual(loaded.public_bytes(), IDENTITY.public_bytes())
+        self.assertEqual(b64decode(loaded.public_b64()), IDENTITY.public_bytes())
+
+    def test_other_key_types_refused(self):
+        """A PEM holding a non-Ed25519 key is refused."""
+        pem = generate_private_key(SECP256R1()).private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+        self.assertRaises(ValueError, RelayIdentity.from_pem, pem)
+
+    def test_repr_shows_no_secret(self):
+        """The repr holds neither the PEM nor the raw private key."""
+        text = repr(IDENTITY)
+        self.assertIn(IDENTITY.fingerprint()[:8].hex(), text)
+        self.assertNotIn("PRIVATE", text)
+        self.assertNotIn(IDENTITY._key.private_bytes_raw().hex()[:16], text)
+
+
+class ItemTests(CodeAssertions, SynchronousTestCase):
+    """The url and header-block items: round trip, bit flips and splices."""
+
+    @fast
+    @given(st.binary(max_size=300), st.sampled_from(["MKE", "MTE"]), st.binary(max_size=40))
+    def test_round_trip(self, plaintext, encode_type, binding):
+        """Any item seals and opens back, in both directions."""
+        _, _, creq, cresp, rreq, rresp = message(*PAIRS[encode_type])
+        for kind in (URL, HEADERS):
+            self.assertEqual(rreq.open(kind, creq.seal(kind, plaintext, binding), binding), plaintext)
+            self.assertEqual(cresp.open(kind, rresp.seal(kind, plaintext, binding), binding), plaintext)
+
+    def test_every_bit_flip_rejected(self):
+        """Flipping any single bit of a sealed item makes it fail with 562."""
+        _, _, creq, _, rreq, _ = message(*PAIRS["MKE"])
+        sealed = creq.seal(HEADERS, b'[["a","b"]]', b"bind")
+        for i in range(len(sealed) * 8):
+            flipped = bytearray(sealed)
+            flipped[i // 8] ^= 1 << (i % 8)
+            self.assertCode(562, rreq.open, HEADERS, bytes(flipped), b"bind")
+
+    def test_splices_rejected(self):
+        """An item opened under another counter, pair, direction, kind or binding fails with 562."""
+        client, relay = pair()
+        _, _, creq, cresp, rreq, rresp = message(client, relay, 5)
+        other_counter = message(client, relay, 6)[4]
+        other_pair = message(*pair(pair_id=PAIR + "2"))[4]
+        sealed = creq.seal(URL, b"/x", b"GET")
+        self.assertEqual(rreq.open(URL, sealed, b"GET"), b"/x")
+        self.assertCode(562, other_counter.open, URL, sealed, b"GET")
+        self.assertCode(562, other_pair.open, URL, sealed, b"GET")
+        self.assertCode(562, cresp.open, URL, sealed, b"GET")
+        self.assertCode(562, rreq.open, HEADERS, sealed, b"GET")
+        self.assertCode(562, rreq.open, URL, sealed, b"PUT")
+        self.assertCode(562, rreq.open, URL, sealed[:-1], b"GET")
+
+    def test_mke_and_mte_keys_differ(self):
+        """A type confusion (MKE item read as MTE of a pair with the same id) fails."""
+        mke = message(*pair("MKE"))[2]
+        mte = message(*pair("MTE"))[4]
+        self.assertCode(562, mte.open, URL, mke.seal(URL, b"/"))
+
+    def test_bindings_are_distinct(self):
+        """Request bindings distinguish method and visible target; response bindings distinguish status."""
+        bindings = {
+            request_binding(b"GET"),
+            request_binding(b"GET", b""),
+            request_binding(b"GET", b"/a"),
+            request_binding(b"GE", b"T/a"),
+            request_binding(b"POST", b"/a"),
+            response_binding(200),
+            response_binding(404),
+        }
+        self.assertEqual(len(bindings), 7)
+
+
+class BodyTests(CodeAssertions, SynchronousTestCase):
+    """Streamed body records."""
+
+    @fast
+    @given(st.binary(max_size=5 * SMALL), st.integers(1, 7), st.integers(1, 7), st.sampled_from(["MKE", "MTE"]))
+    def test_round_trip_any_chunking(self, data, in_chunks, out_chunks, encode_type):
+        """A body encoded and decoded in any chunking comes back whole and has the predicted length."""
+        _, _, creq, _, rreq, _ = message(*PAIRS[encode_type])
+        encoded = encode_body(creq, data, in_chunks)
+        self.assertEqual(len(encoded), encoded_length(len(data), SMALL))
+        self.assertEqual(decoded_length(len(encoded), SMALL), len(data))
+        self.assertEqual(decode_body(rreq, encoded, out_chunks), data)
+
+    def test_default_record_size(self):
+        """A 200 kB body round-trips with the protocol's 64 KiB records and predicted length."""
+        _, _, creq, _, rreq, _ = message(*PAIRS["MKE"])
+        data = bytes(range(256)) * 800
+        encoded = encode_body(creq, data, 3, record_size=65536)
+        self.assertEqual(len(encoded), encoded_length(len(data)))
+        self.assertEqual(decode_body(rreq, encoded, 5, record_size=65536), data)
+
+    @fast
+    @given(st.binary(min_size=1, max_size=4 * SMALL), st.data())
+    def test_single_bit_flip_rejected(self, data, draw):
+        """A single flipped bit anywhere in an encoded body fails with 562 and yields no bad plaintext."""
+        _, _, creq, _, rreq, _ = message(*PAIRS["MKE"])
+        encoded = bytearray(encode_body(creq, data))
+        bit = draw.draw(st.integers(0, len(encoded) * 8 - 1))
+        encoded[bit // 8] ^= 1 << (bit % 8)
+        decoder = rreq.body_decoder(b"", SMALL)
+        out = b""
+        with self.assertRaises(CodecError) as caught:
+            out += decoder.feed(bytes(encoded))
+            out += decoder.finish()
+        self.assertEqual(caught.exception.code, 562)
+        self.assertTrue(data.startswith(out))
+
+    def test_every_bit_flip_rejected(self):
+        """Exhaustively, every bit flip of a three-record body fails."""
+        _, _, creq, _, rreq, _ = message(*PAIRS["MTE"])
+        encoded = encode_body(creq, bytes(range(2 * SMALL + 3)))
+        for i in range(len(encoded) * 8):
+            flipped = bytearray(encoded)
+            flipped[i // 8] ^= 1 << (i % 8)
+            self.assertCode(562, decode_body, rreq, bytes(flipped))
+
+    def test_truncation_rejected(self):
+        """Every proper prefix of an encoded body fails at finish, including cuts at record boundaries."""
+        _, _, creq, _, rreq, _ = message(*PAIRS["MKE"])
+        encoded = encode_body(creq, bytes(3 * SMALL))
+        for cut in range(len(encoded)):
+            self.assertCode(562, decode_body, rreq, encoded[:cut])
+
+    def test_reordered_dropped_and_foreign_records_rejected(self):
+        """Swapped, dropped, duplicated or foreign records and trailing bytes fail with 562."""
+        client, relay = pair()
+        _, _, creq, _, rreq, _ = message(client, relay, 1)
+        other = message(client, relay, 2)[2]
+        step = SMALL + 16
+        encoded = encode_body(creq, bytes(range(2 * SMALL + 5)))
+        records = [encoded[i : i + step] for i in range(0, len(encoded), step)]
+        foreign = encode_body(other, bytes(range(2 * SMALL + 5)))
+        for bad in (
+            records[1] + records[0] + records[2],
+            records[0] + records[2],
+            records[0] + records[0] + records[1] + records[2],
+            foreign[:step] + b"".join(records[1:]),
+            encoded + b"\x00",
+        ):
+            self.assertCode(562, decode_body, rreq, bad)
+
+    def test_binding_mismatch_rejected(self):
+        """A body encoded for one request binding does not decode under another."""
+        _, _, creq, _, rreq, _ = message(*PAIRS["MKE"])
+        encoded = encode_body(creq, b"hello", binding=request_binding(b"POST", b"/a"))
+        self.assertCode(562, decode_body, rreq, encoded, binding=request_binding(b"PUT", b"/a"))
+
+    def test_stream_unusable_after_failure_or_finish(self):
+        """A decoder that failed, or an encoder that finished, refuses further input."""
+        _, _, creq, _, rreq, _ = message(*PAIRS["MKE"])
+        decoder = rreq.body_decoder(b"", SMALL)
+        self.assertCode(562, decoder.feed, bytes(SMALL + 16))
+        self.assertCode(562, decoder.feed, b"")
+        self.assertCode(562, decoder.finish)
+        encoder = creq.body_encoder(b"", SMALL)
+        encoder.finish()
+        self.assertCode(562, encoder.finish)
+
+    def test_impossible_encoded_length(self):
+        """Encoded lengths that no body produces are refused by decoded_length."""
+        for length in (0, 15, SMALL + 16, SMALL + 16 + 15):
+            self.assertCode(562, decoded_length, length, SMALL)
+
+
+class WindowTests(CodeAssertions, SynchronousTestCase):
+    """MKE epochs and the receive window; MTE ordering; exhaustion."""
+
+    def test_epochs_advance_and_erase(self):
+        """A later epoch moves the window, keeps one epoch back and drops older keys."""
+        size = state_module.EPOCH_SIZE
+        client, relay = pair("MKE")
+        relay2 = message(client, relay, 3 * size)[1]
+        self.assertEqual(relay2.position, 3)
+        for counter in (3 * size - 1, 2 * size, 3 * size, 4 * size):
+            message(client, relay2, counter)
+        self.assertCode(563, relay2.keys_for, 2 * size - 1)
+        self.assertCode(563, relay2.keys_for, 0)
+        relay3 = relay2.keys_for(5 * size)[0]
+        self.assertCode(563, relay3.keys_for, 3 * size)
+
+    def test_keys_match_across_epochs(self):
+        """Client and relay derive the same message keys whatever epoch path they took."""
+        size = state_module.EPOCH_SIZE
+        client, relay = pair("MKE")
+        client = client.keys_for(2 * size)[0]
+        for counter in (2 * size + 7, 3 * size, 9 * size + 1):
+            client, relay, creq, _, rreq, _ = message(client, relay, counter)
+            self.assertEqual(rreq.open(URL, creq.seal(URL, b"/p")), b"/p")
+
+    def test_jump_and_range_limits(self):
+        """Counters too far ahead give 563, beyond the last epoch 564, out of 64-bit range 563."""
+        size = state_module.EPOCH_SIZE
+        _, relay = pair("MKE")
+        self.assertCode(563, relay.keys_for, (state_module.MAX_EPOCH_JUMP + 1) * size)
+        self.assertCode(564, relay.keys_for, state_module.MAX_EPOCHS * size)
+        self.assertCode(563, relay.keys_for, -1)
+        self.assertCode(563, relay.keys_for, 1 << 64)
+
+    def test_mte_strict_order(self):
+        """MTE: a message decodes only at the relay's current step; replays and skips give 563."""
+        client, relay = pair("MTE")
+        client, relay, creq, _, rreq, _ = message(client, relay)
+        self.assertCode(563, relay.keys_for, 0)
+        self.assertCode(563, relay.keys_for, 2)
+        client2, relay2, creq2, _, rreq2, _ = message(client, relay)
+        self.assertEqual(creq2.counter, 1)
+        self.assertCode(562, rreq2.open, URL, creq.seal(URL, b"/"))
+
+    def test_mte_exhausted(self):
+        """An MTE state at its last step refuses with 564."""
+        client, relay = pair("MTE")
+        last = state_module.MAX_STEPS
+        self.assertCode(564, attrs.evolve(relay, position=last).keys_for, last)
+        self.assertCode(564, attrs.evolve(client, position=last).advance)
+
+    def test_wrong_method_for_type(self):
+        """Clients use keys_for for MKE and advance for MTE only."""
+        self.assertRaises(TypeError, PAIRS["MTE"][0].keys_for, 0)
+        self.assertRaises(TypeError, PAIRS["MKE"][0].advance)
+
+
+class StateTests(CodeAssertions, SynchronousTestCase):
+    """Serialization of pair states."""
+
+    @fast
+    @given(st.lists(st.integers(0, 3 * state_module.EPOCH_SIZE), min_size=1, max_size=6), st.integers(0, 5))
+    def test_restore_continues_mke(self, counters, cut):
+        """Saving and restoring both states mid-stream continues the same MKE stream."""
+        client, relay = PAIRS["MKE"]
+        for i, counter in enumerate(sorted(counters)):
+            if i == cut:
+                client, relay = load_state(client.to_bytes()), load_state(relay.to_bytes())
+            client, relay, creq, cresp, rreq, rresp = message(client, relay, counter)
+            self.assertEqual(rreq.open(URL, creq.seal(URL, b"%d" % counter)), b"%d" % counter)
+            self.assertEqual(cresp.open(URL, rresp.seal(URL, b"r")), b"r")
+
+    def test_restore_continues_mte(self):
+        """Saving and restoring both states continues the MTE ratchet at the same step."""
+        client, relay = pair("MTE")
+        for step in range(4):
+            client, relay = load_state(client.to_bytes()), load_state(relay.to_bytes())
+            self.assertEqual(client.position, step)
+            client, relay, creq, _, rreq, _ = message(client, relay)
+            self.assertEqual(rreq.open(URL, creq.seal(URL, b"/")), b"/")
+
+    def test_round_trip_and_roles(self):
+        """to_bytes/load_state is the identity and keeps the role."""
+        for state in (*PAIRS["MKE"], *PAIRS["MTE"], message(*PAIRS["MKE"], 3 * state_module.EPOCH_SIZE)[1]):
+            loaded = load_state(state.to_bytes())
+            self.assertEqual(loaded, state)
+            self.assertIs(type(loaded), type(state))
+
+    @fast
+    @given(st.binary(max_size=220))
+    def test_garbage_is_typed(self, data):
+        """Arbitrary bytes either load as a state or raise 560, never anything else."""
+        try:
+            state = load_state(data)
+        except CodecError as error:
+            self.assertEqual(error.code, 560)
+        else:
+            self.assertEqual(state.to_bytes(), data)
+
+    def test_mangled_states_rejected(self):
+        """Truncated, extended or re-versioned states raise 560."""
+        data = PAIRS["MKE"][1].to_bytes()
+        for bad in (data[:-1], data + b"\x00", b"\x02" + data[1:], data[:1] + b"\x09" + data[2:], b""):
+            self.assertCode(560, load_state, bad)
+
+    def test_repr_shows_no_secret(self):
+        """State and keys reprs hold no key material."""
+        state = message(*PAIRS["MKE"], 2 * state_module.EPOCH_SIZE)[1]
+        text = repr(state) + repr(message(*PAIRS["MKE"])[2])
+        for secret in (state.c2s, state.s2c, state.prev_c2s, state.prev_s2c):
+            self.assertNotIn(secret.hex()[:12], text)
+            self.assertNotIn(repr(secret)[2:14], text)
+
+
+HEADER = RelayHeader(CLIENT, PAIR, "MKE", 42, url=True, headers=True, body=False, streaming=True)
+
+
+class HeaderTests(CodeAssertions, SynchronousTestCase):
+    """The x-mte-relay header and the plain header block."""
+
+    @fast
+    @given(
+        st.sampled_from(["MKE", "MTE"]),
+        st.integers(0, (1 << 64) - 1),
+        st.lists(st.booleans(), min_size=4, max_size=4),
+    )
+    def test_round_trip(self, encode_type, counter, flags):
+        """format() then parse() gives the same header, also from bytes."""
+        header = RelayHeader(CLIENT, PAIR, encode_type, counter, *flags)
+        self.assertEqual(RelayHeader.parse(header.format()), header)
+        self.assertEqual(RelayHeader.parse(header.format().encode("ascii")), header)
+
+    def test_format_is_the_documented_list(self):
+        """The value is the comma list version,client,pair,type,counter,url,headers,body,streaming."""
+        self.assertEqual(HEADER.format(), f"1,{CLIENT},{PAIR},MKE,42,1,1,0,1")
+        self.assertEqual(RelayHeader.parse(f" 1, {CLIENT},{PAIR} ,MKE,42,1,1,0,1"), HEADER)
+
+    def test_malformed_values_rejected(self):
+        """Each malformed field raises 569, an unknown version or type 568."""
+        good = HEADER.format().split(",")
+        cases = {
+            569: [(4, "042"), (4, "-1"), (4, str(1 << 64)), (4, "x"), (5, "2"), (8, ""), (1, "short"), (2, "a b" * 8)],
+            568: [(0, "2"), (3, "XYZ"), (3, "mke")],
+        }
+        for code, edits in cases.items():
+            for index, value in edits:
+                fields = list(good)
+                fields[index] = value
+                self.assertCode(code, RelayHeader.parse, ",".join(fields))
+        for value in ("", ",".join(good[:8]), ",".join(good + ["0"]), "x" * 500, None, "v1," + ",".join(good[1:])):
+            self.assertCode(569, RelayHeader.parse, value)
+
+    @fast
+    @given(st.text(max_size=120))
+    def test_arbitrary_text_is_typed(self, value):
+        """Arbitrary text parses or raises 568/569, never anything else."""
+        try:
+            RelayHeader.parse(value)
+        except CodecError as error:
+            self.assertIn(error.code, (568, 569))
+
+    @fast
+    @given(st.lists(st.tuples(st.binary(min_size=1, max_size=20), st.binary(max_size=40)), max_size=10))
+    def test_header_block_round_trip(self, pairs):
+        """Any list of byte pairs, repeated names included, survives the header block."""
+        self.assertEqual(decode_header_block(encode_header_block(pairs)), pairs)
+
+    def test_header_block_garbage_rejected(self):
+        """Non-JSON, wrong shapes and oversize blocks raise 562."""
+        for bad in (b"", b"{}", b'[["a"]]', b'[["a","b","c"]]', b'[[1,"b"]]', b'[["","b"]]', b"\xff",
+                    b'[["\\u0100","b"]]', encode_header_block([(b"a", b"b")] * 257)):
+            self.assertCode(562, decode_header_block, bad)
+
+
+class Base64Tests(CodeAssertions, SynchronousTestCase):
+    """Strict unpadded base64url."""
+
+    @fast
+    @given(st.binary(max_size=50))
+    def test_round_trip(self, data):
+        """Encoding then decoding gives the bytes back and uses no padding."""
+        text = b64encode(data)
+        self.assertNotIn("=", text)
+        self.assertEqual(b64decode(text), data)
+
+    def test_non_canonical_rejected(self):
+        """Padding, foreign characters, impossible lengths and non-zero trailing bits raise the given code."""
+        for bad in ("QQ==", "Q+8", "Q/8", "Q", "QR", "Q Q", "é"):
+            self.assertCode(562, b64decode, bad)
+        self.assertCode(565, b64decode, "QR", code=565)
+        self.assertEqual(b64decode("QQ"), b"A")
+
+
+PAIRS = {"MKE": pair("MKE"), "MTE": pair("MTE")}
