@@ -1,0 +1,445 @@
+"""
+The Redis registry: pairs shared by every relay process that points at one Redis (txredisapi).
+
+Layout, every key under ``key_prefix`` (default ``mterelay:``), ``{T}`` being the pair's hash tag (client id and pair
+id, each percent-encoded, joined by ``:``, so that no two pairs share a tag):
+
+``pair:{T}``
+    Hash: ``enc``, ``state``, ``ver``, ``created``, ``used``, ``ctr`` (next counter), ``hi`` (highest marked counter).
+``seen:{T}``
+    Bitmap of the replay window: counter ``c`` is bit ``c % window``.
+``client:{C}`` and ``pairs``
+    Sorted sets of the tags of one client's pairs and of all pairs, scored with an expiry hint (epoch ms), to enforce
+    the pair limits. A hint may lag behind the key's TTL (use refreshes the TTL, not the hint): pair creation checks
+    stale hints against the key and drops the members whose pair has expired.
+
+Every per-request operation is one Lua script over the two keys of one pair (one round trip, atomic, and valid in a
+cluster). Only ``create_pair``, ``delete_pair`` and ``get_client`` touch the shared sets: they need a single Redis (or
+a cluster where these keys live together), which is what the relay supports.
+"""
+
+from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+import attrs
+import txredisapi
+from twisted.application.service import Service
+from twisted.internet import defer, error
+from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
+from twisted.internet.ssl import optionsForClientTLS
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mterelay.registry import (
+    DEFAULT_MAX_PAIRS_PER_CLIENT,
+    DEFAULT_MAX_PAIRS_TOTAL,
+    DEFAULT_PAIR_TTL,
+    ClientRecord,
+    IRegistry,
+    PairLimitExceeded,
+    PairRecord,
+    RegistryUnavailable,
+    UnknownPair,
+    check_count,
+    check_mark_args,
+)
+
+DEFAULT_TIMEOUT = 2.0
+DEFAULT_PREFIX = "mterelay:"
+#: How many stale limit-set members one pair creation re-checks at most, so that the script stays short.
+PRUNE_BATCH = 100
+
+# Per-pair scripts: KEYS = {pair, seen}; ARGV[1] = now (epoch s), ARGV[2] = TTL (ms), then the operation's own.
+_TOUCH = """
+local function touch()
+  redis.call('HSET', KEYS[1], 'used', ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+end
+"""
+
+# ARGV[3] = counter or '' (no mark), ARGV[4] = window. Returns nil, or {enc, state, ver, created, fresh}.
+_LOAD = (
+    _TOUCH
+    + """
+local f = redis.call('HMGET', KEYS[1], 'enc', 'state', 'ver', 'created', 'hi')
+if not f[1] then return false end
+local fresh = 1
+if ARGV[3] ~= '' then
+  local c, w, hi = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(f[5])
+  if c > hi then
+    if c - hi >= w then
+      redis.call('DEL', KEYS[2])
+    else
+      -- the bits of the counters skipped over still hold marks from a window ago
+      for i = hi + 1, c - 1 do redis.call('SETBIT', KEYS[2], i % w, 0) end
+    end
+    redis.call('SETBIT', KEYS[2], c % w, 1)
+    redis.call('HSET', KEYS[1], 'hi', ARGV[3])
+  elseif hi - c >= w then
+    fresh = 0
+  else
+    fresh = 1 - redis.call('SETBIT', KEYS[2], c % w, 1)
+  end
+end
+touch()
+return {f[1], f[2], f[3], f[4], fresh}
+"""
+)
+
+# ARGV[3] = count. Returns nil, or the first counter.
+_RESERVE = (
+    _TOUCH
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local last = redis.call('HINCRBY', KEYS[1], 'ctr', ARGV[3])
+touch()
+return last - tonumber(ARGV[3])
+"""
+)
+
+# ARGV[3] = expected version, ARGV[4] = new state. Returns nil, 0 (lost) or 1 (swapped).
+_SWAP = (
+    _TOUCH
+    + """
+local v = redis.call('HGET', KEYS[1], 'ver')
+if not v then return false end
+if v ~= ARGV[3] then return 0 end
+redis.call('HSET', KEYS[1], 'state', ARGV[4])
+redis.call('HINCRBY', KEYS[1], 'ver', 1)
+touch()
+return 1
+"""
+)
+
+# Limit-set scripts: KEYS[1] = client set, KEYS[2] = all pairs; ARGV[1] = now (ms), ARGV[2] = prefix.
+_PRUNE = """
+local function prune(zkey)
+  local now = tonumber(ARGV[1])
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', zkey, '-inf', now, 'LIMIT', 0, %d)) do
+    local client = ARGV[2] .. 'client:{' .. string.match(m, '^[^:]*') .. '}'
+    local ttl = redis.call('PTTL', ARGV[2] .. 'pair:{' .. m .. '}')
+    if ttl == -2 then
+      redis.call('ZREM', KEYS[2], m)
+      redis.call('ZREM', client, m)
+    else
+      redis.call('ZADD', KEYS[2], now + ttl, m)
+      redis.call('ZADD', client, now + ttl, m)
+    end
+  end
+end
+""" % (
+    PRUNE_BATCH,
+)
+
+# KEYS[3] = pair, KEYS[4] = seen; ARGV[3] = tag, ARGV[4] = TTL (ms), ARGV[5] = per client, ARGV[6] = total,
+# ARGV[7..11] = enc, state, ver, created, used. Returns 1, or -1 / -2 for the per-client / total limit.
+_CREATE = (
+    _PRUNE
+    + """
+prune(KEYS[1])
+prune(KEYS[2])
+if redis.call('EXISTS', KEYS[3]) == 0 then
+  if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[5]) then return -1 end
+  if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[6]) then return -2 end
+end
+redis.call('DEL', KEYS[3], KEYS[4])
+redis.call('HSET', KEYS[3], 'enc', ARGV[7], 'state', ARGV[8], 'ver', ARGV[9], 'created', ARGV[10], 'used', ARGV[11],
+  'ctr', 0, 'hi', -1)
+redis.call('PEXPIRE', KEYS[3], ARGV[4])
+local expiry = tonumber(ARGV[1]) + tonumber(ARGV[4])
+redis.call('ZADD', KEYS[1], expiry, ARGV[3])
+redis.call('ZADD', KEYS[2], expiry, ARGV[3])
+return 1
+"""
+)
+
+_COUNT = (
+    _PRUNE
+    + """
+prune(KEYS[1])
+return redis.call('ZCARD', KEYS[1])
+"""
+)
+
+# KEYS[3] = pair, KEYS[4] = seen; ARGV[3] = tag.
+_DELETE = """
+redis.call('DEL', KEYS[3], KEYS[4])
+redis.call('ZREM', KEYS[1], ARGV[3])
+redis.call('ZREM', KEYS[2], ARGV[3])
+return 1
+"""
+
+#: What a Redis that is down, restarting or refusing us looks like; all of it is answered 503.
+_UNAVAILABLE = (
+    txredisapi.RedisError,
+    defer.TimeoutError,
+    defer.CancelledError,
+    error.ConnectError,
+    error.ConnectionLost,
+    error.ConnectionDone,
+)
+
+
+@attrs.frozen
+class RedisAddress:
+    """Where a Redis server is, parsed from a REDIS_URL. The password never shows in a repr."""
+
+    host: str | None = None
+    port: int = 6379
+    path: str | None = None
+    db: int | None = None
+    tls: bool = False
+    username: str | None = None
+    password: str | None = attrs.field(default=None, repr=False)
+
+    @classmethod
+    def from_url(cls, url):
+        """
+        Parse ``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` (TLS) and the unix socket forms
+        ``unix://[[user]:password@]/path[?db=N]`` and ``redis+unix://``; ``?db=N`` and ``?password=`` work for all.
+        """
+        parts = urlsplit(url)
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        db = query.get("db")
+        if parts.scheme in ("redis", "rediss"):
+            db = db or parts.path.strip("/")
+        try:
+            db = int(db) if db else None
+            port = parts.port or 6379
+        except ValueError:
+            raise ValueError("REDIS_URL: the port and db number must be integers") from None
+        common = dict(
+            db=db,
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else query.get("password"),
+        )
+        if parts.scheme in ("redis", "rediss"):
+            if not parts.hostname:
+                raise ValueError("REDIS_URL names no host")
+            return cls(host=parts.hostname, port=port, tls=parts.scheme == "rediss", **common)
+        if parts.scheme in ("unix", "redis+unix"):
+            if not parts.path:
+                raise ValueError("REDIS_URL names no socket path")
+            return cls(path=unquote(parts.path), **common)
+        raise ValueError("REDIS_URL must start with redis://, rediss://, unix:// or redis+unix://")
+
+    def endpoint(self, reactor, connect_timeout, tls_options=None):
+        """A client endpoint for this address; TLS checks the server's certificate against ``tls_options``."""
+        if self.path is not None:
+            return UNIXClientEndpoint(reactor, self.path, timeout=connect_timeout)
+        endpoint = HostnameEndpoint(reactor, self.host, self.port, timeout=connect_timeout)
+        if self.tls:
+            endpoint = wrapClientTLS(tls_options or optionsForClientTLS(self.host), endpoint)
+        return endpoint
+
+
+def _tag(client_id, pair_id):
+    return f"{quote(client_id, safe='')}:{quote(pair_id, safe='')}"
+
+
+@implementer(IRegistry)
+class RedisRegistry(Service):
+    """
+    A registry in Redis, shared by relay processes; build it with ``from_url``.
+
+    Each operation fails with ``RegistryUnavailable`` within ``timeout`` seconds when Redis is down or slow (at once
+    while the connection is known to be lost); txredisapi reconnects in the background, with a backoff between
+    ``reconnect_delay`` and ``max_reconnect_delay`` seconds. ``stopService`` closes the connections.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        factory,
+        clock,
+        pair_ttl=DEFAULT_PAIR_TTL,
+        timeout=DEFAULT_TIMEOUT,
+        max_pairs_per_client=DEFAULT_MAX_PAIRS_PER_CLIENT,
+        max_pairs_total=DEFAULT_MAX_PAIRS_TOTAL,
+        key_prefix=DEFAULT_PREFIX,
+    ):
+        self.pair_ttl = pair_ttl
+        self.timeout = timeout
+        self._factory = factory
+        self._redis = factory.handler
+        self._clock = clock
+        self._max_per_client = max_pairs_per_client
+        self._max_total = max_pairs_total
+        self._prefix = key_prefix
+        self._connected_once = False
+        self._waiting = []
+        factory.deferred.addCallbacks(self._ready, self._refused)
+
+    @classmethod
+    def from_url(
+        cls,
+        url,
+        clock,
+        reactor=None,
+        *,
+        poolsize=2,
+        timeout=DEFAULT_TIMEOUT,
+        tls_options=None,
+        reconnect_delay=0.5,
+        max_reconnect_delay=5.0,
+        **kwargs,
+    ):
+        """
+        Connect to the Redis at ``url`` (see ``RedisAddress.from_url``) and return the registry.
+
+        ``clock`` times the operations and stamps the records; ``reactor`` (default: ``clock``) makes the
+        connections. ``tls_options`` (an ``IOpenSSLClientConnectionCreator``) replaces the default check of a
+        ``rediss://`` server's certificate against the system's trust roots. ``kwargs`` go to the constructor.
+        """
+        address = RedisAddress.from_url(url)
+        factory = txredisapi.RedisFactory(
+            address.path or f"{address.host}:{address.port}",
+            address.db,
+            poolsize,
+            isLazy=True,
+            # Raw bytes: the codec state is binary, and must never be read as a number.
+            charset=None,
+            convertNumbers=False,
+            password=address.password,
+            username=address.username,
+            replyTimeout=timeout,
+        )
+        factory.initialDelay = reconnect_delay
+        factory.maxDelay = max_reconnect_delay
+        factory.startConnecting(address.endpoint(reactor or clock, timeout, tls_options))
+        return cls(factory, clock, timeout=timeout, **kwargs)
+
+    def _ready(self, handler):
+        self._connected_once = True
+        self.log.info("Connected to Redis")
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
+
+    def _refused(self, failure):
+        # Authentication or db selection failed: txredisapi stopped trying, every operation will answer 503.
+        self.log.error("Redis refused the registry's connection: {why}", why=failure.getErrorMessage())
+
+    def whenConnected(self):
+        """A Deferred that fires once the first connection is up, or fails with RegistryUnavailable after timeout."""
+        if self._connected_once:
+            return defer.succeed(None)
+        d = defer.Deferred(self._waiting.remove)
+        self._waiting.append(d)
+        d.addTimeout(self.timeout, self._clock)
+        return d.addErrback(self._unavailable)
+
+    def stopService(self):
+        super().stopService()
+        return self._factory.disconnect()
+
+    def _unavailable(self, failure):
+        failure.trap(*_UNAVAILABLE)
+        self.log.warn("Redis unavailable: {why}", why=failure.getErrorMessage() or failure.type.__name__)
+        raise RegistryUnavailable()
+
+    def _eval(self, script, keys, args):
+        """Run ``script`` on Redis within ``timeout``; 503 when Redis cannot answer."""
+        if self._connected_once and not self._factory.size:
+            # Lost every connection: answer at once instead of queueing callers until reconnection.
+            return defer.fail(RegistryUnavailable("Redis connection lost; reconnecting"))
+        d = self._redis.eval(script, keys, args)
+        d.addTimeout(self.timeout, self._clock)
+        return d.addErrback(self._unavailable)
+
+    def _pair_script(self, script, client_id, pair_id, *args):
+        """Run a per-pair script; UnknownPair when the pair is absent."""
+        tag = _tag(client_id, pair_id)
+        keys = [f"{self._prefix}pair:{{{tag}}}", f"{self._prefix}seen:{{{tag}}}"]
+        d = self._eval(script, keys, [repr(self._clock.seconds()), self._ttl_ms(), *args])
+
+        def check(result):
+            if result is None:
+                raise UnknownPair()
+            return result
+
+        return d.addCallback(check)
+
+    def _limit_script(self, script, client_id, pair_id, *args):
+        """Run a script on the limit sets (and the pair's keys, if a pair is given)."""
+        keys = [f"{self._prefix}client:{{{quote(client_id, safe='')}}}", f"{self._prefix}pairs"]
+        if pair_id is not None:
+            tag = _tag(client_id, pair_id)
+            keys += [f"{self._prefix}pair:{{{tag}}}", f"{self._prefix}seen:{{{tag}}}"]
+        return self._eval(script, keys, [int(self._clock.seconds() * 1000), self._prefix, *args])
+
+    def _ttl_ms(self):
+        return max(1, int(self.pair_ttl * 1000))
+
+    def create_pair(self, record):
+        d = self._limit_script(
+            _CREATE,
+            record.client_id,
+            record.pair_id,
+            _tag(record.client_id, record.pair_id),
+            self._ttl_ms(),
+            self._max_per_client,
+            self._max_total,
+            record.encode_type,
+            record.state,
+            record.version,
+            repr(record.created),
+            repr(record.last_used),
+        )
+
+        def check(result):
+            if result == -1:
+                raise PairLimitExceeded("too many pairs for this client")
+            if result == -2:
+                raise PairLimitExceeded("too many pairs on this relay")
+
+        return d.addCallback(check)
+
+    def get_client(self, client_id):
+        d = self._limit_script(_COUNT, client_id, None)
+        return d.addCallback(lambda count: ClientRecord(client_id, count))
+
+    def _load(self, client_id, pair_id, counter="", window=""):
+        d = self._pair_script(_LOAD, client_id, pair_id, counter, window)
+
+        def record(result):
+            enc, state, version, created, fresh = result
+            return (
+                PairRecord(
+                    client_id=client_id,
+                    pair_id=pair_id,
+                    encode_type=enc.decode("ascii"),
+                    state=state,
+                    version=int(version),
+                    created=float(created),
+                    last_used=self._clock.seconds(),
+                ),
+                fresh == 1,
+            )
+
+        return d.addCallback(record)
+
+    def get_pair(self, client_id, pair_id):
+        return self._load(client_id, pair_id).addCallback(lambda loaded: loaded[0])
+
+    def load_and_mark(self, client_id, pair_id, counter, window):
+        return defer.maybeDeferred(check_mark_args, counter, window).addCallback(
+            lambda _: self._load(client_id, pair_id, counter, window)
+        )
+
+    def mark_seen(self, client_id, pair_id, counter, window):
+        return self.load_and_mark(client_id, pair_id, counter, window).addCallback(lambda loaded: loaded[1])
+
+    def reserve_counters(self, client_id, pair_id, count=1):
+        return defer.maybeDeferred(check_count, count).addCallback(
+            lambda _: self._pair_script(_RESERVE, client_id, pair_id, count)
+        )
+
+    def swap_state(self, client_id, pair_id, expected_version, new_state):
+        d = self._pair_script(_SWAP, client_id, pair_id, int(expected_version), new_state)
+        return d.addCallback(lambda swapped: swapped == 1)
+
+    def delete_pair(self, client_id, pair_id):
+        d = self._limit_script(_DELETE, client_id, pair_id, _tag(client_id, pair_id))
+        return d.addCallback(lambda _: None)

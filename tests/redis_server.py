@@ -1,0 +1,169 @@
+"""
+A private redis-server for tests and benchmarks: its own port on 127.0.0.1, its own directory, never another instance.
+
+    server = RedisServer.start(directory)       # blocks until it answers PING
+    server.url                                   # redis://127.0.0.1:<port>/0 (with the password, if any)
+    server.command("INFO", "stats")              # one blocking command, for checks outside Twisted
+    server.stop(); server.restart()
+
+Test cases mix in ``RedisServerMixin`` and call ``self.start_redis(...)``: the server is stopped by the test's cleanup.
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+
+from twisted.trial.unittest import SkipTest
+
+EXECUTABLE = shutil.which("redis-server") or "/usr/bin/redis-server"
+START_TIMEOUT = 10.0
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _encode(*args):
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        arg = arg if isinstance(arg, bytes) else str(arg).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
+    return b"".join(out)
+
+
+def _read_reply(f):
+    line = f.readline()
+    if not line:
+        raise ConnectionError("redis-server closed the connection")
+    kind, rest = line[:1], line[1:-2]
+    if kind == b"+":
+        return rest
+    if kind == b"-":
+        raise RuntimeError(rest.decode())
+    if kind == b":":
+        return int(rest)
+    if kind == b"$":
+        n = int(rest)
+        return None if n < 0 else f.read(n + 2)[:-2]
+    if kind == b"*":
+        n = int(rest)
+        return None if n < 0 else [_read_reply(f) for _ in range(n)]
+    raise ValueError(f"unexpected reply {line!r}")
+
+
+class RedisServer:
+    """One redis-server process; see the module docstring."""
+
+    def __init__(self, directory, port, password=None, persistent=False, unix_socket=False):
+        self.directory = directory
+        self.port = port
+        self.host = "127.0.0.1"
+        self.password = password
+        self.persistent = persistent
+        self.socket_path = os.path.join(directory, "redis.sock") if unix_socket else None
+        self.process = None
+
+    @classmethod
+    def start(cls, directory=None, password=None, persistent=False, unix_socket=False):
+        """
+        Start a server in ``directory`` (default: a new temporary one) and return it once it answers.
+
+        ``persistent`` keeps an append-only file (fsync on every write) so data survives ``restart``; otherwise
+        nothing is ever written to disk. ``unix_socket`` also listens on ``<directory>/redis.sock``.
+        """
+        directory = directory or tempfile.mkdtemp(prefix="mterelay-redis-")
+        server = cls(directory, free_port(), password, persistent, unix_socket)
+        server._launch()
+        return server
+
+    @property
+    def url(self):
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}{self.host}:{self.port}/0"
+
+    @property
+    def unix_url(self):
+        auth = f":{self.password}@" if self.password else ""
+        return f"unix://{auth}{self.socket_path}?db=0"
+
+    def _launch(self):
+        args = [
+            EXECUTABLE,
+            "--port", str(self.port),
+            "--bind", self.host,
+            "--dir", self.directory,
+            "--logfile", os.path.join(self.directory, "redis.log"),
+            "--daemonize", "no",
+            "--save", "",
+        ]  # fmt: skip
+        if self.persistent:
+            args += ["--appendonly", "yes", "--appendfsync", "always"]
+        else:
+            args += ["--appendonly", "no"]
+        if self.password:
+            args += ["--requirepass", self.password]
+        if self.socket_path:
+            args += ["--unixsocket", self.socket_path, "--unixsocketperm", "700"]
+        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            try:
+                if self.command("PING") == b"PONG":
+                    return
+            except (OSError, RuntimeError):
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"redis-server did not start; see {self.directory}/redis.log")
+            time.sleep(0.02)
+
+    def command(self, *args):
+        """Send one command (authenticating first if needed) and return its decoded reply."""
+        with socket.create_connection((self.host, self.port), timeout=5) as s, s.makefile("rb") as f:
+            commands = [("AUTH", self.password)] if self.password else []
+            s.sendall(b"".join(_encode(*c) for c in commands + [args]))
+            for _ in commands:
+                _read_reply(f)
+            return _read_reply(f)
+
+    def info(self, section):
+        """``INFO section`` as a dict of its ``name:value`` lines (values as strings)."""
+        lines = self.command("INFO", section).decode().splitlines()
+        return dict(line.split(":", 1) for line in lines if ":" in line)
+
+    def stop(self):
+        """Stop the server (it writes its append-only file first, if persistent) and wait for it to exit."""
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def restart(self):
+        """Stop, then start again on the same port and directory (data survives only if ``persistent``)."""
+        self.stop()
+        self._launch()
+
+
+class RedisServerMixin:
+    """For trial test cases: ``start_redis(**options)`` starts a ``RedisServer`` that the test's cleanup stops."""
+
+    def start_redis(self, **options):
+        if not os.access(EXECUTABLE, os.X_OK):
+            raise SkipTest("redis-server is not installed (scripts/test.sh installs it)")
+        # Not under _trial_temp: a unix socket path must stay short.
+        directory = tempfile.mkdtemp(prefix="mterelay-redis-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        server = RedisServer.start(directory, **options)
+        self.addCleanup(server.stop)
+        return server

@@ -1,0 +1,204 @@
+"""
+The registry contract against a real redis-server, plus what only a shared registry must show: several instances on one
+Redis, races between them, and a Redis restart.
+"""
+
+from twisted.internet import defer, reactor, task
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from mterelay.redis_registry import RedisAddress, RedisRegistry
+from mterelay.registry import RegistryUnavailable, UnknownPair
+from tests.redis_server import RedisServerMixin
+from tests.test_registry import RegistryContractMixin, pair
+
+
+class RedisTestMixin(RedisServerMixin):
+    """Registries connected to this test's own redis-server, closed by the test's cleanup."""
+
+    redis_options = {}
+
+    def setUp(self):
+        self.server = self.start_redis(**self.redis_options)
+
+    async def connect(self, url=None, **kwargs):
+        registry = RedisRegistry.from_url(url or self.server.url, reactor, **kwargs)
+        self.addCleanup(registry.stopService)
+        await registry.whenConnected()
+        return registry
+
+
+class RedisRegistryContractTests(RedisTestMixin, RegistryContractMixin, TestCase):
+    """The contract against Redis, over TCP."""
+
+    short_ttl = 1.0
+
+    async def make_registry(self, **kwargs):
+        return await self.connect(**kwargs)
+
+    async def advance(self, seconds):
+        await task.deferLater(reactor, seconds)
+
+
+class RedisSharingTests(RedisTestMixin, TestCase):
+    """Two registries on separate connections behave as one."""
+
+    async def test_instances_share_pairs(self):
+        """A pair created through one instance is read, swapped and deleted through another."""
+        one, two = await self.connect(), await self.connect()
+        await one.create_pair(pair(encode_type="MTE"))
+        self.assertTrue(await two.swap_state("client-a", "pair-1", 0, b"next"))
+        self.assertEqual((await one.get_pair("client-a", "pair-1")).state, b"next")
+        await two.delete_pair("client-a", "pair-1")
+        with self.assertRaises(UnknownPair):
+            await one.get_pair("client-a", "pair-1")
+
+    async def test_reservations_across_instances(self):
+        """2 x 500 concurrent reservations from two instances yield 1000 distinct counters."""
+        one, two = await self.connect(), await self.connect()
+        await one.create_pair(pair())
+        counters = await defer.gatherResults(
+            [r.reserve_counters("client-a", "pair-1") for _ in range(500) for r in (one, two)]
+        )
+        self.assertEqual(sorted(counters), list(range(1000)))
+
+    async def test_replay_across_instances(self):
+        """Each counter, marked concurrently through both instances, is fresh through exactly one of them."""
+        one, two = await self.connect(), await self.connect()
+        await one.create_pair(pair())
+        marks = await defer.gatherResults(
+            [r.mark_seen("client-a", "pair-1", c, 256) for c in range(100) for r in (one, two)]
+        )
+        self.assertEqual([marks[i] + marks[i + 1] for i in range(0, 200, 2)], [1] * 100)
+
+    async def test_swap_race_one_winner(self):
+        """Two instances racing to advance one ratchet version: exactly one wins, every round."""
+        one, two = await self.connect(), await self.connect()
+        await one.create_pair(pair(encode_type="MTE"))
+        for version in range(20):
+            wins = await defer.gatherResults(
+                [one.swap_state("client-a", "pair-1", version, b"one"), two.swap_state("client-a", "pair-1", version, b"two")]
+            )
+            self.assertEqual(wins.count(True), 1)
+        self.assertEqual((await two.get_pair("client-a", "pair-1")).version, 20)
+
+    async def test_limits_across_instances(self):
+        """The per-client bound holds over creations racing through two instances."""
+        one, two = await self.connect(max_pairs_per_client=5), await self.connect(max_pairs_per_client=5)
+        results = await defer.DeferredList(
+            [r.create_pair(pair(pair_id=f"p{i}-{n}")) for i in range(10) for n, r in enumerate((one, two))],
+            consumeErrors=True,
+        )
+        self.assertEqual(sum(ok for ok, _ in results), 5)
+        self.assertEqual((await one.get_client("client-a")).pair_count, 5)
+
+
+class RedisFailureTests(RedisTestMixin, TestCase):
+    """Redis going away and coming back."""
+
+    redis_options = {"persistent": True}
+
+    async def test_restart(self):
+        """While redis-server is down operations fail fast with 503; after restart they recover with state intact."""
+        registry = await self.connect(timeout=1.0, reconnect_delay=0.1, max_reconnect_delay=0.5)
+        await registry.create_pair(pair(encode_type="MTE"))
+        await registry.reserve_counters("client-a", "pair-1", 10)
+        self.assertTrue(await registry.swap_state("client-a", "pair-1", 0, b"v1"))
+        self.assertTrue(await registry.mark_seen("client-a", "pair-1", 3, 64))
+
+        self.server.stop()
+        for _ in range(3):
+            started = reactor.seconds()
+            e = await self.failure_of(registry.get_pair("client-a", "pair-1"))
+            self.assertEqual(e.code, 503)
+            self.assertLess(reactor.seconds() - started, registry.timeout + 0.5)
+            await task.deferLater(reactor, 0.1)
+
+        self.server.restart()
+        record = await self.eventually(lambda: registry.get_pair("client-a", "pair-1"))
+        self.assertEqual((record.state, record.version), (b"v1", 1))
+        self.assertEqual(await registry.reserve_counters("client-a", "pair-1"), 10)
+        self.assertFalse(await registry.mark_seen("client-a", "pair-1", 3, 64))
+        self.assertFalse(await registry.swap_state("client-a", "pair-1", 0, b"stale"))
+
+    async def test_unreachable_times_out(self):
+        """A registry pointed at a port where nothing listens answers 503 within its timeout."""
+        self.server.stop()
+        registry = RedisRegistry.from_url(self.server.url, reactor, timeout=0.3)
+        self.addCleanup(registry.stopService)
+        for d in [registry.whenConnected(), registry.get_pair("client-a", "pair-1")]:
+            self.assertEqual((await self.failure_of(d)).code, 503)
+
+    async def test_wrong_password(self):
+        """A server refusing the password makes every operation answer 503, without a hang."""
+        self.server.stop()
+        self.server = self.start_redis(password="right")
+        registry = RedisRegistry.from_url(self.server.url.replace("right", "wrong"), reactor, timeout=0.5)
+        self.addCleanup(registry.stopService)
+        self.assertEqual((await self.failure_of(registry.get_pair("client-a", "pair-1"))).code, 503)
+
+    async def failure_of(self, d):
+        try:
+            result = await d
+        except RegistryUnavailable as e:
+            return e
+        self.fail(f"expected RegistryUnavailable, got {result!r}")
+
+    async def eventually(self, operation, seconds=10):
+        """The first result of ``operation`` that is not a RegistryUnavailable, trying every 0.1 s."""
+        deadline = reactor.seconds() + seconds
+        while True:
+            try:
+                return await operation()
+            except RegistryUnavailable:
+                if reactor.seconds() > deadline:
+                    raise
+                await task.deferLater(reactor, 0.1)
+
+
+class RedisAddressTests(RedisTestMixin, TestCase):
+    """The REDIS_URL forms, parsed and actually connected to."""
+
+    redis_options = {"password": "s3cret", "unix_socket": True}
+
+    async def test_password_and_db_over_tcp(self):
+        """redis:// with a password and a db number stores the pairs in that db."""
+        registry = await self.connect(self.server.url.replace("/0", "/3"))
+        await registry.create_pair(pair())
+        self.assertEqual(self.server.command("SELECT", 3), b"OK")
+        self.assertEqual(await registry.reserve_counters("client-a", "pair-1"), 0)
+        info = self.server.info("keyspace")
+        self.assertIn("db3", info)
+        self.assertNotIn("db0", info)
+
+    async def test_unix_socket(self):
+        """unix:// and redis+unix:// reach the server over its socket, sharing its pairs."""
+        one = await self.connect(self.server.unix_url)
+        two = await self.connect(self.server.unix_url.replace("unix://", "redis+unix://"))
+        await one.create_pair(pair())
+        self.assertEqual((await two.get_pair("client-a", "pair-1")).state, pair().state)
+
+
+class RedisUrlParsingTests(SynchronousTestCase):
+    """REDIS_URL parsing, without a server."""
+
+    def test_forms(self):
+        """Every supported scheme yields its host or path, TLS flag, db and credentials."""
+        self.assertEqual(
+            RedisAddress.from_url("rediss://user:p%40ss@cache.example:6380/2"),
+            RedisAddress(host="cache.example", port=6380, db=2, tls=True, username="user", password="p@ss"),
+        )
+        self.assertEqual(RedisAddress.from_url("redis://10.0.1.230"), RedisAddress(host="10.0.1.230"))
+        self.assertEqual(
+            RedisAddress.from_url("unix:///run/redis.sock?db=4&password=x"),
+            RedisAddress(path="/run/redis.sock", db=4, password="x"),
+        )
+        self.assertEqual(RedisAddress.from_url("redis+unix:///run/redis.sock").path, "/run/redis.sock")
+
+    def test_refused_forms(self):
+        """Unknown schemes, missing hosts or paths and non-numeric db numbers are configuration errors."""
+        for url in ["http://x", "redis://", "unix://", "redis://h/x", "redis://h:port"]:
+            self.assertRaises(ValueError, RedisAddress.from_url, url)
+
+    def test_repr_hides_password(self):
+        """The parsed address never shows its password."""
+        self.assertNotIn("s3cret", repr(RedisAddress.from_url("redis://:s3cret@h")))
