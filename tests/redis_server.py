@@ -9,12 +9,20 @@ A private redis-server for tests and benchmarks: its own port on 127.0.0.1, its 
 Test cases mix in ``RedisServerMixin`` and call ``self.start_redis(...)``: the server is stopped by the test's cleanup.
 """
 
+import datetime
+import ipaddress
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from twisted.trial.unittest import SkipTest
 
@@ -27,6 +35,31 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def self_signed_certificate(directory):
+    """Write a key and a self-signed certificate for 127.0.0.1 into ``directory``; return their paths."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    key_path, cert_path = os.path.join(directory, "tls.key"), os.path.join(directory, "tls.crt")
+    with open(key_path, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    with open(cert_path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
 
 
 def _encode(*args):
@@ -60,32 +93,37 @@ def _read_reply(f):
 class RedisServer:
     """One redis-server process; see the module docstring."""
 
-    def __init__(self, directory, port, password=None, persistent=False, unix_socket=False):
+    def __init__(self, directory, port, password=None, persistent=False, unix_socket=False, tls=False):
         self.directory = directory
         self.port = port
         self.host = "127.0.0.1"
         self.password = password
         self.persistent = persistent
         self.socket_path = os.path.join(directory, "redis.sock") if unix_socket else None
+        #: With ``tls``: the server's self-signed certificate (PEM), the trust root a client needs.
+        self.certificate_path = None
+        self.tls = tls
         self.process = None
 
     @classmethod
-    def start(cls, directory=None, password=None, persistent=False, unix_socket=False):
+    def start(cls, directory=None, password=None, persistent=False, unix_socket=False, tls=False):
         """
         Start a server in ``directory`` (default: a new temporary one) and return it once it answers.
 
         ``persistent`` keeps an append-only file (fsync on every write) so data survives ``restart``; otherwise
-        nothing is ever written to disk. ``unix_socket`` also listens on ``<directory>/redis.sock``.
+        nothing is ever written to disk. ``unix_socket`` also listens on ``<directory>/redis.sock``. ``tls`` serves
+        TLS only (``rediss://``) with a self-signed certificate, ``certificate_path``.
         """
         directory = directory or tempfile.mkdtemp(prefix="mterelay-redis-")
-        server = cls(directory, free_port(), password, persistent, unix_socket)
+        server = cls(directory, free_port(), password, persistent, unix_socket, tls)
         server._launch()
         return server
 
     @property
     def url(self):
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}{self.host}:{self.port}/0"
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{auth}{self.host}:{self.port}/0"
 
     @property
     def unix_url(self):
@@ -95,13 +133,21 @@ class RedisServer:
     def _launch(self):
         args = [
             EXECUTABLE,
-            "--port", str(self.port),
             "--bind", self.host,
             "--dir", self.directory,
             "--logfile", os.path.join(self.directory, "redis.log"),
             "--daemonize", "no",
             "--save", "",
         ]  # fmt: skip
+        if self.tls:
+            key_path = os.path.join(self.directory, "tls.key")
+            if self.certificate_path is None:
+                key_path, self.certificate_path = self_signed_certificate(self.directory)
+            args += ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no"]
+            args += ["--tls-cert-file", self.certificate_path, "--tls-key-file", key_path]
+            args += ["--tls-ca-cert-file", self.certificate_path]
+        else:
+            args += ["--port", str(self.port)]
         if self.persistent:
             args += ["--appendonly", "yes", "--appendfsync", "always"]
         else:
@@ -125,12 +171,18 @@ class RedisServer:
 
     def command(self, *args):
         """Send one command (authenticating first if needed) and return its decoded reply."""
-        with socket.create_connection((self.host, self.port), timeout=5) as s, s.makefile("rb") as f:
+        with self._connect() as s, s.makefile("rb") as f:
             commands = [("AUTH", self.password)] if self.password else []
             s.sendall(b"".join(_encode(*c) for c in commands + [args]))
             for _ in commands:
                 _read_reply(f)
             return _read_reply(f)
+
+    def _connect(self):
+        s = socket.create_connection((self.host, self.port), timeout=5)
+        if self.tls:
+            return ssl.create_default_context(cafile=self.certificate_path).wrap_socket(s, server_hostname=self.host)
+        return s
 
     def info(self, section):
         """``INFO section`` as a dict of its ``name:value`` lines (values as strings)."""

@@ -4,6 +4,7 @@ Redis, races between them, and a Redis restart.
 """
 
 from twisted.internet import defer, reactor, task
+from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mterelay.redis_registry import RedisAddress, RedisRegistry
@@ -176,6 +177,29 @@ class RedisAddressTests(RedisTestMixin, TestCase):
         two = await self.connect(self.server.unix_url.replace("unix://", "redis+unix://"))
         await one.create_pair(pair())
         self.assertEqual((await two.get_pair("client-a", "pair-1")).state, pair().state)
+
+
+class RedisTLSTests(RedisTestMixin, TestCase):
+    """rediss:// against a TLS-only server with a self-signed certificate."""
+
+    redis_options = {"tls": True}
+
+    def trusting(self, certificate_path):
+        with open(certificate_path, "rb") as f:
+            return optionsForClientTLS("127.0.0.1", trustRoot=Certificate.loadPEM(f.read()))
+
+    async def test_tls_with_trusted_certificate(self):
+        """Trusting the server's certificate, the registry works over TLS."""
+        registry = await self.connect(tls_options=self.trusting(self.server.certificate_path))
+        await registry.create_pair(pair())
+        self.assertEqual((await registry.get_pair("client-a", "pair-1")).state, pair().state)
+
+    async def test_tls_refuses_unknown_certificate(self):
+        """A server whose certificate the registry does not trust is unavailable (503), never used."""
+        registry = RedisRegistry.from_url(self.server.url, reactor, timeout=1.0)
+        self.addCleanup(registry.stopService)
+        with self.assertRaises(RegistryUnavailable):
+            await registry.get_pair("client-a", "pair-1")
 
 
 class RedisUrlParsingTests(SynchronousTestCase):
