@@ -1,0 +1,102 @@
+"""
+The twistd plugin's ``Options`` and ``makeService``: parse the settings once, then wire services. No logic lives here.
+"""
+
+import os
+import sys
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from mterelay import config, logs, upstream, web
+
+log = Logger()
+
+#: Idle keep-alive connections kept per upstream host; more connections open on demand.
+POOL_PERSISTENT_PER_HOST = 20
+
+
+def _help(option):
+    default = "required" if option.default is None else f"default: {option.default}"
+    return f"{option.help} [env {option.env}; {default}]"
+
+
+class Options(usage.Options):
+    """
+    ``twistd mterelay`` options. Every setting is also read from the environment and the ``--config`` YAML file; an
+    invalid configuration prints one line ``mterelay: error: ...`` on stderr and exits with status 2.
+    """
+
+    optFlags = [["debug", None, _help(next(o for o in config.OPTIONS if o.field == "debug"))]]
+    optParameters = [["config", "c", None, "YAML file of settings (keys as in the product documents)"]] + [
+        [option.flag, None, None, _help(option)]
+        for option in config.OPTIONS
+        if option.field not in ("debug", "listen")
+    ]
+
+    def __init__(self, environ=None, stderr=None, reactor=None):
+        super().__init__()
+        self["listen"] = []
+        self._environ = os.environ if environ is None else environ
+        self._stderr = sys.stderr if stderr is None else stderr
+        self._reactor = reactor
+        self.settings = None
+        self.endpoints = None
+        self.warnings = []
+
+    def opt_listen(self, endpoint):
+        self["listen"].append(endpoint)
+
+    opt_listen.__doc__ = _help(next(o for o in config.OPTIONS if o.field == "listen"))
+
+    @property
+    def reactor(self):
+        if self._reactor is None:
+            from twisted.internet import reactor
+
+            self._reactor = reactor
+        return self._reactor
+
+    def postOptions(self):
+        flags = {option.field: self.get(option.flag) for option in config.OPTIONS}
+        flags["debug"] = True if self["debug"] else None
+        try:
+            self.settings, warnings = config.load(flags, self._environ, self["config"])
+            self.endpoints = [self._endpoint(description) for description in self.settings.listen]
+        except config.ConfigError as e:
+            # twistd would print the whole usage text for a UsageError; the operator needs one line.
+            self._stderr.write(f"mterelay: error: {e}\n")
+            self._stderr.flush()
+            raise SystemExit(2)
+        self.warnings = warnings
+
+    def _endpoint(self, description):
+        try:
+            return serverFromString(self.reactor, description)
+        except Exception as e:  # endpoint parsers raise anything from ValueError to OpenSSL errors
+            raise config.ConfigError(f"--listen/LISTEN: invalid endpoint {description!r}: {e}") from None
+
+
+def makeService(options):
+    """Wire the relay: one listening service per endpoint, one shared upstream connection pool, draining on stop."""
+    settings, reactor = options.settings, options.reactor
+    out = logs.output_for(getattr(options, "parent", None))
+    top = logs.LoggingService(logs.make_observer(settings.log_format, settings.debug, out))
+    for warning in options.warnings:
+        log.warn("{text}", text=warning)
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = POOL_PERSISTENT_PER_HOST
+    client = upstream.AgentUpstreamClient(Agent(reactor, pool=pool))
+    tracker = web.InFlight(reactor)
+    site = web.RelaySite(web.build_resource(settings, client, reactor, tracker=tracker), settings)
+    relay = web.DrainingService(tracker, settings.drain_timeout, on_stopped=pool.closeCachedConnections)
+    for endpoint in options.endpoints:
+        StreamServerEndpointService(endpoint, site).setServiceParent(relay)
+    relay.setServiceParent(top)
+    log.info(
+        "mterelay serving {listen} for upstream {upstream}", listen=",".join(settings.listen), upstream=settings.upstream
+    )
+    return top

@@ -1,0 +1,354 @@
+"""
+Forwarding a twisted.web request to an HTTP upstream, streaming both bodies through optional body transforms.
+
+A body transform has ``feed(data: bytes) -> bytes`` and ``finish() -> bytes`` and may raise a ``RelayError``; when it
+can tell its output size from its input size it also has ``output_length(n: int) -> int``. The pass-through route uses
+no transform; the inbound relay passes the codec's decoder (request) and encoder (response).
+"""
+
+from twisted.internet import task
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, ensureDeferred
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web._newclient import RequestTransmissionFailed
+from twisted.web.client import PotentialDataLoss, ResponseDone
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from zope.interface import Interface, implementer
+
+from mterelay.errors import RelayError
+
+log = Logger()
+
+#: Bytes read from the spooled request body per cooperative step.
+READ_SIZE = 64 * 1024
+
+_HOP_BY_HOP = frozenset(
+    (b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade", b"http2-settings")
+)
+
+
+class IUpstreamClient(Interface):
+    """Sends one HTTP request to an upstream and gives its response, without following redirects."""
+
+    def request(method, url, headers, bodyProducer):
+        """
+        Send ``method`` (bytes) to the absolute ``url`` (bytes) with ``headers`` (``Headers``, sent as given plus the
+        Host of ``url``) and ``bodyProducer`` (an ``IBodyProducer`` or None).
+
+        @return: a Deferred firing with the ``IResponse`` once its headers arrived; cancelling it abandons the request.
+        """
+
+
+@implementer(IUpstreamClient)
+class AgentUpstreamClient:
+    """
+    ``IUpstreamClient`` over a twisted.web ``Agent`` that shares one persistent connection pool.
+
+    treq's ``HTTPClient`` is not used for forwarding because it always rewrites ``Accept-Encoding``, decompresses gzip
+    answers and keeps a cookie jar shared by every caller: a relay must pass both directions through untouched.
+    """
+
+    def __init__(self, agent):
+        self._agent = agent
+
+    def request(self, method, url, headers, bodyProducer):
+        return self._agent.request(method, url, headers, bodyProducer)
+
+
+def filter_headers(headers, drop=()):
+    """
+    A copy of ``headers`` without hop-by-hop headers (Connection and the names it lists, Keep-Alive, TE, Trailer,
+    Transfer-Encoding, Upgrade, Proxy-*), without ``x-mte-*`` headers and without the lower-case names in ``drop``.
+    """
+    listed = {
+        name.strip().lower() for value in headers.getRawHeaders(b"connection", []) for name in value.split(b",")
+    }
+    kept = Headers()
+    for name, values in headers.getAllRawHeaders():
+        lower = name.lower()
+        if (
+            lower in _HOP_BY_HOP
+            or lower in listed
+            or lower in drop
+            or lower.startswith(b"proxy-")
+            or lower.startswith(b"x-mte-")
+        ):
+            continue
+        kept.setRawHeaders(name, values)
+    return kept
+
+
+def upstream_headers(request, extra=()):
+    """
+    The headers to send upstream for ``request``: its end-to-end headers, ``X-Forwarded-For/-Proto/-Host``, then the
+    ``extra`` ``(name, value)`` pairs (HEADERS). Host and Content-Length are left to the agent.
+    """
+    headers = filter_headers(request.requestHeaders, drop=(b"host", b"content-length"))
+    peer = request.getClientAddress()
+    forwarded_for = headers.getRawHeaders(b"x-forwarded-for", [])
+    host = getattr(peer, "host", None)
+    if host:
+        forwarded_for = [b", ".join(forwarded_for + [host.encode("ascii")])]
+    if forwarded_for:
+        headers.setRawHeaders(b"x-forwarded-for", forwarded_for)
+    headers.setRawHeaders(b"x-forwarded-proto", [b"https" if request.isSecure() else b"http"])
+    client_host = request.getHeader(b"host")
+    if client_host:
+        headers.setRawHeaders(b"x-forwarded-host", [client_host])
+    for name, value in extra:
+        headers.setRawHeaders(name.encode("latin-1"), [value.encode("latin-1")])
+    return headers
+
+
+def _output_length(transform, length):
+    if transform is None:
+        return length
+    output_length = getattr(transform, "output_length", None)
+    return UNKNOWN_LENGTH if output_length is None else output_length(length)
+
+
+@implementer(IBodyProducer)
+class RequestBodyProducer:
+    """
+    Produces a request body read from the file ``source`` (positioned at its start) through an optional transform.
+
+    ``length`` is the transform's output length for ``input_length`` input bytes when it can tell, else unknown (the
+    agent then sends it chunked). Pausing pauses the reading, so at most one chunk waits in memory.
+    """
+
+    def __init__(self, source, input_length, transform=None, cooperator=task):
+        self._source = source
+        self._transform = transform
+        self._cooperator = cooperator
+        self._task = None
+        self.length = _output_length(transform, input_length)
+
+    def startProducing(self, consumer):
+        self._task = self._cooperator.cooperate(self._produce(consumer))
+        done = self._task.whenDone()
+
+        def stopped(reason):
+            # The agent stopped us: it reports the failure itself, so this Deferred must never fire.
+            reason.trap(task.TaskStopped)
+            return Deferred()
+
+        return done.addCallbacks(lambda _: None, stopped)
+
+    def _produce(self, consumer):
+        transform = self._transform
+        while True:
+            chunk = self._source.read(READ_SIZE)
+            if not chunk:
+                break
+            data = chunk if transform is None else transform.feed(chunk)
+            if data:
+                consumer.write(data)
+            yield None
+        if transform is not None:
+            tail = transform.finish()
+            if tail:
+                consumer.write(tail)
+
+    def pauseProducing(self):
+        self._task.pause()
+
+    def resumeProducing(self):
+        self._task.resume()
+
+    def stopProducing(self):
+        try:
+            self._task.stop()
+        except (task.TaskDone, task.TaskFailed, task.TaskStopped):
+            pass
+
+
+def request_body_producer(request, transform=None, cooperator=task):
+    """A ``RequestBodyProducer`` for ``request``'s (spooled) body, or None when the request has no body."""
+    headers = request.requestHeaders
+    if not headers.hasHeader(b"content-length") and not headers.hasHeader(b"transfer-encoding"):
+        return None
+    source = request.content
+    source.seek(0, 2)
+    length = source.tell()
+    source.seek(0)
+    return RequestBodyProducer(source, length, transform, cooperator)
+
+
+def abort_client(request):
+    """Break off ``request``'s connection so a client never takes a truncated body for a whole one."""
+    transport = request.transport
+    if transport is not None:
+        getattr(transport, "abortConnection", transport.loseConnection)()
+
+
+class _BodyRelay(Protocol):
+    """Writes an upstream body into a twisted.web request, pausing the upstream while the client is slow."""
+
+    def __init__(self, request, transform, done):
+        self._request = request
+        self._transform = transform
+        self._done = done
+        self._stopped = False
+
+    def connectionMade(self):
+        self._request.registerProducer(self, True)
+
+    def pauseProducing(self):
+        self.transport.pauseProducing()
+
+    def resumeProducing(self):
+        self.transport.resumeProducing()
+
+    def stopProducing(self):
+        """The client went away: stop reading the upstream."""
+        if not self._stopped:
+            self._stopped = True
+            self.transport.stopProducing()
+
+    def dataReceived(self, data):
+        if self._stopped:
+            return
+        try:
+            out = data if self._transform is None else self._transform.feed(data)
+        except RelayError:
+            self._break(Failure())
+            return
+        if out:
+            self._request.write(out)
+
+    def connectionLost(self, reason):
+        if self._stopped:
+            self._settle(reason)
+            return
+        if not reason.check(ResponseDone, PotentialDataLoss):
+            self._break(reason)
+            return
+        try:
+            tail = b"" if self._transform is None else self._transform.finish()
+        except RelayError:
+            self._break(Failure())
+            return
+        if tail:
+            self._request.write(tail)
+        self._request.unregisterProducer()
+        self._request.finish()
+        self._settle(None)
+
+    def _break(self, reason):
+        """A failure after the answer started: abort both sides, nothing more is forwarded."""
+        self.stopProducing()
+        self._request.unregisterProducer()
+        abort_client(self._request)
+        self._settle(reason)
+
+    def _settle(self, reason):
+        done, self._done = self._done, None
+        if done is not None:
+            done.errback(reason) if reason is not None else done.callback(None)
+
+
+def copy_response_head(response, request, transform=None):
+    """
+    Set ``request``'s status and headers from the upstream ``response``: end-to-end headers only, every Set-Cookie
+    kept, and names the relay already set (CORS, HEADERS, request id) left as the relay set them.
+    """
+    request.setResponseCode(response.code, response.phrase)
+    for name, values in filter_headers(response.headers, drop=(b"content-length",)).getAllRawHeaders():
+        if not request.responseHeaders.hasHeader(name):
+            request.responseHeaders.setRawHeaders(name, values)
+    given = response.headers.getRawHeaders(b"content-length")
+    if transform is None and given:
+        # Copied as given: for HEAD and 304 it describes a body that is not sent.
+        request.responseHeaders.setRawHeaders(b"content-length", given[-1:])
+    elif response.length is not UNKNOWN_LENGTH:
+        length = _output_length(transform, response.length)
+        if length is not UNKNOWN_LENGTH:
+            request.setHeader(b"content-length", b"%d" % (length,))
+
+
+def stream_response(response, request, transform=None):
+    """
+    Stream ``response``'s body into ``request`` through ``transform`` and finish it.
+
+    @return: a Deferred firing with None once the body was delivered, or failing when the upstream broke off, the
+        transform raised, or the client went away (the client connection is then aborted, never silently truncated).
+    """
+    done = Deferred()
+    relay = _BodyRelay(request, transform, done)
+    request.notifyFinish().addErrback(lambda _: relay.stopProducing())
+    response.deliverBody(relay)
+    return done
+
+
+class _Discard(Protocol):
+    def connectionMade(self):
+        self.transport.stopProducing()
+
+
+def upstream_error(failure):
+    """The ``RelayError`` that answers a failed upstream request: a transform's own error, 504 on timeout, else 502."""
+    if failure.check(RelayError):
+        return failure.value
+    if failure.check(RequestTransmissionFailed):
+        for reason in failure.value.reasons:
+            if reason.check(RelayError):
+                return reason.value
+    if failure.check(TimeoutError):
+        return RelayError(504)
+    return RelayError(502)
+
+
+def forward(request, upstream, url, headers, clock, timeout, request_transform=None, prepare_response=None):
+    """
+    Forward ``request`` to ``url`` through ``upstream`` and stream the answer back.
+
+    ``timeout`` seconds (measured on ``clock``) bound the wait for the response headers. ``prepare_response(response,
+    request)``, when given, runs once the headers arrived and returns the response body transform (or None); it may set
+    response headers or raise a ``RelayError``. A client that disconnects cancels the upstream request.
+
+    @return: a Deferred firing with None once the exchange ended, or failing with a ``RelayError`` that the caller must
+        answer when nothing was sent to the client yet.
+    """
+    return ensureDeferred(
+        _forward(request, upstream, url, headers, clock, timeout, request_transform, prepare_response)
+    )
+
+
+async def _forward(request, upstream, url, headers, clock, timeout, request_transform, prepare_response):
+    client_gone = []
+    pending = upstream.request(request.method, url, headers, request_body_producer(request, request_transform))
+    pending.addTimeout(timeout, clock)
+
+    def gone(reason):
+        client_gone.append(reason)
+        pending.cancel()
+
+    request.notifyFinish().addErrback(gone)
+    try:
+        response = await pending
+    except CancelledError:
+        if client_gone:
+            log.debug("client went away before the upstream answered {method}", method=request.method.decode())
+            return None
+        raise RelayError(502) from None
+    except Exception:
+        error = upstream_error(Failure())
+        log.info("upstream request failed: {code} {reason}", code=error.code, reason=error.detail)
+        raise error from None
+    if client_gone:
+        response.deliverBody(_Discard())
+        return None
+    try:
+        transform = None if prepare_response is None else prepare_response(response, request)
+    except RelayError:
+        response.deliverBody(_Discard())
+        raise
+    copy_response_head(response, request, transform)
+    try:
+        await stream_response(response, request, transform)
+    except Exception as e:
+        log.info("response stream broken off: {error}", error=type(e).__name__)
+    return None
+

@@ -1,0 +1,305 @@
+"""
+The relay's HTTP face: a router resource that answers echo, the error table and CORS preflights itself, and hands
+everything else to the outbound role, the inbound relay or the pass-through proxy.
+
+Dispatch order: CORS preflight; ``/api/mte-echo[/<msg>]``; ``/api/mte-errors``; a request carrying
+``x-mte-outbound-token`` (outbound handler, only when the token matches OUTBOUND_TOKEN); ``/api/mte-relay`` and
+``/api/mte-pair`` (inbound handler); PASS_THROUGH_ROUTES (proxied as is); MTE routes (MTE_ROUTES, or every other path
+when unset; inbound handler); else 404. A handler is an object with ``render(request)`` returning bytes or
+``NOT_DONE_YET``; an absent handler answers 501.
+"""
+
+import hmac
+import json
+import re
+from urllib.parse import unquote
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+from twisted.web import server
+from twisted.web.resource import Resource
+
+from mterelay import logs
+from mterelay.errors import RelayError, error_table
+from mterelay.upstream import forward, upstream_headers
+
+log = Logger()
+
+ECHO = "/api/mte-echo"
+ERRORS = "/api/mte-errors"
+INBOUND_PATHS = ("/api/mte-relay", "/api/mte-pair")
+OUTBOUND_TOKEN_HEADER = b"x-mte-outbound-token"
+#: Relay headers a browser client must be able to send and read.
+MTE_HEADERS = (b"x-mte-relay", b"x-mte-relay-eh", b"x-mte-client-id", b"x-mte-relay-identity")
+CORS_ALLOW_HEADERS = b", ".join(
+    (b"content-type", b"accept", b"authorization", b"x-requested-with", logs.REQUEST_ID_HEADER) + MTE_HEADERS
+)
+CORS_EXPOSE_HEADERS = b", ".join(MTE_HEADERS + (logs.REQUEST_ID_HEADER,))
+CORS_MAX_AGE = b"600"
+
+
+def compile_routes(patterns):
+    """One regular expression matching a whole path against route patterns where ``*`` matches anything."""
+    if not patterns:
+        return None
+    alternatives = "|".join(".*".join(map(re.escape, pattern.split("*"))) for pattern in patterns)
+    return re.compile(f"(?:{alternatives})")
+
+
+def _json(request, code, payload, phrase=None):
+    body = payload if isinstance(payload, bytes) else json.dumps(payload, separators=(",", ":")).encode("utf-8")
+    request.setResponseCode(code, phrase)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"content-length", b"%d" % (len(body),))
+    return body
+
+
+def error_response(request, error):
+    """Set ``request``'s status and headers for the ``RelayError`` and return its JSON body (for ``render``)."""
+    return _json(request, error.code, error.body(), error.entry.name.encode("ascii"))
+
+
+def send_error(request, error):
+    """Answer ``request`` (rendered asynchronously) with the ``RelayError``."""
+    request.write(error_response(request, error))
+    request.finish()
+
+
+class InFlight:
+    """Counts requests being answered so that stopping can wait for them, up to a bound."""
+
+    def __init__(self, clock):
+        self._clock = clock
+        self._count = 0
+        self._idle = []
+
+    def __len__(self):
+        return self._count
+
+    def track(self, request):
+        self._count += 1
+        request.notifyFinish().addBoth(self._done)
+
+    def _done(self, _):
+        self._count -= 1
+        if not self._count:
+            idle, self._idle = self._idle, []
+            for waiting in idle:
+                waiting.callback(True)
+
+    def wait(self, timeout):
+        """A Deferred firing with True when no request is in flight, or with False after ``timeout`` seconds."""
+        if not self._count:
+            return succeed(True)
+        waiting = Deferred()
+        self._idle.append(waiting)
+        waiting.addTimeout(timeout, self._clock, onTimeoutCancel=lambda *_: False)
+        return waiting
+
+
+class DrainingService(MultiService):
+    """Stops listening first, then lets in-flight requests finish for up to ``drain_timeout`` seconds."""
+
+    def __init__(self, tracker, drain_timeout, on_stopped=None):
+        super().__init__()
+        self._tracker = tracker
+        self._drain_timeout = drain_timeout
+        self._on_stopped = on_stopped
+
+    def stopService(self):
+        stopping = super().stopService()
+
+        def drain(_):
+            log.info("draining {count} in-flight requests", count=len(self._tracker))
+            return self._tracker.wait(self._drain_timeout)
+
+        def drained(complete):
+            if not complete:
+                log.warn("stopped with {count} requests still in flight", count=len(self._tracker))
+            if self._on_stopped is not None:
+                return self._on_stopped()
+
+        return stopping.addCallback(drain).addCallback(drained)
+
+
+class RelayRequest(server.Request):
+    """A request that refuses a body over MAX_BODY_SIZE as soon as its size or its chunks show it (413)."""
+
+    #: Set by the router under DEBUG, logged with the request.
+    request_id = None
+    _received = 0
+    _refused = False
+
+    def gotLength(self, length):
+        if length is not None and length > self.channel.site.max_body_size:
+            self._refuse()
+        else:
+            super().gotLength(length)
+
+    def handleContentChunk(self, data):
+        if self._refused:
+            return
+        self._received += len(data)
+        if self._received > self.channel.site.max_body_size:
+            self._refuse()
+        else:
+            super().handleContentChunk(data)
+
+    def requestReceived(self, command, path, version):
+        if not self._refused:
+            super().requestReceived(command, path, version)
+
+    def _refuse(self):
+        # The body is never read: answer at once and close, so the client stops sending. No "100 Continue" either.
+        self._refused = True
+        self.requestHeaders.removeHeader(b"expect")
+        body = RelayError(413).body()
+        head = [b"HTTP/1.1 413 Payload Too Large", b"Content-Type: application/json", b"Connection: close"]
+        head += [b"%s: %s" % (n.encode("latin-1"), v.encode("latin-1")) for n, v in self.channel.site.headers]
+        head.append(b"Content-Length: %d" % (len(body),))
+        self.channel.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        self.channel.loseConnection()
+        log.info("refused a request body over {limit} bytes", limit=self.channel.site.max_body_size)
+
+
+class RelaySite(server.Site):
+    """The relay's ``Site``: ``RelayRequest``s and one structured access-log event per request (no query, no body)."""
+
+    requestFactory = RelayRequest
+
+    def __init__(self, resource, settings):
+        super().__init__(resource)
+        self.max_body_size = settings.max_body_size
+        self.headers = settings.headers
+
+    def log(self, request):
+        log.info(
+            "{method} {path} {code} {sent}B",
+            method=request.method.decode("latin-1"),
+            path=request.path.decode("latin-1")[:200],
+            code=request.code,
+            sent=request.sentLength,
+            request_id=request.request_id,
+        )
+
+
+class Router(Resource):
+    """The relay's single leaf resource; see the module docstring for the dispatch order."""
+
+    isLeaf = True
+
+    def __init__(self, settings, upstream, clock, inbound=None, outbound=None, tracker=None):
+        super().__init__()
+        self._settings = settings
+        self._upstream = upstream
+        self._clock = clock
+        self._inbound = inbound
+        self._outbound = outbound
+        self._tracker = tracker
+        self._pass_through = compile_routes(settings.pass_through_routes)
+        self._mte_routes = compile_routes(settings.mte_routes)
+        self._cors_origins = frozenset(o.encode("ascii") for o in settings.cors_origins)
+        self._cors_methods = b", ".join(
+            m.encode("ascii") for m in dict.fromkeys(settings.cors_methods + ("OPTIONS", "HEAD"))
+        )
+        self._upstream_base = settings.upstream.encode("ascii")
+
+    def render(self, request):
+        if self._tracker is not None:
+            self._tracker.track(request)
+        if self._settings.debug:
+            request.request_id = logs.request_id(request)
+            request.setHeader(logs.REQUEST_ID_HEADER, request.request_id.encode("ascii"))
+        for name, value in self._settings.headers:
+            request.setHeader(name.encode("latin-1"), value.encode("latin-1"))
+        granted = self._cors(request)
+        if request.method == b"OPTIONS" and request.requestHeaders.hasHeader(b"access-control-request-method"):
+            return self._preflight(request, granted)
+        try:
+            return self._dispatch(request)
+        except RelayError as e:
+            return error_response(request, e)
+
+    def _cors(self, request):
+        origin = request.getHeader(b"origin")
+        if origin not in self._cors_origins:
+            return False
+        request.setHeader(b"access-control-allow-origin", origin)
+        request.setHeader(b"access-control-allow-credentials", b"true")
+        request.setHeader(b"access-control-expose-headers", CORS_EXPOSE_HEADERS)
+        request.responseHeaders.addRawHeader(b"vary", b"Origin")
+        return True
+
+    def _preflight(self, request, granted):
+        if granted:
+            request.setHeader(b"access-control-allow-methods", self._cors_methods)
+            request.setHeader(b"access-control-allow-headers", CORS_ALLOW_HEADERS)
+            request.setHeader(b"access-control-max-age", CORS_MAX_AGE)
+        request.setResponseCode(204)
+        return b""
+
+    def _dispatch(self, request):
+        path = self._path(request)
+        if path == ECHO or path.startswith(ECHO + "/"):
+            message = path[len(ECHO) + 1 :]
+            return _json(request, 200, {"echo": message or True, "time": int(self._clock.seconds() * 1000)})
+        if path == ERRORS:
+            return _json(request, 200, error_table())
+        if request.requestHeaders.hasHeader(OUTBOUND_TOKEN_HEADER):
+            self._check_outbound_token(request)
+            return self._handle(self._outbound, request)
+        if any(path == p or path.startswith(p + "/") for p in INBOUND_PATHS):
+            return self._handle(self._inbound, request)
+        if self._pass_through is not None and self._pass_through.fullmatch(path):
+            return self._proxy(request)
+        if self._mte_routes is None or self._mte_routes.fullmatch(path):
+            return self._handle(self._inbound, request)
+        raise RelayError(404)
+
+    def _path(self, request):
+        """The percent-decoded path; dot segments are refused so that no route pattern can be escaped upstream."""
+        if not request.uri.startswith(b"/"):
+            raise RelayError(400, "the request target must be a path")
+        path = unquote(request.path.decode("latin-1"), errors="replace")
+        if any(segment in (".", "..") for segment in path.split("/")):
+            raise RelayError(400, "dot segments are not allowed in the path")
+        return path
+
+    def _check_outbound_token(self, request):
+        token = self._settings.outbound_token
+        given = request.getHeader(OUTBOUND_TOKEN_HEADER)
+        if token is None or not hmac.compare_digest(given, token.encode("utf-8")):
+            raise RelayError(401)
+
+    def _handle(self, handler, request):
+        if handler is None:
+            raise RelayError(501)
+        return handler.render(request)
+
+    def _proxy(self, request):
+        headers = upstream_headers(request, self._settings.headers)
+        url = self._upstream_base + request.uri
+        done = forward(request, self._upstream, url, headers, self._clock, self._settings.upstream_timeout)
+        gone = []
+        request.notifyFinish().addErrback(gone.append)
+
+        def failed(failure):
+            if gone:
+                return
+            if not failure.check(RelayError):
+                log.failure("pass-through failed", failure)
+            send_error(request, failure.value if failure.check(RelayError) else RelayError(502))
+
+        done.addErrback(failed)
+        return server.NOT_DONE_YET
+
+
+def build_resource(settings, upstream, clock, inbound=None, outbound=None, tracker=None):
+    """
+    The relay's resource tree for ``settings``, forwarding through the ``IUpstreamClient`` ``upstream`` and reading
+    time from ``clock``. ``inbound`` and ``outbound`` are the MTE handlers (None answers 501); ``tracker`` an
+    ``InFlight`` that counts requests for draining.
+    """
+    return Router(settings, upstream, clock, inbound, outbound, tracker)
+

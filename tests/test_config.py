@@ -1,0 +1,199 @@
+"""Tests for mterelay.config: precedence, parsing, normalization and the one-line errors."""
+
+import base64
+import os
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from mterelay.config import ConfigError, Settings, load, normalize_origin
+
+SECRET = "s" * 40
+BASE_ENV = {"UPSTREAM": "http://up.example", "CLIENT_ID_SECRET": SECRET}
+
+
+class ConfigTestCase(SynchronousTestCase):
+    def write_yaml(self, text):
+        path = self.mktemp()
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        return path
+
+    def error(self, flags=None, environ=None, path=None):
+        """The ConfigError message that loading these sources raises."""
+        return str(self.assertRaises(ConfigError, load, flags or {}, environ or {}, path))
+
+
+class PrecedenceTests(ConfigTestCase):
+    def test_flag_beats_environment_beats_file(self):
+        """A flag overrides the environment, which overrides the YAML file, which overrides the default."""
+        path = self.write_yaml("upstream: http://file.example\nport: 3000\nmaxPoolSize: 7\nupstreamTimeout: 5\n")
+        environ = dict(BASE_ENV, UPSTREAM="http://env.example", PORT="4000")
+        settings, _ = load({"upstream": "http://flag.example"}, environ, path)
+        self.assertEqual(settings.upstream, "http://flag.example")
+        self.assertEqual(settings.listen, ("tcp:4000",))
+        self.assertEqual(settings.max_pool_size, 7)
+        self.assertEqual(settings.upstream_timeout, 5.0)
+        self.assertEqual(settings.max_pairs, 100_000)
+
+    def test_defaults(self):
+        """Unset settings take the documented defaults."""
+        settings, _ = load({}, BASE_ENV)
+        self.assertEqual(settings.listen, ("tcp:8080",))
+        self.assertEqual(settings.cors_methods, ("GET", "POST", "PUT", "DELETE"))
+        self.assertEqual((settings.max_pool_size, settings.pair_ttl, settings.drain_timeout), (25, 1800, 10.0))
+        self.assertIsNone(settings.mte_routes)
+        self.assertIsNone(settings.outbound_token)
+        self.assertFalse(settings.debug)
+
+    def test_product_full_yaml_example(self):
+        """The product documents' full YAML example loads, lists as YAML lists and headers as a mapping."""
+        path = self.write_yaml(
+            "upstream: https://api.my-company.com\n"
+            f"clientIdSecret: {SECRET}\n"
+            "corsOrigins:\n- https://www.my-company.com\n- https://dashboard.my-company.com/\n"
+            "redisURL: redis://10.0.1.230:6379\nport: 3000\ndebug: true\n"
+            "passThroughRoutes:\n- /health\n- /version\nmteRoutes:\n- /api/v1/*\n- /api/v2/*\n"
+            "corsMethods:\n- GET\n- POST\n- DELETE\nheaders:\n  x-service-name: mte-relay\nmaxPoolSize: 10\n"
+        )
+        settings, _ = load({}, {}, path)
+        self.assertEqual(settings.cors_origins, ("https://www.my-company.com", "https://dashboard.my-company.com"))
+        self.assertEqual(settings.pass_through_routes, ("/health", "/version"))
+        self.assertEqual(settings.mte_routes, ("/api/v1/*", "/api/v2/*"))
+        self.assertEqual(settings.headers, (("x-service-name", "mte-relay"),))
+        self.assertEqual(settings.listen, ("tcp:3000",))
+        self.assertTrue(settings.debug)
+
+    def test_product_full_env_example(self):
+        """The product documents' full environment example loads: comma lists and a JSON HEADERS object."""
+        environ = dict(
+            BASE_ENV,
+            CORS_ORIGINS="https://www.my-company.com,https://dashboard.my-company.com",
+            PASS_THROUGH_ROUTES="/health,/version",
+            MTE_ROUTES="/api/v1/*,/api/v2/*",
+            CORS_METHODS="get, post,DELETE",
+            HEADERS='{"x-service-name":"mte-relay"}',
+            DEBUG="true",
+            MAX_POOL_SIZE="10",
+        )
+        settings, _ = load({}, environ)
+        self.assertEqual(settings.cors_methods, ("GET", "POST", "DELETE"))
+        self.assertEqual(settings.headers, (("x-service-name", "mte-relay"),))
+        self.assertEqual(settings.max_pool_size, 10)
+
+    def test_listen_and_port(self):
+        """--listen endpoints replace the default port; an explicit PORT is added to them."""
+        settings, _ = load({"listen": ["tcp:1:interface=127.0.0.1", "unix:/tmp/s"]}, BASE_ENV)
+        self.assertEqual(settings.listen, ("tcp:1:interface=127.0.0.1", "unix:/tmp/s"))
+        settings, _ = load({"listen": ["unix:/tmp/s"]}, dict(BASE_ENV, PORT="81"))
+        self.assertEqual(settings.listen, ("unix:/tmp/s", "tcp:81"))
+
+    def test_origins_normalized(self):
+        """Origins lose the default port, the trailing slash and upper case; the upstream keeps a path prefix."""
+        self.assertEqual(normalize_origin("HTTPS://Relay.Example:443/"), "https://relay.example")
+        self.assertEqual(normalize_origin("http://relay.example:8080"), "http://relay.example:8080")
+        settings, _ = load({"upstream": "http://Up.Example:80/base/"}, BASE_ENV)
+        self.assertEqual(settings.upstream, "http://up.example/base")
+
+    def test_secret_rotation_list(self):
+        """A comma-separated CLIENT_ID_SECRET gives several secrets; the first one signs."""
+        settings, _ = load({}, dict(BASE_ENV, CLIENT_ID_SECRET=f"{SECRET}, {'t' * 40}"))
+        self.assertEqual(settings.client_id_secrets, (SECRET, "t" * 40))
+        self.assertEqual(settings.client_id_secret, SECRET)
+
+    def test_peer_pins(self):
+        """PEER_PINS maps normalized origins to base64url Ed25519 public keys."""
+        key = base64.urlsafe_b64encode(os.urandom(32)).decode().rstrip("=")
+        settings, _ = load({}, dict(BASE_ENV, PEER_PINS=f'{{"https://Peer.Example/": "{key}"}}'))
+        self.assertEqual(settings.peer_pin("https://peer.example"), key)
+        self.assertIsNone(settings.peer_pin("https://other.example"))
+
+
+class ErrorTests(ConfigTestCase):
+    def test_missing_upstream(self):
+        """No upstream anywhere names UPSTREAM and the three ways to set it."""
+        self.assertEqual(
+            self.error(environ={"CLIENT_ID_SECRET": SECRET}),
+            "UPSTREAM: required; set --upstream, UPSTREAM or upstream in the --config file",
+        )
+
+    def test_bad_url_from_each_source(self):
+        """A bad URL is reported with the name used by its source: flag, environment or file."""
+        self.assertEqual(
+            self.error(environ=dict(BASE_ENV, UPSTREAM="ftp://x")),
+            "UPSTREAM (environment): not an http(s) URL: 'ftp://x'",
+        )
+        self.assertEqual(
+            self.error({"upstream": "no-scheme"}, BASE_ENV), "--upstream (flag): not an http(s) URL: 'no-scheme'"
+        )
+        path = self.write_yaml("allowedPeers:\n- https://peer/path\n")
+        self.assertEqual(
+            self.error(environ=BASE_ENV, path=path), f"allowedPeers (file {path}): an origin has no path: 'https://peer/path'"
+        )
+
+    def test_unknown_yaml_key(self):
+        """A YAML key that is not a setting is an error naming the key and the file."""
+        path = self.write_yaml("upstream: http://x\nupstreem: http://y\n")
+        self.assertEqual(self.error(environ=BASE_ENV, path=path), f"upstreem (file {path}): unknown setting")
+
+    def test_bad_headers_json(self):
+        """HEADERS that is not a JSON object says so."""
+        message = self.error(environ=dict(BASE_ENV, HEADERS="{x-service-name: 1"))
+        self.assertTrue(message.startswith("HEADERS (environment): not a JSON object"), message)
+        message = self.error(environ=dict(BASE_ENV, HEADERS='["a"]'))
+        self.assertEqual(message, "HEADERS (environment): not a JSON object")
+
+    def test_bad_values(self):
+        """Numbers, booleans, formats, routes, pins and Redis URLs are checked."""
+        cases = {
+            "PORT": ("0", "PORT (environment): must be at least 1"),
+            "UPSTREAM_TIMEOUT": ("-1", "UPSTREAM_TIMEOUT (environment): must be a positive number of seconds"),
+            "DEBUG": ("maybe", "DEBUG (environment): not a boolean: 'maybe'"),
+            "LOG_FORMAT": ("xml", "LOG_FORMAT (environment): must be text or json, not 'xml'"),
+            "MTE_ROUTES": ("api/*", "MTE_ROUTES (environment): a route starts with '/': 'api/*'"),
+            "PEER_PINS": ('{"https://p": "abc"}', "PEER_PINS (environment): the pin of 'https://p' is not a base64url"
+                          " Ed25519 public key"),
+            "IDENTITY_KEY": ("/nonexistent/key.pem", "IDENTITY_KEY (environment): not a readable file: "
+                             "'/nonexistent/key.pem'"),
+        }
+        for env, (value, expected) in cases.items():
+            self.assertEqual(self.error(environ=dict(BASE_ENV, **{env: value})), expected)
+
+    def test_errors_never_echo_secrets(self):
+        """A bad Redis URL (which may hold a password) is reported without its value."""
+        message = self.error(environ=dict(BASE_ENV, REDIS_URL="http://user:hunter2@host"))
+        self.assertEqual(message, "REDIS_URL (environment): not a redis:// or rediss:// URL with a host")
+
+    def test_unreadable_or_bad_yaml(self):
+        """A missing or malformed --config file is a one-line error naming the file."""
+        self.assertIn("cannot read", self.error(environ=BASE_ENV, path="/nonexistent.yaml"))
+        path = self.write_yaml("upstream: [\n")
+        self.assertIn("invalid YAML", self.error(environ=BASE_ENV, path=path))
+        path = self.write_yaml("- a\n")
+        self.assertIn("does not hold a mapping", self.error(environ=BASE_ENV, path=path))
+
+
+class SecretTests(ConfigTestCase):
+    def test_short_secret_warns(self):
+        """A CLIENT_ID_SECRET under 32 characters is accepted with a warning that does not contain it."""
+        _, warnings = load({}, dict(BASE_ENV, CLIENT_ID_SECRET="tooshort-secret"))
+        short = [w for w in warnings if w.startswith("CLIENT_ID_SECRET")]
+        self.assertEqual(len(short), 1)
+        self.assertNotIn("tooshort-secret", short[0])
+        _, warnings = load({}, BASE_ENV)
+        self.assertFalse([w for w in warnings if w.startswith("CLIENT_ID_SECRET")])
+
+    def test_repr_hides_secrets(self):
+        """repr(settings) holds neither the client id secret, nor the outbound token, nor the Redis URL."""
+        settings, _ = load(
+            {}, dict(BASE_ENV, OUTBOUND_TOKEN="token-value-xyz", REDIS_URL="redis://:pw-abc@redis.example:6379")
+        )
+        text = repr(settings)
+        for secret in (SECRET, "token-value-xyz", "pw-abc"):
+            self.assertNotIn(secret, text)
+        self.assertIn("http://up.example", text)
+
+    def test_settings_frozen(self):
+        """Settings cannot be changed once built."""
+        settings = Settings(upstream="http://x", client_id_secrets=[SECRET])
+        self.assertRaises(AttributeError, setattr, settings, "upstream", "http://y")
+        self.assertEqual(settings.client_id_secrets, (SECRET,))

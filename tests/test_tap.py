@@ -1,0 +1,112 @@
+"""Tests for mterelay.tap: option parsing, one-line configuration errors and service wiring."""
+
+import io
+import os
+import subprocess
+import sys
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.testing import MemoryReactor
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from mterelay import logs, tap, web
+
+SECRET = "s" * 40
+ENV = {"UPSTREAM": "http://127.0.0.1:9", "CLIENT_ID_SECRET": SECRET}
+
+
+def parse(argv, environ=ENV):
+    """Parse ``argv`` as ``twistd mterelay`` would; returns (options, stderr text)."""
+    stderr = io.StringIO()
+    options = tap.Options(environ=environ, stderr=stderr, reactor=MemoryReactor())
+    options.parseOptions(argv)
+    return options, stderr.getvalue()
+
+
+class OptionsTests(SynchronousTestCase):
+    def test_flags_build_settings(self):
+        """Flags reach the Settings and --listen is repeatable."""
+        options, _ = parse(["--listen", "tcp:0", "--listen", "tcp:1", "--debug", "--mte-routes", "/api/*"])
+        self.assertEqual(options.settings.listen, ("tcp:0", "tcp:1"))
+        self.assertTrue(options.settings.debug)
+        self.assertEqual(options.settings.mte_routes, ("/api/*",))
+        self.assertEqual(len(options.endpoints), 2)
+
+    def test_bad_value_exits_with_one_line(self):
+        """An invalid setting exits with status 2 and a single 'mterelay: error:' line naming the source."""
+        exit = self.assertRaises(SystemExit, parse, [], dict(ENV, UPSTREAM="ftp://x"))
+        self.assertEqual(exit.code, 2)
+        stderr = io.StringIO()
+        options = tap.Options(environ=dict(ENV, UPSTREAM="ftp://x"), stderr=stderr, reactor=MemoryReactor())
+        self.assertRaises(SystemExit, options.parseOptions, [])
+        self.assertEqual(stderr.getvalue(), "mterelay: error: UPSTREAM (environment): not an http(s) URL: 'ftp://x'\n")
+
+    def test_bad_endpoint(self):
+        """An endpoint string Twisted cannot parse is a configuration error, not a traceback."""
+        stderr = io.StringIO()
+        options = tap.Options(environ=ENV, stderr=stderr, reactor=MemoryReactor())
+        self.assertRaises(SystemExit, options.parseOptions, ["--listen", "nosuch:1"])
+        self.assertTrue(stderr.getvalue().startswith("mterelay: error: --listen/LISTEN: invalid endpoint 'nosuch:1'"))
+
+    def test_help_lists_environment_and_defaults(self):
+        """--help names every setting's environment variable and default."""
+        text = str(tap.Options(environ=ENV))
+        for name in ("UPSTREAM", "CLIENT_ID_SECRET", "PASS_THROUGH_ROUTES", "DRAIN_TIMEOUT", "default: 8080"):
+            self.assertIn(name, " ".join(text.split()))
+
+
+class MakeServiceTests(SynchronousTestCase):
+    def test_wiring(self):
+        """makeService builds a logging service around a draining service with one listener per endpoint."""
+        options, _ = parse(["--listen", "tcp:0", "--listen", "tcp:0"])
+        top = tap.makeService(options)
+        self.assertIsInstance(top, logs.LoggingService)
+        [relay] = list(top)
+        self.assertIsInstance(relay, web.DrainingService)
+        listeners = list(relay)
+        self.assertEqual(len(listeners), 2)
+        self.assertTrue(all(isinstance(s, StreamServerEndpointService) for s in listeners))
+        self.assertIs(listeners[0].factory, listeners[1].factory)
+
+
+class TwistdTests(TestCase):
+    """``twistd mterelay`` as an operator runs it, in a subprocess."""
+
+    def run_twistd(self, args, environ):
+        env = {k: v for k, v in os.environ.items() if k not in ("UPSTREAM", "CLIENT_ID_SECRET")}
+        env.update(environ)
+        cwd = self.mktemp()
+        os.makedirs(cwd)
+        return subprocess.run(
+            [os.path.join(os.path.dirname(sys.executable), "twistd"), "--nodaemon", "--pidfile=", "mterelay"] + args,
+            env=env,
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    def assertOneLineError(self, result, expected):
+        self.assertEqual(result.returncode, 2)
+        self.assertEqual(result.stderr, f"mterelay: error: {expected}\n")
+        self.assertNotIn("Traceback", result.stdout + result.stderr)
+
+    def test_bad_configurations(self):
+        """No upstream, a bad URL, an unknown YAML key and bad HEADERS JSON each exit 2 with one line."""
+        self.assertOneLineError(
+            self.run_twistd([], {"CLIENT_ID_SECRET": SECRET}),
+            "UPSTREAM: required; set --upstream, UPSTREAM or upstream in the --config file",
+        )
+        self.assertOneLineError(
+            self.run_twistd(["--upstream", "ftp://x"], {"CLIENT_ID_SECRET": SECRET}),
+            "--upstream (flag): not an http(s) URL: 'ftp://x'",
+        )
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write("upstream: http://x\nbogusKey: 1\n")
+        self.assertOneLineError(self.run_twistd(["--config", path], ENV), f"bogusKey (file {path}): unknown setting")
+        result = self.run_twistd([], dict(ENV, HEADERS="{not json"))
+        self.assertEqual(result.returncode, 2)
+        self.assertTrue(result.stderr.startswith("mterelay: error: HEADERS (environment): not a JSON object"))
+        self.assertEqual(len(result.stderr.splitlines()), 1)
+
