@@ -36,9 +36,6 @@ class RegistryContractMixin:
     - ``short_ttl``: a pair TTL (seconds) for the expiry tests, long enough to act within it.
     """
 
-    async def registry(self, **kwargs):
-        return await self.make_registry(**kwargs)
-
     async def failure(self, d, kind):
         """The error ``d`` fails with, checked to be a ``kind``."""
         try:
@@ -49,11 +46,11 @@ class RegistryContractMixin:
 
     async def test_provides_interface(self):
         """The registry provides every method and attribute of IRegistry."""
-        self.assertTrue(verifyObject(IRegistry, await self.registry()))
+        self.assertTrue(verifyObject(IRegistry, await self.make_registry()))
 
     async def test_create_then_get(self):
         """A stored pair comes back with its opaque state byte for byte, at version 0."""
-        r = await self.registry()
+        r = await self.make_registry()
         await r.create_pair(pair())
         got = await r.get_pair("client-a", "pair-1")
         self.assertEqual(
@@ -62,13 +59,13 @@ class RegistryContractMixin:
 
     async def test_numeric_looking_state_stays_bytes(self):
         """A state made of digits is returned as the same bytes, never as a number."""
-        r = await self.registry()
+        r = await self.make_registry()
         await r.create_pair(pair(state=b"12345"))
         self.assertEqual((await r.get_pair("client-a", "pair-1")).state, b"12345")
 
     async def test_get_refreshes_last_used(self):
         """Reading a pair moves its last_used forward to the registry's now."""
-        r = await self.registry()
+        r = await self.make_registry()
         await r.create_pair(pair())
         first = await r.get_pair("client-a", "pair-1")
         await self.advance(self.short_ttl / 4)
@@ -77,7 +74,7 @@ class RegistryContractMixin:
 
     async def test_unknown_pair(self):
         """Every per-pair operation on an absent pair fails with UnknownPair (560)."""
-        r = await self.registry()
+        r = await self.make_registry()
         await r.create_pair(pair())
         for d in [
             r.get_pair("client-a", "nope"),
@@ -91,7 +88,7 @@ class RegistryContractMixin:
 
     async def test_ids_do_not_collide(self):
         """Ids containing separators and braces address distinct pairs."""
-        r = await self.registry()
+        r = await self.make_registry()
         await r.create_pair(pair("a:b", "c", state=b"one"))
         await r.create_pair(pair("a", "b:c", state=b"two"))
         await r.create_pair(pair("{a}", "}c{", state=b"three"))
@@ -101,7 +98,7 @@ class RegistryContractMixin:
 
     async def test_reserve_counters_consecutive(self):
         """Reservations hand out consecutive ranges starting at 0."""
-        r = await self.registry()
+        r = await self.make_registry()
         await r.create_pair(pair())
         self.assertEqual(await r.reserve_counters("client-a", "pair-1"), 0)
         self.assertEqual(await r.reserve_counters("client-a", "pair-1", 5), 1)
@@ -109,7 +106,7 @@ class RegistryContractMixin:
 
     async def test_concurrent_reservations_distinct(self):
         """Reservations issued together never overlap."""
-        r = await self.registry()
+        r = await self.make_registry()
         await r.create_pair(pair())
         firsts = await defer.gatherResults([r.reserve_counters("client-a", "pair-1", 3) for _ in range(100)])
         counters = {first + i for first in firsts for i in range(3)}
@@ -117,21 +114,21 @@ class RegistryContractMixin:
 
     async def test_mark_seen_once(self):
         """A counter is accepted once; its repeat is refused."""
-        r = await self.registry()
+        r = await self.make_registry()
         await r.create_pair(pair())
         self.assertTrue(await r.mark_seen("client-a", "pair-1", 7, 64))
         self.assertFalse(await r.mark_seen("client-a", "pair-1", 7, 64))
 
     async def test_mark_seen_window(self):
         """Late counters inside the window are accepted once; counters a window below the highest are refused."""
-        r = await self.registry()
+        r = await self.make_registry()
         await r.create_pair(pair())
         seen = [await r.mark_seen("client-a", "pair-1", c, 8) for c in [10, 4, 3, 2, 9, 9, 12, 4, 5]]
         self.assertEqual(seen, [True, True, True, False, True, False, True, False, True])
 
     async def test_mark_seen_long_jump(self):
         """A counter far ahead forgets the old marks without refusing anything new inside the window."""
-        r = await self.registry()
+        r = await self.make_registry()
         await r.create_pair(pair())
         for c in range(8):
             self.assertTrue(await r.mark_seen("client-a", "pair-1", c, 8))
@@ -142,7 +139,7 @@ class RegistryContractMixin:
 
     async def test_load_and_mark(self):
         """load_and_mark returns the record and the fresh flag, marking the counter."""
-        r = await self.registry()
+        r = await self.make_registry()
         await r.create_pair(pair(encode_type="MKE"))
         record, fresh = await r.load_and_mark("client-a", "pair-1", 0, 64)
         self.assertEqual((record.pair_id, record.state, fresh), ("pair-1", STATE, True))
@@ -152,7 +149,7 @@ class RegistryContractMixin:
 
     async def test_bad_counter_arguments(self):
         """Negative counters, empty or huge windows and empty reservations are refused with 400."""
-        r = await self.registry()
+        r = await self.make_registry()
         await r.create_pair(pair())
         for d in [
             r.mark_seen("client-a", "pair-1", -1, 64),
@@ -164,7 +161,7 @@ class RegistryContractMixin:
 
     async def test_swap_state(self):
         """A swap at the current version wins and bumps it; a swap at a stale version changes nothing."""
-        r = await self.registry()
+        r = await self.make_registry()
         await r.create_pair(pair(encode_type="MTE"))
         self.assertTrue(await r.swap_state("client-a", "pair-1", 0, b"next"))
         self.assertFalse(await r.swap_state("client-a", "pair-1", 0, b"lost"))
@@ -173,7 +170,7 @@ class RegistryContractMixin:
 
     async def test_concurrent_swaps_one_winner(self):
         """Of many swaps issued together on one version, exactly one wins."""
-        r = await self.registry()
+        r = await self.make_registry()
         await r.create_pair(pair(encode_type="MTE"))
         wins = await defer.gatherResults([r.swap_state("client-a", "pair-1", 0, b"s%d" % i) for i in range(20)])
         self.assertEqual(wins.count(True), 1)
@@ -181,7 +178,7 @@ class RegistryContractMixin:
 
     async def test_create_replaces(self):
         """Pairing again under the same ids replaces the state and starts counters and marks over."""
-        r = await self.registry()
+        r = await self.make_registry()
         await r.create_pair(pair())
         await r.reserve_counters("client-a", "pair-1", 10)
         await r.mark_seen("client-a", "pair-1", 3, 64)
@@ -195,7 +192,7 @@ class RegistryContractMixin:
 
     async def test_delete_pair(self):
         """A deleted pair is unknown and no longer counted; deleting it again is harmless."""
-        r = await self.registry()
+        r = await self.make_registry()
         await r.create_pair(pair())
         await r.create_pair(pair(pair_id="pair-2"))
         await r.delete_pair("client-a", "pair-1")
@@ -206,7 +203,7 @@ class RegistryContractMixin:
 
     async def test_per_client_limit(self):
         """A client cannot hold more than max_pairs_per_client pairs; others and re-pairing are unaffected."""
-        r = await self.registry(max_pairs_per_client=2)
+        r = await self.make_registry(max_pairs_per_client=2)
         await r.create_pair(pair(pair_id="p1"))
         await r.create_pair(pair(pair_id="p2"))
         e = await self.failure(r.create_pair(pair(pair_id="p3")), PairLimitExceeded)
@@ -219,14 +216,14 @@ class RegistryContractMixin:
 
     async def test_total_limit(self):
         """The relay holds at most max_pairs_total pairs over all clients."""
-        r = await self.registry(max_pairs_total=3)
+        r = await self.make_registry(max_pairs_total=3)
         for client in "abc":
             await r.create_pair(pair(client_id=client))
         await self.failure(r.create_pair(pair(client_id="d")), PairLimitExceeded)
 
     async def test_idle_pair_expires(self):
         """A pair left unused for pair_ttl is gone and stops counting against the limits."""
-        r = await self.registry(pair_ttl=self.short_ttl, max_pairs_per_client=1)
+        r = await self.make_registry(pair_ttl=self.short_ttl, max_pairs_per_client=1)
         await r.create_pair(pair())
         await self.advance(self.short_ttl * 1.5)
         await self.failure(r.get_pair("client-a", "pair-1"), UnknownPair)
@@ -234,7 +231,7 @@ class RegistryContractMixin:
 
     async def test_use_refreshes_ttl(self):
         """Every use restarts the idle lifetime, for the replay marks too."""
-        r = await self.registry(pair_ttl=self.short_ttl)
+        r = await self.make_registry(pair_ttl=self.short_ttl)
         await r.create_pair(pair())
         await r.mark_seen("client-a", "pair-1", 5, 64)
         for _ in range(3):

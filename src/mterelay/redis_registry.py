@@ -173,7 +173,6 @@ return 1
 _UNAVAILABLE = (
     txredisapi.RedisError,
     defer.TimeoutError,
-    defer.CancelledError,
     error.ConnectError,
     error.ConnectionLost,
     error.ConnectionDone,
