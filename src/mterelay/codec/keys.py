@@ -49,8 +49,20 @@ def response_binding(status):
     return b"resp" + lp(b"%d" % status)
 
 
+def message_context(encode_type, counter, pair_id):
+    """The associated-data fields one message shares in both directions (the direction byte goes after two bytes)."""
+    return (
+        bytes((PROTOCOL_VERSION, ENCODE_TYPES.index(encode_type) + 1))
+        + counter.to_bytes(8, "big")
+        + lp(pair_id.encode("ascii"))
+    )
+
+
 def _nonce(kind, index):
     return bytes((kind, 0, 0, 0)) + index.to_bytes(8, "big")
+
+
+_BODY_NONCE = _nonce(_BODY, 0)[:4]
 
 
 class MessageKeys:
@@ -58,15 +70,11 @@ class MessageKeys:
 
     __slots__ = ("_aead", "_prefix", "counter", "direction")
 
-    def __init__(self, key, encode_type, direction, counter, pair_id):
+    def __init__(self, key, direction, counter, context):
         self._aead = AESGCM(key)
         self.counter = counter
         self.direction = direction
-        self._prefix = (
-            bytes((PROTOCOL_VERSION, ENCODE_TYPES.index(encode_type) + 1, direction))
-            + counter.to_bytes(8, "big")
-            + lp(pair_id.encode("ascii"))
-        )
+        self._prefix = context[:2] + bytes((direction,)) + context[2:]
 
     def __repr__(self):
         return f"<MessageKeys {('c2s', 's2c')[self.direction]} counter={self.counter}>"
@@ -99,36 +107,45 @@ class MessageKeys:
 class _Records:
     """Record bookkeeping shared by the encoder and the decoder: a bounded buffer, the next index, finished state."""
 
-    __slots__ = ("_keys", "_binding", "_size", "_buffer", "_index", "_done")
+    __slots__ = ("_aead", "_head", "_tails", "_size", "_buffer", "_index", "_done")
 
     def __init__(self, keys, binding, size):
-        self._keys = keys
-        self._binding = binding
+        self._aead = keys._aead
+        # AD = head || u64(index) || final || binding; precomputed because a record's Python overhead adds up.
+        self._head = keys._prefix + bytes((_BODY,))
+        self._tails = (b"\x00" + binding, b"\x01" + binding)
         self._size = size
-        self._buffer = b""
+        self._buffer = bytearray()
         self._index = 0
         self._done = False
 
     def _record(self, data, final):
-        keys = self._keys
-        nonce = _nonce(_BODY, self._index)
-        ad = keys._ad(_BODY, self._index, final, self._binding)
+        index = self._index.to_bytes(8, "big")
         self._index += 1
-        return self._transform(keys._aead, nonce, data, ad)
+        return self._transform(self._aead, _BODY_NONCE + index, data, self._head + index + self._tails[final])
 
     def _records(self, data, step):
-        """Transform every complete non-final record in buffer + data; keep the rest (< ``step`` bytes) buffered."""
+        """
+        Transform every complete non-final record in buffer + data; keep the rest (< ``step`` bytes) buffered.
+        Whole records are read straight from ``data``: only a record split across feeds is copied.
+        """
         if self._done:
             raise CodecError(DECODE_FAILED, "body stream already finished or failed")
-        view = memoryview(self._buffer + data if self._buffer else data)
+        view = memoryview(data)
+        buffer = self._buffer
         out = []
-        pos = 0
-        while len(view) - pos >= step:
+        if buffer:
+            taken = step - len(buffer)
+            buffer += view[:taken]
+            view = view[taken:]
+            if len(buffer) == step:
+                out.append(self._record(buffer, False))
+                buffer.clear()
+        whole = len(view) - len(view) % step
+        for pos in range(0, whole, step):
             out.append(self._record(view[pos : pos + step], False))
-            pos += step
-        self._buffer = bytes(view[pos:])
-        return b"".join(out)
-
+        buffer += view[whole:]
+        return out[0] if len(out) == 1 else b"".join(out)
     def _final(self):
         if self._done:
             raise CodecError(DECODE_FAILED, "body stream already finished or failed")

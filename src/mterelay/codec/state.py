@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
 from mterelay.codec.errors import EXHAUSTED, REPLAY, UNKNOWN_STATE, CodecError
-from mterelay.codec.keys import C2S, S2C, MessageKeys
+from mterelay.codec.keys import C2S, S2C, MessageKeys, message_context
 from mterelay.codec.wire import ENCODE_TYPES, check_id
 
 #: Messages per MKE epoch: counter c belongs to epoch c // EPOCH_SIZE.
@@ -69,10 +69,8 @@ class _PairState:
     prev_s2c: bytes | None = attrs.field(default=None, repr=False)
 
     def _keys(self, c2s_key, s2c_key, counter):
-        return (
-            MessageKeys(c2s_key, self.encode_type, C2S, counter, self.pair_id),
-            MessageKeys(s2c_key, self.encode_type, S2C, counter, self.pair_id),
-        )
+        context = message_context(self.encode_type, counter, self.pair_id)
+        return MessageKeys(c2s_key, C2S, counter, context), MessageKeys(s2c_key, S2C, counter, context)
 
     def _mke(self, counter):
         if not isinstance(counter, int) or not 0 <= counter < 1 << 64:
@@ -80,7 +78,9 @@ class _PairState:
         epoch = counter // EPOCH_SIZE
         if epoch >= MAX_EPOCHS:
             raise CodecError(EXHAUSTED, "MKE epochs used up")
-        if epoch == self.position - 1 and self.prev_c2s is not None:
+        if epoch == self.position:
+            state, c2s, s2c = self, self.c2s, self.s2c
+        elif epoch == self.position - 1 and self.prev_c2s is not None:
             state, c2s, s2c = self, self.prev_c2s, self.prev_s2c
         elif epoch < self.position:
             raise CodecError(REPLAY, "counter is older than the receive window")
