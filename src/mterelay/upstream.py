@@ -7,7 +7,7 @@ no transform; the inbound relay passes the codec's decoder (request) and encoder
 """
 
 from twisted.internet import task
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -288,15 +288,13 @@ class _Discard(Protocol):
 
 
 def upstream_error(failure):
-    """The ``RelayError`` that answers a failed upstream request: a transform's own error, 504 on timeout, else 502."""
+    """The ``RelayError`` that answers a failed upstream request: a transform's own error (504 on timeout), else 502."""
     if failure.check(RelayError):
         return failure.value
     if failure.check(RequestTransmissionFailed):
         for reason in failure.value.reasons:
             if reason.check(RelayError):
                 return reason.value
-    if failure.check(TimeoutError):
-        return RelayError(504)
     return RelayError(502)
 
 
@@ -316,10 +314,15 @@ def forward(request, upstream, url, headers, clock, timeout, request_transform=N
     )
 
 
+def _timed_out(result, timeout):
+    # Cancelling an agent request may fail it with a wrapped CancelledError: whatever it failed with, it was late.
+    raise RelayError(504)
+
+
 async def _forward(request, upstream, url, headers, clock, timeout, request_transform, prepare_response):
     client_gone = []
     pending = upstream.request(request.method, url, headers, request_body_producer(request, request_transform))
-    pending.addTimeout(timeout, clock)
+    pending.addTimeout(timeout, clock, onTimeoutCancel=_timed_out)
 
     def gone(reason):
         client_gone.append(reason)
@@ -328,12 +331,10 @@ async def _forward(request, upstream, url, headers, clock, timeout, request_tran
     request.notifyFinish().addErrback(gone)
     try:
         response = await pending
-    except CancelledError:
+    except Exception:
         if client_gone:
             log.debug("client went away before the upstream answered {method}", method=request.method.decode())
             return None
-        raise RelayError(502) from None
-    except Exception:
         error = upstream_error(Failure())
         log.info("upstream request failed: {code} {reason}", code=error.code, reason=error.detail)
         raise error from None

@@ -167,6 +167,7 @@ class RelaySite(server.Site):
     """The relay's ``Site``: ``RelayRequest``s and one structured access-log event per request (no query, no body)."""
 
     requestFactory = RelayRequest
+    noisy = False
 
     def __init__(self, resource, settings):
         super().__init__(resource)
@@ -281,12 +282,8 @@ class Router(Resource):
         headers = upstream_headers(request, self._settings.headers)
         url = self._upstream_base + request.uri
         done = forward(request, self._upstream, url, headers, self._clock, self._settings.upstream_timeout)
-        gone = []
-        request.notifyFinish().addErrback(gone.append)
 
         def failed(failure):
-            if gone:
-                return
             if not failure.check(RelayError):
                 log.failure("pass-through failed", failure)
             send_error(request, failure.value if failure.check(RelayError) else RelayError(502))

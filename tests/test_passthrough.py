@@ -1,0 +1,220 @@
+"""Pass-through routes over real sockets: a client, the relay in this process, and a real upstream."""
+
+import hashlib
+import json
+import os
+import socket
+
+from treq.client import HTTPClient
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent, HTTPConnectionPool, readBody
+from twisted.web.http_headers import Headers
+
+from mterelay.config import Settings
+from tests.upstream_server import UpstreamServer, pattern_sha256, serve_relay
+
+SECRET = "s" * 40
+
+
+class _Collect(Protocol):
+    """Collects a raw HTTP answer until the server closes the connection."""
+
+    def __init__(self, done):
+        self.data = b""
+        self.done = done
+
+    def dataReceived(self, data):
+        self.data += data
+
+    def connectionLost(self, reason):
+        self.done.callback(self.data)
+
+
+class PassThroughTestCase(TestCase):
+    @inlineCallbacks
+    def setUp(self):
+        self.upstream = UpstreamServer(reactor)
+        yield self.upstream.start()
+        self.addCleanup(self.upstream.stop)
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        self.client = HTTPClient(Agent(reactor, pool=pool))
+
+    @inlineCallbacks
+    def relay(self, **changes):
+        """Start a relay in front of the test upstream with pass-through routes for every test path."""
+        values = dict(
+            upstream=self.upstream.url,
+            client_id_secrets=[SECRET],
+            pass_through_routes=("/echo*", "/status/*", "/cookies/*", "/redirect", "/bytes/*", "/slow/*"),
+            headers=(("x-service-name", "mte-relay"),),
+        )
+        values.update(changes)
+        relay = yield serve_relay(reactor, Settings(**values))
+        self.addCleanup(relay.stop)
+        return relay
+
+    def request(self, relay, method, path, **kwargs):
+        return self.client.request(method, relay.url + path, allow_redirects=False, unbuffered=True, **kwargs)
+
+
+class RoundTripTests(PassThroughTestCase):
+    @inlineCallbacks
+    def test_binary_body_query_and_headers(self):
+        """A binary body, the raw query string, method and end-to-end headers reach the upstream unchanged."""
+        relay = yield self.relay()
+        body = bytes(range(256)) * 1000 + os.urandom(4096)
+        headers = Headers(
+            {
+                b"content-type": [b"application/octet-stream"],
+                b"x-custom": [b"kept"],
+                b"x-mte-secret": [b"never forwarded"],
+                b"connection": [b"x-listed"],
+                b"x-listed": [b"hop-by-hop"],
+            }
+        )
+        response = yield self.request(relay, "PUT", "/echo/a%20b?x=1&y=%00%ff&x=2", data=body, headers=headers)
+        self.assertEqual(response.code, 200)
+        summary = json.loads((yield readBody(response)))
+        self.assertEqual(summary["method"], "PUT")
+        self.assertEqual(summary["path"], "/echo/a%20b")
+        self.assertEqual(summary["query"], "x=1&y=%00%ff&x=2")
+        self.assertEqual(summary["body_sha256"], hashlib.sha256(body).hexdigest())
+        self.assertEqual(summary["body_length"], len(body))
+        sent = summary["headers"]
+        self.assertEqual(sent["x-custom"], ["kept"])
+        self.assertEqual(sent["host"], [self.upstream.url.split("//")[1]])
+        self.assertEqual(sent["x-service-name"], ["mte-relay"])
+        self.assertEqual(sent["x-forwarded-for"], ["127.0.0.1"])
+        for dropped in ("x-mte-secret", "x-listed"):
+            self.assertNotIn(dropped, sent)
+        self.assertEqual(response.headers.getRawHeaders(b"x-upstream"), [b"test"])
+        self.assertEqual(response.headers.getRawHeaders(b"x-service-name"), [b"mte-relay"])
+
+    @inlineCallbacks
+    def test_status_codes(self):
+        """The upstream's status is kept, bodiless 204 and 304 included."""
+        relay = yield self.relay()
+        for code in (201, 418, 500, 204, 304):
+            response = yield self.request(relay, "GET", f"/status/{code}")
+            body = yield readBody(response)
+            self.assertEqual(response.code, code)
+            if code in (204, 304):
+                self.assertEqual(body, b"")
+
+    @inlineCallbacks
+    def test_several_set_cookies(self):
+        """Every Set-Cookie header of the upstream's answer reaches the client, intact and in order."""
+        relay = yield self.relay()
+        response = yield self.request(relay, "GET", "/cookies/3")
+        yield readBody(response)
+        self.assertEqual(
+            response.headers.getRawHeaders(b"set-cookie"), [b"c0=v0; Path=/", b"c1=v1; Path=/", b"c2=v2; Path=/"]
+        )
+
+    @inlineCallbacks
+    def test_redirect_returned_not_followed(self):
+        """A redirect is handed to the client, not followed by the relay."""
+        relay = yield self.relay()
+        response = yield self.request(relay, "GET", "/redirect?to=http://127.0.0.1:1/elsewhere")
+        yield readBody(response)
+        self.assertEqual(response.code, 302)
+        self.assertEqual(response.headers.getRawHeaders(b"location"), [b"http://127.0.0.1:1/elsewhere"])
+        self.assertEqual(len(self.upstream.received), 1)
+
+    @inlineCallbacks
+    def test_streamed_download(self):
+        """A large answer, with and without Content-Length, arrives whole."""
+        relay = yield self.relay()
+        for suffix in ("", "?chunked=1"):
+            response = yield self.request(relay, "GET", f"/bytes/3000000{suffix}")
+            body = yield readBody(response)
+            self.assertEqual(hashlib.sha256(body).hexdigest(), pattern_sha256(3000000))
+
+    @inlineCallbacks
+    def test_head_keeps_length(self):
+        """HEAD answers carry the upstream's Content-Length and no body."""
+        relay = yield self.relay()
+        response = yield self.request(relay, "HEAD", "/bytes/1234")
+        self.assertEqual((yield readBody(response)), b"")
+        self.assertEqual(response.headers.getRawHeaders(b"content-length"), [b"1234"])
+
+
+class FailureTests(PassThroughTestCase):
+    @inlineCallbacks
+    def assertError(self, response, code):
+        body = json.loads((yield readBody(response)))
+        self.assertEqual((response.code, body["code"]), (code, code))
+        self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"application/json"])
+
+    @inlineCallbacks
+    def test_unreachable_upstream(self):
+        """An upstream that refuses connections answers 502 with a JSON body."""
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            closed = probe.getsockname()[1]
+        relay = yield self.relay(upstream=f"http://127.0.0.1:{closed}")
+        response = yield self.request(relay, "GET", "/echo")
+        yield self.assertError(response, 502)
+
+    @inlineCallbacks
+    def test_slow_upstream(self):
+        """An upstream slower than UPSTREAM_TIMEOUT answers 504, and the upstream request is abandoned."""
+        relay = yield self.relay(upstream_timeout=0.3)
+        response = yield self.request(relay, "GET", "/slow/30")
+        yield self.assertError(response, 504)
+        yield self._until(lambda: self.upstream.abandoned == 1)
+
+    @inlineCallbacks
+    def test_client_disconnect_cancels_upstream(self):
+        """A client that goes away while the upstream is working makes the relay abandon the upstream request."""
+        relay = yield self.relay()
+        pending = self.request(relay, "GET", "/slow/30")
+        yield self._until(lambda: len(self.upstream.received) == 1)
+        pending.cancel()
+        yield self._until(lambda: self.upstream.abandoned == 1)
+        yield self._until(lambda: len(relay.tracker) == 0)
+        self.failureResultOf(pending)
+
+    @inlineCallbacks
+    def test_body_too_large(self):
+        """A body over MAX_BODY_SIZE is refused with 413 as soon as its Content-Length or its chunks show it."""
+        relay = yield self.relay(max_body_size=1000)
+        port = int(relay.url.rsplit(":", 1)[1])
+        for head in (
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1001\r\nExpect: 100-continue\r\n\r\n",
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + b"3e8\r\n" + b"a" * 1000
+            + b"\r\n1\r\nb\r\n",
+        ):
+            answer = yield self._raw(port, head)
+            status, _, rest = answer.partition(b"\r\n")
+            self.assertEqual(status, b"HTTP/1.1 413 Payload Too Large")
+            self.assertEqual(json.loads(rest.split(b"\r\n\r\n", 1)[1])["code"], 413)
+            self.assertNotIn(b"100 Continue", answer)
+        self.assertEqual(self.upstream.received, [])
+
+    @inlineCallbacks
+    def test_not_listed_path_is_404_with_mte_routes(self):
+        """With MTE_ROUTES set, a path that is neither pass-through nor MTE answers 404."""
+        relay = yield self.relay(mte_routes=("/api/*",))
+        response = yield self.request(relay, "GET", "/nowhere")
+        yield self.assertError(response, 404)
+
+    def _raw(self, port, data):
+        done = Deferred()
+        protocol = _Collect(done)
+        d = connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), protocol)
+        d.addCallback(lambda p: p.transport.write(data))
+        return d.addCallback(lambda _: done)
+
+    @inlineCallbacks
+    def _until(self, condition, seconds=5.0):
+        for _ in range(int(seconds / 0.02)):
+            if condition():
+                return
+            yield deferLater(reactor, 0.02, lambda: None)
+        self.fail("condition not reached in time")

@@ -1,0 +1,227 @@
+"""Tests for the router (mterelay.web): dispatch order, echo, error table, CORS, outbound gate, draining."""
+
+import json
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.server import NOT_DONE_YET
+from twisted.web.test.requesthelper import DummyRequest
+
+from mterelay.config import Settings
+from mterelay.errors import error_table
+from mterelay.web import InFlight, build_resource, compile_routes
+
+SECRET = "s" * 40
+
+
+class Handler:
+    """A stand-in MTE handler that records the paths it was given."""
+
+    def __init__(self, name):
+        self.name = name
+        self.paths = []
+
+    def render(self, request):
+        self.paths.append(request.path)
+        return self.name.encode()
+
+
+def settings(**changes):
+    return Settings(upstream="http://upstream.example", client_id_secrets=[SECRET], **changes)
+
+
+def make_request(method, uri, headers=()):
+    request = DummyRequest([])
+    request.method = method
+    request.uri = uri
+    request.path = uri.split(b"?")[0]
+    for name, value in headers:
+        request.requestHeaders.addRawHeader(name, value)
+    return request
+
+
+class RouterTestCase(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.inbound = Handler("inbound")
+        self.outbound = Handler("outbound")
+
+    def render(self, uri, method=b"GET", sent=(), handlers=True, **changes):
+        """Render ``uri`` with a router for settings(**changes); returns (request, body)."""
+        router = build_resource(
+            settings(**changes),
+            upstream=None,
+            clock=self.clock,
+            inbound=self.inbound if handlers else None,
+            outbound=self.outbound if handlers else None,
+        )
+        request = make_request(method, uri, sent)
+        body = router.render(request)
+        return request, body
+
+
+class EchoAndErrorsTests(RouterTestCase):
+    def test_echo_message_and_time(self):
+        """/api/mte-echo/<msg> echoes the decoded message and the clock's time in epoch milliseconds."""
+        self.clock.advance(1234.5678)
+        request, body = self.render(b"/api/mte-echo/hello%20you")
+        self.assertEqual(request.responseCode, 200)
+        self.assertEqual(json.loads(body), {"echo": "hello you", "time": 1234567})
+        self.assertEqual(request.responseHeaders.getRawHeaders(b"content-type"), [b"application/json"])
+
+    def test_echo_without_message(self):
+        """/api/mte-echo answers echo: true."""
+        _, body = self.render(b"/api/mte-echo")
+        self.assertIs(json.loads(body)["echo"], True)
+
+    def test_error_table(self):
+        """/api/mte-errors serves the relay error table from mterelay.errors."""
+        _, body = self.render(b"/api/mte-errors")
+        self.assertEqual(json.loads(body), error_table())
+
+    def test_headers_added(self):
+        """HEADERS are set on every answer, echo included."""
+        request, _ = self.render(b"/api/mte-echo", headers=(("x-service-name", "mte-relay"),))
+        self.assertEqual(request.responseHeaders.getRawHeaders(b"x-service-name"), [b"mte-relay"])
+
+    def test_request_id_under_debug(self):
+        """DEBUG adds an x-request-id: the caller's when it is a safe token, else a random one."""
+        request, _ = self.render(b"/api/mte-echo", sent=[(b"x-request-id", b"abc-123")], debug=True)
+        self.assertEqual(request.responseHeaders.getRawHeaders(b"x-request-id"), [b"abc-123"])
+        request, _ = self.render(b"/api/mte-echo", sent=[(b"x-request-id", b"bad\x01id")], debug=True)
+        [generated] = request.responseHeaders.getRawHeaders(b"x-request-id")
+        self.assertRegex(generated, rb"^[0-9a-f]{16}$")
+        request, _ = self.render(b"/api/mte-echo")
+        self.assertIsNone(request.responseHeaders.getRawHeaders(b"x-request-id"))
+
+
+class DispatchTests(RouterTestCase):
+    def test_mte_paths_go_inbound(self):
+        """/api/mte-relay, /api/mte-pair and, with MTE_ROUTES unset, any other path reach the inbound handler."""
+        for path in (b"/api/mte-relay", b"/api/mte-pair", b"/anything/else"):
+            _, body = self.render(path, method=b"POST")
+            self.assertEqual(body, b"inbound")
+        self.assertEqual(self.inbound.paths, [b"/api/mte-relay", b"/api/mte-pair", b"/anything/else"])
+
+    def test_mte_routes_restrict(self):
+        """With MTE_ROUTES set, listed patterns go inbound and other paths answer 404 JSON."""
+        _, body = self.render(b"/api/v1/users/7", mte_routes=("/api/v1/*",))
+        self.assertEqual(body, b"inbound")
+        request, body = self.render(b"/other", mte_routes=("/api/v1/*",))
+        self.assertEqual(request.responseCode, 404)
+        self.assertEqual(json.loads(body)["error"], "not-found")
+
+    def test_absent_handlers_answer_501(self):
+        """Without an inbound handler, MTE routes answer 501 with the JSON error body."""
+        request, body = self.render(b"/api/mte-pair", method=b"POST", handlers=False)
+        self.assertEqual(request.responseCode, 501)
+        self.assertEqual(json.loads(body)["code"], 501)
+
+    def test_outbound_token_gate(self):
+        """x-mte-outbound-token reaches the outbound handler only when it matches OUTBOUND_TOKEN."""
+        header = [(b"x-mte-outbound-token", b"right-token")]
+        request, body = self.render(b"/x", sent=header)
+        self.assertEqual((request.responseCode, json.loads(body)["code"]), (401, 401))
+        request, body = self.render(b"/x", sent=[(b"x-mte-outbound-token", b"wrong")], outbound_token="right-token")
+        self.assertEqual(request.responseCode, 401)
+        _, body = self.render(b"/x", sent=header, outbound_token="right-token")
+        self.assertEqual(body, b"outbound")
+
+    def test_dot_segments_refused(self):
+        """Encoded dot segments are refused so that no route pattern can be escaped at the upstream."""
+        request, body = self.render(b"/public/%2e%2e/secret", pass_through_routes=("/public/*",))
+        self.assertEqual(request.responseCode, 400)
+        self.assertEqual(json.loads(body)["error"], "bad-request")
+
+    def test_absolute_target_refused(self):
+        """A proxy-style absolute request target is a bad request, not forwarded."""
+        request, _ = self.render(b"http://elsewhere/x")
+        self.assertEqual(request.responseCode, 400)
+
+
+class CorsTests(RouterTestCase):
+    ORIGIN = b"https://app.example"
+
+    def test_preflight_allowed_origin(self):
+        """A preflight from an allowed origin gets the origin, methods, credentials and the MTE headers."""
+        request, body = self.render(
+            b"/api/v1/x",
+            method=b"OPTIONS",
+            sent=[(b"origin", self.ORIGIN), (b"access-control-request-method", b"POST")],
+            cors_origins=("https://app.example",),
+            cors_methods=("GET", "POST"),
+        )
+        self.assertEqual((request.responseCode, body), (204, b""))
+        get = lambda name: request.responseHeaders.getRawHeaders(name, [b""])[0]  # noqa: E731
+        self.assertEqual(get(b"access-control-allow-origin"), self.ORIGIN)
+        self.assertEqual(get(b"access-control-allow-credentials"), b"true")
+        self.assertEqual(get(b"access-control-allow-methods"), b"GET, POST, OPTIONS, HEAD")
+        for name in (b"x-mte-relay", b"x-mte-relay-eh", b"x-mte-client-id", b"content-type"):
+            self.assertIn(name, get(b"access-control-allow-headers"))
+            if name != b"content-type":
+                self.assertIn(name, get(b"access-control-expose-headers"))
+        self.assertEqual(self.inbound.paths, [])
+
+    def test_other_origin_gets_no_grant(self):
+        """A preflight or request from an origin not listed gets no access-control-allow-* header."""
+        for method, extra in ((b"OPTIONS", [(b"access-control-request-method", b"POST")]), (b"GET", [])):
+            request, _ = self.render(
+                b"/api/mte-echo", method=method, sent=[(b"origin", b"https://evil.example")] + extra,
+                cors_origins=("https://app.example",),
+            )
+            names = [name.lower() for name, _ in request.responseHeaders.getAllRawHeaders()]
+            self.assertFalse([n for n in names if n.startswith(b"access-control-allow")])
+
+    def test_simple_request_from_allowed_origin(self):
+        """A normal request from an allowed origin is answered with the grant and Vary: Origin."""
+        request, _ = self.render(b"/api/mte-echo", sent=[(b"origin", self.ORIGIN)], cors_origins=("https://app.example",))
+        self.assertEqual(request.responseHeaders.getRawHeaders(b"access-control-allow-origin"), [self.ORIGIN])
+        self.assertEqual(request.responseHeaders.getRawHeaders(b"vary"), [b"Origin"])
+
+
+class RoutePatternTests(SynchronousTestCase):
+    def test_wildcards(self):
+        """'*' matches any run of characters; other characters match literally."""
+        routes = compile_routes(("/health", "/api/v1/*", "/a.b"))
+        self.assertTrue(routes.fullmatch("/health"))
+        self.assertTrue(routes.fullmatch("/api/v1/x/y"))
+        self.assertFalse(routes.fullmatch("/healthz"))
+        self.assertFalse(routes.fullmatch("/aXb"))
+        self.assertIsNone(compile_routes(()))
+
+
+class InFlightTests(SynchronousTestCase):
+    def test_wait_for_requests(self):
+        """wait() fires True once tracked requests finish, or False when the timeout passes first."""
+        clock = Clock()
+        tracker = InFlight(clock)
+        self.assertTrue(self.successResultOf(tracker.wait(5)))
+        first, second = make_request(b"GET", b"/"), make_request(b"GET", b"/")
+        tracker.track(first)
+        tracker.track(second)
+        waiting = tracker.wait(5)
+        first.finish()
+        self.assertNoResult(waiting)
+        second.finish()
+        self.assertTrue(self.successResultOf(waiting))
+        third = make_request(b"GET", b"/")
+        tracker.track(third)
+        waiting = tracker.wait(5)
+        clock.advance(5)
+        self.assertFalse(self.successResultOf(waiting))
+        self.assertEqual(len(tracker), 1)
+
+    def test_render_tracks(self):
+        """The router counts a request in flight until it finishes."""
+        tracker = InFlight(Clock())
+        router = build_resource(settings(), None, Clock(), inbound=_Pending(), tracker=tracker)
+        request = make_request(b"POST", b"/api/mte-relay")
+        self.assertEqual(router.render(request), NOT_DONE_YET)
+        self.assertEqual(len(tracker), 1)
+        request.finish()
+        self.assertEqual(len(tracker), 0)
+
+
+class _Pending:
+    def render(self, request):
+        return NOT_DONE_YET
