@@ -47,7 +47,9 @@ class VerifiedClientId:
 class ClientIdSigner:
     """Issues and verifies signed client ids with one or more secrets (first signs, all verify)."""
 
-    _keys: tuple = attrs.field(repr=False, converter=lambda ks: tuple(k.encode("utf-8") if isinstance(k, str) else k for k in ks))
+    _keys: tuple = attrs.field(
+        repr=False, converter=lambda ks: tuple(k.encode("utf-8") if isinstance(k, str) else k for k in ks)
+    )
 
     @_keys.validator
     def _check(self, attribute, value):

@@ -1,0 +1,496 @@
+"""
+``mterelay.client``: a treq-based Python client that pairs with a relay and sends encoded requests.
+
+``Client(relay_url).request(method, url, headers=, data=, encode_type=, encode_headers=, encode_url=)`` returns a
+``RelayResponse`` with the upstream's status, its decoded headers and a decoded, streamable body. The client discovers
+the relay (``HEAD /api/mte-relay``), keeps pools of pairs per encode type, re-pairs by itself when the relay lost or
+refused a pair (559, 560, 564, 566) and then retries once, since request bodies are always replayable (bytes or a
+seekable file).
+
+MKE pairs carry any number of concurrent requests (each reserves its own counter), so one MKE pair per relay serves
+all. An MTE pair is a strict ratchet that carries one request at a time: the MTE pool grows up to ``pool_size`` pairs,
+and further requests wait for a pair to come back.
+
+Command line, like curl: ``python -m mterelay.client URL [-X METHOD] [-d DATA|@file] [-H 'Name: value']
+[--encode-type MKE|MTE] [--pin KEY]``.
+"""
+
+import io
+import json
+import secrets
+from collections import deque
+from urllib.parse import urlsplit
+
+import attrs
+import treq
+from treq.client import HTTPClient
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
+
+from mterelay.codec import (
+    ENCODE_TYPES,
+    HEADERS,
+    URL,
+    ClientPairing,
+    CodecError,
+    RelayHeader,
+    b64decode,
+    b64encode,
+    decode_header_block,
+    encode_header_block,
+    request_binding,
+    response_binding,
+)
+from mterelay.errors import CODES, RelayError
+from mterelay.inbound import CLIENT_ID_HEADER, ENCODED_HEADERS, RELAY_HEADER
+from mterelay.upstream import RequestBodyProducer, filter_headers
+
+log = Logger()
+
+#: Headers that describe the encoded message itself, never protected or sent as they were.
+_FRAMING = (b"content-length", b"transfer-encoding", b"host")
+
+
+class RepairNeeded(RelayError):
+    """The relay refused the pair or the client id with a re-pair code; the client pairs again before retrying."""
+
+
+def _pair_id():
+    return b64encode(secrets.token_bytes(16))
+
+
+@attrs.define
+class _Pair:
+    """One pair's client-side state (the codec state is frozen; the holder moves it forward)."""
+
+    state: object = attrs.field(repr=False)
+    next_counter: int = 0
+
+    @property
+    def pair_id(self):
+        return self.state.pair_id
+
+    def message_keys(self):
+        """The counter and keys for the next message, moving the held state forward."""
+        if self.state.encode_type == "MKE":
+            counter = self.next_counter
+            self.next_counter += 1
+            state, request_keys, response_keys = self.state.keys_for(counter)
+            if state.position > self.state.position:
+                self.state = state
+        else:
+            counter = self.state.position
+            self.state, request_keys, response_keys = self.state.advance()
+        return counter, request_keys, response_keys
+
+
+class _Shared:
+    """Runs one async operation on behalf of every concurrent caller; each caller gets its outcome."""
+
+    def __init__(self, operation):
+        self._operation = operation
+        self._waiters = None
+
+    async def __call__(self):
+        if self._waiters is not None:
+            waiter = Deferred()
+            self._waiters.append(waiter)
+            return await waiter
+        self._waiters = []
+        try:
+            result = await self._operation()
+        except BaseException:
+            failure = Failure()
+            waiters, self._waiters = self._waiters, None
+            for waiter in waiters:
+                waiter.errback(failure)
+            raise
+        waiters, self._waiters = self._waiters, None
+        for waiter in waiters:
+            waiter.callback(result)
+        return result
+
+
+class _Pool:
+    """
+    Pairs of one encode type with one relay. The MKE pair is shared by concurrent requests; MTE pairs are lent to one
+    request at a time, up to ``size`` of them, and waiters queue (at most ``size * max_waiting``).
+    """
+
+    def __init__(self, encode_type, size, make_pair, max_waiting=64):
+        self._type = encode_type
+        self._size = size
+        self._make_pair = make_pair
+        self._pair_shared = _Shared(make_pair)
+        self._shared = None
+        self._idle = deque()
+        self._count = 0
+        self._waiting = deque()
+        self._max_waiting = size * max_waiting
+
+    async def acquire(self):
+        if self._type == "MKE":
+            if self._shared is None:
+                self._shared = await self._pair_shared()
+            return self._shared
+        if self._idle:
+            return self._idle.popleft()
+        if self._count < self._size:
+            self._count += 1
+            try:
+                return await self._make_pair()
+            except BaseException:
+                self._count -= 1
+                raise
+        if len(self._waiting) >= self._max_waiting:
+            raise RelayError(503, "too many requests are waiting for an MTE pair")
+        waiter = Deferred()
+        self._waiting.append(waiter)
+        return await waiter
+
+    def release(self, pair):
+        """Give an MTE pair back once the relay answered (so its next step follows this one)."""
+        if self._type == "MKE":
+            return
+        if self._waiting:
+            self._waiting.popleft().callback(pair)
+        else:
+            self._idle.append(pair)
+
+    def discard(self, pair):
+        """Forget a pair that is out of step with the relay, or that the relay no longer knows."""
+        if self._type == "MKE":
+            if self._shared is pair:
+                self._shared = None
+            return
+        if self._waiting:
+            # Someone waits for a pair: pair a replacement for them.
+            waiter = self._waiting.popleft()
+            ensureDeferred(self._make_pair()).addCallbacks(waiter.callback, waiter.errback)
+        else:
+            self._count -= 1
+
+    def clear(self):
+        self._idle.clear()
+        self._shared = None
+        self._count = 0
+
+
+def _header_pairs(headers):
+    """``(name, value)`` byte pairs from a dict, a list of pairs, or a twisted ``Headers``."""
+    if headers is None:
+        return []
+    if isinstance(headers, Headers):
+        return [(n, v) for n, vs in headers.getAllRawHeaders() for v in vs]
+    items = headers.items() if isinstance(headers, dict) else headers
+    out = []
+    for name, value in items:
+        values = value if isinstance(value, list | tuple) else [value]
+        for v in values:
+            out.append((_bytes(name), _bytes(v)))
+    return out
+
+
+def _bytes(value):
+    return value if isinstance(value, bytes) else str(value).encode("latin-1")
+
+
+def _body_source(data):
+    """A seekable file for ``data`` (None, bytes/str, or a seekable binary file) and its length."""
+    if data is None:
+        return None, 0
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    if isinstance(data, bytes | bytearray | memoryview):
+        data = io.BytesIO(bytes(data))
+    if not (hasattr(data, "read") and hasattr(data, "seek")):
+        raise TypeError("data must be bytes, str or a seekable binary file")
+    start = data.tell()
+    data.seek(0, 2)
+    length = data.tell() - start
+    data.seek(start)
+    return data, length
+
+
+@attrs.frozen
+class RelayResponse:
+    """
+    The upstream's answer as the relay sent it back, decoded. ``relay_error`` is True when the relay itself answered
+    (its JSON error body is then the plain body).
+    """
+
+    code: int
+    phrase: bytes
+    headers: Headers
+    original: object = attrs.field(repr=False)
+    #: The body transform that opens the sealed records (None when the body is plain or absent).
+    decoder: object = attrs.field(repr=False, default=None)
+    relay_error: bool = False
+
+    def collect(self, write):
+        """Call ``write(bytes)`` with the decoded body as it arrives; the Deferred fires once it was complete."""
+        decoder = self.decoder
+        if decoder is None:
+            return treq.collect(self.original, write)
+
+        def feed(data):
+            out = decoder.feed(data)
+            if out:
+                write(out)
+
+        def finish(_):
+            tail = decoder.finish()
+            if tail:
+                write(tail)
+
+        return treq.collect(self.original, feed).addCallback(finish)
+
+    def content(self):
+        """The whole decoded body (for small answers; use ``collect`` to stream large ones)."""
+        chunks = []
+        return self.collect(chunks.append).addCallback(lambda _: b"".join(chunks))
+
+    def json(self):
+        return self.content().addCallback(json.loads)
+
+
+class Client:
+    """
+    Sends encoded requests to one relay.
+
+    ``agent`` is an ``IAgent`` (give it a persistent ``HTTPConnectionPool``): encoded messages go through it as they
+    are (no redirect following, cookie jar or content decoding may touch them), discovery and pairing through a treq
+    ``HTTPClient`` over it. ``clock`` bounds every exchange by
+    ``timeout`` seconds until the answer's headers; ``pin`` is the relay's Ed25519 public key or its SHA-256
+    fingerprint (bytes), checked at every pairing.
+    """
+
+    def __init__(self, relay_url, agent, clock, pool_size=25, pin=None, timeout=30.0):
+        parts = urlsplit(relay_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("relay_url must be an http(s) URL")
+        self.relay = f"{parts.scheme}://{parts.netloc}"
+        self._agent = agent
+        self._http = HTTPClient(agent)
+        self._clock = clock
+        self._pin = pin
+        self._timeout = timeout
+        self._pools = {t: _Pool(t, pool_size, lambda t=t: ensureDeferred(self.pair(t))) for t in ENCODE_TYPES}
+        self._token = None
+        self._discover_shared = _Shared(self._discover)
+        self.identity = None
+
+    def __repr__(self):
+        return f"<Client relay={self.relay}>"
+
+    def _bounded(self, d):
+        return d.addTimeout(self._timeout, self._clock)
+
+    def _note_token(self, response):
+        token = response.headers.getRawHeaders(CLIENT_ID_HEADER)
+        if token:
+            self._token = token[-1].decode("ascii")
+
+    async def _client_token(self):
+        """Discover the relay once (concurrent callers share the answer): a signed client id."""
+        if self._token is None:
+            await self._discover_shared()
+        return self._token
+
+    async def _discover(self):
+        response = await self._bounded(self._http.head(self.relay + "/api/mte-relay"))
+        await response.content()
+        if response.code != 200 or not response.headers.hasHeader(CLIENT_ID_HEADER):
+            raise RelayError(
+                502, f"{self.relay} is not an mterelay relay (HEAD /api/mte-relay answered {response.code})"
+            )
+        self._note_token(response)
+
+    async def pair(self, encode_type):
+        """Pair one new pair of ``encode_type`` with the relay (pools call this; exposed for warm-up)."""
+        token = await self._client_token()
+        pairing = ClientPairing.start(token.split(".", 1)[0], _pair_id(), encode_type)
+        body = json.dumps(
+            [{"pairId": pairing.pair_id, "type": encode_type, "publicKey": b64encode(pairing.public_key)}]
+        ).encode("ascii")
+        response = await self._bounded(
+            self._http.post(
+                self.relay + "/api/mte-pair",
+                data=body,
+                headers={CLIENT_ID_HEADER: [token.encode("ascii")], b"content-type": [b"application/json"]},
+            )
+        )
+        answer = await response.content()
+        self._note_token(response)
+        if response.code != 200:
+            raise _answered_error(response.code, answer)
+        try:
+            reply = json.loads(answer)
+            item = reply["pairs"][0]
+            if item["pairId"] != pairing.pair_id:
+                raise ValueError
+            state = pairing.finish(
+                b64decode(item["ciphertext"]),
+                b64decode(item["signature"]),
+                b64decode(reply["identity"]),
+                self._pin,
+            )
+        except (ValueError, KeyError, IndexError, TypeError, CodecError):
+            raise RelayError(565, "the relay's pairing answer did not verify") from None
+        self.identity = reply["identity"]
+        return _Pair(state)
+
+    def _forget_client(self):
+        """The relay no longer accepts our client id: start again with a new one and new pairs."""
+        self._token = None
+        for pool in self._pools.values():
+            pool.clear()
+
+    def request(self, method, url, headers=None, data=None, encode_type="MKE", encode_headers=True, encode_url=True):
+        """
+        Send one encoded request. ``url`` is a path (``/a?b``) or an absolute URL on the relay; ``encode_headers`` is
+        True (every header is protected), False (only content-type), or a list of header names to protect.
+
+        @return: a Deferred firing with a ``RelayResponse``.
+        """
+        return ensureDeferred(self._request(method, url, headers, data, encode_type, encode_headers, encode_url))
+
+    async def _request(self, method, url, headers, data, encode_type, encode_headers, encode_url):
+        if encode_type not in self._pools:
+            raise ValueError("encode_type must be MKE or MTE")
+        method = _bytes(method).upper()
+        target = self._target(url)
+        pairs = _header_pairs(headers)
+        source, length = _body_source(data)
+        start = source.tell() if source is not None else 0
+        for attempt in (1, 2):
+            try:
+                return await self._send(method, target, pairs, source, length, encode_type, encode_headers, encode_url)
+            except RepairNeeded as e:
+                log.info(
+                    "relay {relay} asked to pair again ({code}); attempt {attempt}",
+                    relay=self.relay,
+                    code=e.code,
+                    attempt=attempt,
+                )
+                if attempt == 2:
+                    raise
+                if source is not None:
+                    source.seek(start)
+
+    def _target(self, url):
+        url = _bytes(url)
+        if url.startswith(b"/"):
+            return url
+        parts = urlsplit(url.decode("latin-1"))
+        if f"{parts.scheme}://{parts.netloc}" != self.relay:
+            raise ValueError(f"{url!r} is not on the relay {self.relay}")
+        return (parts.path or "/").encode("latin-1") + (b"?" + parts.query.encode("latin-1") if parts.query else b"")
+
+    async def _send(self, method, target, pairs, source, length, encode_type, encode_headers, encode_url):
+        pool = self._pools[encode_type]
+        pair = await pool.acquire()
+        try:
+            counter, request_keys, response_keys = pair.message_keys()
+            token = self._token
+            binding = request_binding(method) if encode_url else request_binding(method, target)
+            protected, visible = _split_headers(pairs, encode_headers)
+            out = Headers({CLIENT_ID_HEADER: [token.encode("ascii")]})
+            for name, value in visible:
+                out.addRawHeader(name, value)
+            has_body = source is not None
+            sealed_headers = protected is not None
+            relay = RelayHeader(
+                pair.state.client_id,
+                pair.pair_id,
+                encode_type,
+                counter,
+                url=bool(encode_url),
+                headers=sealed_headers,
+                body=has_body,
+            )
+            out.setRawHeaders(RELAY_HEADER, [relay.format().encode("ascii")])
+            if sealed_headers:
+                block = request_keys.seal(HEADERS, encode_header_block(protected), binding)
+                out.setRawHeaders(ENCODED_HEADERS, [b64encode(block).encode("ascii")])
+                if has_body:
+                    out.setRawHeaders(b"content-type", [b"application/octet-stream"])
+            path = b"/" + b64encode(request_keys.seal(URL, target, binding)).encode("ascii") if encode_url else target
+            producer = None
+            if has_body:
+                producer = RequestBodyProducer(source, length, request_keys.body_encoder(binding))
+            response = await self._bounded(
+                self._agent.request(method, self.relay.encode("ascii") + path, out, producer)
+            )
+        except BaseException:
+            # An MTE step that may or may not have reached the relay leaves the pair out of step for good.
+            pool.discard(pair) if encode_type == "MTE" else pool.release(pair)
+            raise
+        self._note_token(response)
+        entry = CODES.get(response.code)
+        if response.headers.hasHeader(RELAY_HEADER):
+            # The relay moved its side of the pair: the pair may carry the next request.
+            pool.release(pair)
+        elif entry is not None and entry.repair:
+            await treq.content(response)
+            pool.discard(pair)
+            if response.code == 566:
+                self._forget_client()
+            raise RepairNeeded(response.code)
+        else:
+            # The relay answered itself (a JSON error). An MTE pair is dropped: whether the relay moved its ratchet
+            # before failing cannot be told from here.
+            pool.discard(pair) if encode_type == "MTE" else pool.release(pair)
+            return RelayResponse(response.code, response.phrase, response.headers, response, None, relay_error=True)
+        return self._open_response(response, relay, response_keys)
+
+    def _open_response(self, response, relay, keys):
+        raw = response.headers.getRawHeaders(RELAY_HEADER)
+        answer = RelayHeader.parse(raw[-1])
+        if (answer.client_id, answer.pair_id, answer.counter) != (relay.client_id, relay.pair_id, relay.counter):
+            raise CodecError(562, "the answer belongs to another message")
+        binding = response_binding(response.code)
+        headers = filter_headers(response.headers)
+        for name in (b"content-type", b"content-length"):
+            headers.removeHeader(name)
+        if answer.headers:
+            sealed = response.headers.getRawHeaders(ENCODED_HEADERS, [b""])[-1]
+            opened = decode_header_block(keys.open(HEADERS, b64decode(sealed.decode("latin-1")), binding))
+            for name in {n.lower() for n, _ in opened}:
+                headers.removeHeader(name)
+            for name, value in opened:
+                headers.addRawHeader(name, value)
+        decoder = keys.body_decoder(binding) if answer.body else None
+        return RelayResponse(response.code, response.phrase, headers, response, decoder)
+
+
+def _split_headers(pairs, encode_headers):
+    """
+    ``(protected, visible)`` header pairs: every header (True), content-type and the named ones (a list), or none
+    (False: ``protected`` is None and no header block is sent). Framing and ``x-mte-*`` headers are never sent.
+    """
+    if encode_headers is True:
+        names = None
+    elif encode_headers is False:
+        names = frozenset()
+    else:
+        names = {b"content-type"} | {_bytes(n).lower() for n in encode_headers}
+    protected, visible = [], []
+    for name, value in pairs:
+        lower = name.lower()
+        if lower in _FRAMING or lower.startswith(b"x-mte-"):
+            continue
+        (protected if names is None or lower in names else visible).append((name, value))
+    return (None if encode_headers is False else protected), visible
+
+
+def _answered_error(code, body):
+    try:
+        detail = json.loads(body).get("message")
+    except (ValueError, AttributeError):
+        detail = None
+    if code in CODES and CODES[code].repair:
+        return RepairNeeded(code, detail)
+    return RelayError(code if code in CODES else 502, detail or f"the relay answered {code}")

@@ -1,0 +1,353 @@
+"""
+The inbound role: hands out client ids, pairs clients, and relays encoded requests.
+
+An encoded request is opened completely (URL, header block, and every body record) before anything is sent upstream,
+so a forged, replayed or truncated message never reaches UPSTREAM: bodies up to ``VERIFY_IN_MEMORY`` bytes are
+opened once into memory, larger ones are authenticated by a first pass over the spooled file and then opened again
+while they stream upstream. The answer is sealed on the way back: its header block (content-type, and every header
+when the client protected its own) and its body records, under the pair's relay-to-client keys bound to the request.
+"""
+
+import io
+import json
+from urllib.parse import unquote
+
+import attrs
+from twisted.internet.defer import ensureDeferred
+from twisted.logger import Logger
+from twisted.web import server
+from twisted.web.iweb import UNKNOWN_LENGTH
+
+from mterelay.codec import (
+    HEADERS,
+    RECORD_SIZE,
+    URL,
+    CodecError,
+    RelayHeader,
+    b64decode,
+    b64encode,
+    decode_header_block,
+    decoded_length,
+    encode_header_block,
+    encoded_length,
+    load_state,
+    relay_pair,
+    request_binding,
+    response_binding,
+)
+from mterelay.codec.keys import TAG_SIZE
+from mterelay.errors import RelayError
+from mterelay.registry import PairRecord
+from mterelay.upstream import filter_headers, forward, upstream_headers
+from mterelay.web import compile_routes, send_error
+
+log = Logger()
+
+RELAY_HEADER = b"x-mte-relay"
+ENCODED_HEADERS = b"x-mte-relay-eh"
+CLIENT_ID_HEADER = b"x-mte-client-id"
+IDENTITY_HEADER = b"x-mte-relay-identity"
+VERSION_HEADER = b"x-mte-relay-version"
+
+#: MKE counters accepted behind the highest one seen on a pair: enough for thousands of concurrent requests per pair,
+#: while the replay marks stay at 512 bytes per pair.
+REPLAY_WINDOW = 4096
+#: Encoded bodies up to this size are opened into memory in one pass; larger ones are verified, then streamed.
+VERIFY_IN_MEMORY = 1 << 20
+#: Bounds of a pairing request: pairs per request and bytes of JSON (an X-Wing public key is 1216 bytes).
+MAX_PAIRS_PER_REQUEST = 32
+MAX_PAIR_BODY = 64 * 1024
+#: Statuses whose answers carry no body, whatever the upstream sent.
+_NO_BODY = (204, 304)
+_OCTETS = b"application/octet-stream"
+
+
+@attrs.frozen
+class _Sized:
+    """A body transform whose output length is known from its input length, so Content-Length can be kept."""
+
+    transform: object
+    length: object
+
+    def feed(self, data):
+        return self.transform.feed(data)
+
+    def finish(self):
+        return self.transform.finish()
+
+    def output_length(self, n):
+        return self.length(n)
+
+
+def _bad_request(detail):
+    return RelayError(400, detail)
+
+
+def _read_bounded(request, limit, what):
+    content = request.content
+    content.seek(0)
+    data = content.read(limit + 1)
+    if len(data) > limit:
+        raise RelayError(413, f"{what} is larger than {limit} bytes")
+    return data
+
+
+class Inbound:
+    """
+    The inbound handler the router calls for ``/api/mte-relay``, ``/api/mte-pair`` and every MTE route.
+
+    Collaborators are injected: ``identity`` (a ``RelayIdentity``), ``registry`` (an ``IRegistry``), ``upstream``
+    (an ``IUpstreamClient``), ``clock`` and ``signer`` (a ``ClientIdSigner``).
+    """
+
+    def __init__(self, settings, identity, registry, upstream, clock, signer):
+        self._settings = settings
+        self._identity = identity
+        self._registry = registry
+        self._upstream = upstream
+        self._clock = clock
+        self._signer = signer
+        self._mte_routes = compile_routes(settings.mte_routes)
+        self._upstream_base = settings.upstream.encode("ascii")
+
+    def render(self, request):
+        path = request.path
+        if path == b"/api/mte-relay":
+            return self._hello(request)
+        if path == b"/api/mte-pair":
+            return self._async(request, self._pair)
+        return self._async(request, self._relay)
+
+    def _async(self, request, handler):
+        """Run ``handler(request)`` and answer a ``RelayError`` it raises (while nothing was sent yet)."""
+        gone = []
+        request.notifyFinish().addErrback(gone.append)
+
+        def failed(failure):
+            if gone or request.startedWriting:
+                return
+            if failure.check(RelayError):
+                send_error(request, failure.value)
+            else:
+                log.failure("inbound request failed", failure)
+                send_error(request, RelayError(502))
+
+        ensureDeferred(handler(request)).addErrback(failed)
+        return server.NOT_DONE_YET
+
+    def _verify_client(self, request, required=True):
+        token = request.getHeader(CLIENT_ID_HEADER)
+        if token is None and not required:
+            return self._signer.issue()
+        verified = self._signer.verify(token.decode("ascii", "replace") if token else None)
+        if verified.resigned:
+            request.setHeader(CLIENT_ID_HEADER, verified.token.encode("ascii"))
+        return verified
+
+    def _hello(self, request):
+        """``HEAD /api/mte-relay``: issue or refresh the client id, and say who this relay is."""
+        if request.method not in (b"HEAD", b"GET"):
+            raise RelayError(400, "/api/mte-relay takes HEAD or GET")
+        verified = self._verify_client(request, required=False)
+        request.setHeader(CLIENT_ID_HEADER, verified.token.encode("ascii"))
+        request.setHeader(IDENTITY_HEADER, self._identity.public_b64().encode("ascii"))
+        request.setHeader(VERSION_HEADER, b"1")
+        request.setHeader(b"content-length", b"0")
+        return b""
+
+    async def _pair(self, request):
+        """``POST /api/mte-pair``: pair every requested pair id through the codec and store the relay's side."""
+        if request.method != b"POST":
+            raise RelayError(400, "/api/mte-pair takes POST")
+        client_id = self._verify_client(request).client_id
+        try:
+            items = json.loads(_read_bounded(request, MAX_PAIR_BODY, "pair request"))
+        except (ValueError, UnicodeDecodeError):
+            raise _bad_request("body is not JSON") from None
+        if not isinstance(items, list) or not 1 <= len(items) <= MAX_PAIRS_PER_REQUEST:
+            raise _bad_request(f"body must be a JSON array of 1 to {MAX_PAIRS_PER_REQUEST} pair requests")
+        now = self._clock.seconds()
+        replies = []
+        for i, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise _bad_request(f"[{i}] is not an object")
+            for field in ("pairId", "type", "publicKey"):
+                if not isinstance(item.get(field), str):
+                    raise _bad_request(f"[{i}].{field} is missing or not a string")
+            try:
+                public_key = b64decode(item["publicKey"], field=f"[{i}].publicKey")
+                state, reply = relay_pair(self._identity, client_id, item["pairId"], item["type"], public_key)
+            except CodecError as e:
+                raise _bad_request(f"[{i}]: {e.detail}") from None
+            await self._registry.create_pair(
+                PairRecord(client_id, item["pairId"], item["type"], state.to_bytes(), 0, now, now)
+            )
+            replies.append(
+                {
+                    "pairId": item["pairId"],
+                    "ciphertext": b64encode(reply.ciphertext),
+                    "signature": b64encode(reply.signature),
+                }
+            )
+        body = json.dumps({"identity": self._identity.public_b64(), "pairs": replies}).encode("ascii")
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"content-length", b"%d" % len(body))
+        request.write(body)
+        request.finish()
+
+    async def _relay(self, request):
+        """Open an encoded request completely, forward it upstream, and seal the answer."""
+        raw = request.getHeader(RELAY_HEADER)
+        if raw is None:
+            raise RelayError(569, "x-mte-relay header is missing")
+        header = RelayHeader.parse(raw)
+        if self._verify_client(request).client_id != header.client_id:
+            raise RelayError(566, "x-mte-client-id does not match x-mte-relay")
+        registry = self._registry
+        if header.encode_type == "MKE":
+            record, fresh = await registry.load_and_mark(
+                header.client_id, header.pair_id, header.counter, REPLAY_WINDOW
+            )
+            if not fresh:
+                raise CodecError(563, "message counter was already used or is outside the window")
+        else:
+            record = await registry.get_pair(header.client_id, header.pair_id)
+        if record.encode_type != header.encode_type:
+            raise CodecError(560, f"pair is not an {header.encode_type} pair")
+        state = load_state(record.state)
+        new_state, request_keys, response_keys = state.keys_for(header.counter)
+
+        target, binding = self._open_target(request, header, request_keys)
+        headers = self._open_headers(request, header, request_keys, binding)
+        body_transform = self._open_body(request, header, request_keys, binding)
+
+        # Only an authentic message moves the pair's state: a forged one must not advance a ratchet.
+        if new_state != state:
+            swapped = await registry.swap_state(header.client_id, header.pair_id, record.version, new_state.to_bytes())
+            if not swapped and header.encode_type == "MTE":
+                raise CodecError(563, "this MTE step was already used")
+
+        def seal_response(response, request):
+            return self._seal_response(request, response, header, response_keys)
+
+        await forward(
+            request,
+            self._upstream,
+            self._upstream_base + target,
+            self._upstream_request_headers(request, headers, header),
+            self._clock,
+            self._settings.upstream_timeout,
+            request_transform=body_transform,
+            prepare_response=seal_response,
+        )
+
+    def _open_target(self, request, header, keys):
+        """The upstream path and query, and the binding every item of this request is sealed with."""
+        if header.url:
+            sealed = b64decode(request.path[1:].decode("latin-1"), 562, "encoded URL")
+            if request.uri != request.path:
+                raise CodecError(562, "an encoded URL carries no visible query")
+            binding = request_binding(request.method)
+            target = keys.open(URL, sealed, binding)
+        else:
+            target = request.uri
+            binding = request_binding(request.method, target)
+        if not target.startswith(b"/"):
+            raise CodecError(562, "the URL item is not a path")
+        path = unquote(target.split(b"?", 1)[0].decode("latin-1"), errors="replace")
+        if any(segment in (".", "..") for segment in path.split("/")):
+            raise RelayError(400, "dot segments are not allowed in the path")
+        if self._mte_routes is not None and not self._mte_routes.fullmatch(path):
+            raise RelayError(404)
+        return target, binding
+
+    def _open_headers(self, request, header, keys, binding):
+        if not header.headers:
+            return []
+        sealed = request.getHeader(ENCODED_HEADERS)
+        if sealed is None:
+            raise RelayError(569, "x-mte-relay-eh header is missing")
+        return decode_header_block(
+            keys.open(HEADERS, b64decode(sealed.decode("latin-1"), 562, "x-mte-relay-eh"), binding)
+        )
+
+    def _open_body(self, request, header, keys, binding):
+        """
+        Authenticate the whole body before anything goes upstream; return the transform that opens it while it
+        streams (None when it was opened into memory here, or when there is no body).
+        """
+        content = request.content
+        content.seek(0, 2)
+        size = content.tell()
+        content.seek(0)
+        if not header.body:
+            if size:
+                raise CodecError(562, "the message has a body but says it is not encoded")
+            return None
+        decoded_length(size)  # an impossible length fails before any decryption
+        decoder = keys.body_decoder(binding)
+        chunks = [] if size <= VERIFY_IN_MEMORY else None
+        while True:
+            data = content.read(RECORD_SIZE + TAG_SIZE)
+            if not data:
+                break
+            out = decoder.feed(data)
+            if chunks is not None:
+                chunks.append(out)
+        tail = decoder.finish()
+        content.seek(0)
+        if chunks is not None:
+            chunks.append(tail)
+            request.content = io.BytesIO(b"".join(chunks))
+            return None
+        return _Sized(keys.body_decoder(binding), decoded_length)
+
+    def _upstream_request_headers(self, request, opened, header):
+        """The visible end-to-end headers, overlaid by the opened header block, for the upstream request."""
+        visible = request.requestHeaders
+        if header.headers:
+            # With a header block the visible content-type only describes the sealed records.
+            visible.removeHeader(b"content-type")
+        for name in {name.lower() for name, _ in opened}:
+            visible.removeHeader(name)
+        for name, value in opened:
+            visible.addRawHeader(name, value)
+        return upstream_headers(request, self._settings.headers)
+
+    def _seal_response(self, request, response, header, keys):
+        """
+        Seal the upstream answer's head: move the protected headers into the sealed block (every end-to-end header
+        when the request came with a header block, else content-type and content-length), and return the body
+        encoder.
+        """
+        status = response.code
+        binding = response_binding(status)
+        has_body = request.method != b"HEAD" and status not in _NO_BODY and status >= 200
+        end_to_end = filter_headers(response.headers)
+        if header.headers:
+            protected = [(name, value) for name, values in end_to_end.getAllRawHeaders() for value in values]
+        else:
+            protected = [
+                (name, value)
+                for name in (b"content-type", b"content-length")
+                for value in end_to_end.getRawHeaders(name, [])
+            ]
+        for name in {name.lower() for name, _ in protected}:
+            response.headers.removeHeader(name)
+        if has_body:
+            response.headers.setRawHeaders(b"content-type", [_OCTETS])
+        sealed = keys.seal(HEADERS, encode_header_block(protected), binding)
+        relay = RelayHeader(
+            header.client_id,
+            header.pair_id,
+            header.encode_type,
+            header.counter,
+            headers=True,
+            body=has_body,
+            streaming=has_body and response.length is UNKNOWN_LENGTH,
+        )
+        request.setHeader(RELAY_HEADER, relay.format().encode("ascii"))
+        request.setHeader(ENCODED_HEADERS, b64encode(sealed).encode("ascii"))
+        if not has_body:
+            return None
+        return _Sized(keys.body_encoder(binding), encoded_length)

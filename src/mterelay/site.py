@@ -1,0 +1,35 @@
+"""
+The relay's site: the router with the roles that the settings switch on. ``makeService`` and the integration tests
+build it the same way.
+"""
+
+from twisted.logger import Logger
+
+from mterelay.clientid import ClientIdSigner
+from mterelay.codec import RelayIdentity
+from mterelay.inbound import Inbound
+from mterelay.web import RelaySite, build_resource
+
+log = Logger()
+
+
+def load_identity(settings):
+    """The relay's Ed25519 identity from IDENTITY_KEY, or an ephemeral one (with a warning) when it is unset."""
+    if settings.identity_key is None:
+        log.warn(
+            "IDENTITY_KEY is unset: using an ephemeral relay identity; clients cannot pin it and relays behind one "
+            "load balancer will not agree (generate one with: python -m mterelay.codec.identity > relay-key.pem)"
+        )
+        return RelayIdentity.generate()
+    with open(settings.identity_key, "rb") as f:
+        return RelayIdentity.from_pem(f.read())
+
+
+def build_site(settings, reactor, upstream, registry, identity, tracker=None):
+    """
+    The relay's ``Site`` for ``settings``: the inbound role always, the outbound role when OUTBOUND_TOKEN is set.
+    ``upstream`` is the shared ``IUpstreamClient``, ``registry`` an ``IRegistry``, ``identity`` a ``RelayIdentity``.
+    """
+    inbound = Inbound(settings, identity, registry, upstream, reactor, ClientIdSigner(settings.client_id_secrets))
+    resource = build_resource(settings, upstream, reactor, inbound=inbound, tracker=tracker)
+    return RelaySite(resource, settings)

@@ -1,0 +1,439 @@
+"""
+The inbound relay and the Python client over real sockets: client -> relay -> a real upstream, both encodings, both
+registries (memory, and a real redis-server the test starts).
+"""
+
+import hashlib
+import json
+import os
+import tempfile
+
+from treq.client import HTTPClient
+from twisted.internet.defer import ensureDeferred
+from twisted.trial.unittest import TestCase
+
+from mterelay.codec import (
+    HEADERS,
+    URL,
+    RelayHeader,
+    b64encode,
+    encode_header_block,
+    request_binding,
+)
+from mterelay.errors import RelayError
+from tests.relay_harness import SECRET, RelayHarness, agent
+from tests.upstream_server import pattern, pattern_sha256
+
+METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH")
+
+
+def _rss_kib(field="VmRSS"):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(field)
+
+
+class InboundTestsMixin(RelayHarness):
+    """Behaviour every registry must give the relay."""
+
+    def setUp(self):
+        return ensureDeferred(self._setUp())
+
+    async def _setUp(self):
+        self.upstream = await self.start_upstream()
+        self.relay_url, self.registry, self.identity = await self.start_relay(self.upstream.url)
+        self.client = self.client_for(self.relay_url)
+
+    def client_for(self, url, **kwargs):
+        return self.client(url, **kwargs)
+
+    async def _echo(self, method, target, encode_type, body=None, headers=None, **options):
+        response = await self.client.request(
+            method, target, headers=headers, data=body, encode_type=encode_type, **options
+        )
+        self.assertFalse(response.relay_error, response.code)
+        return response, json.loads(await response.content())
+
+    async def _every_method(self, encode_type):
+        for method in METHODS:
+            body = os.urandom(3000) if method in ("POST", "PUT", "PATCH") else None
+            response, echo = await self._echo(method, "/echo/m?x=1&y=two", encode_type, body)
+            self.assertEqual(
+                (response.code, echo["method"], echo["path"], echo["query"]), (200, method, "/echo/m", "x=1&y=two")
+            )
+            if body is not None:
+                self.assertEqual(echo["body_sha256"], hashlib.sha256(body).hexdigest())
+            self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"application/json"])
+
+    def test_every_method_mke(self):
+        """GET, POST, PUT, DELETE and PATCH reach the upstream decoded in MKE, and the answers come back decoded."""
+        return ensureDeferred(self._every_method("MKE"))
+
+    def test_every_method_mte(self):
+        """The same five methods work over MTE pairs (strict ratchet)."""
+        return ensureDeferred(self._every_method("MTE"))
+
+    async def _non_ascii(self):
+        target = "/echo/caf%C3%A9/%E2%82%AC?q=%C3%BC&raw=%FF"
+        for encode_type in ("MKE", "MTE"):
+            _, echo = await self._echo("GET", target, encode_type)
+            self.assertEqual((echo["path"], echo["query"]), ("/echo/caf%C3%A9/%E2%82%AC", "q=%C3%BC&raw=%FF"))
+
+    def test_non_ascii_path_and_query(self):
+        """A percent-encoded non-ASCII path and query reach the upstream byte for byte."""
+        return ensureDeferred(self._non_ascii())
+
+    async def _bodies(self):
+        binary = bytes(range(256)) * 300 + b"\x00\r\n"
+        for encode_type in ("MKE", "MTE"):
+            _, echo = await self._echo("POST", "/echo/bin", encode_type, binary)
+            self.assertEqual(
+                (echo["body_length"], echo["body_sha256"]), (len(binary), hashlib.sha256(binary).hexdigest())
+            )
+            _, echo = await self._echo("POST", "/echo/empty", encode_type, b"")
+            self.assertEqual(echo["body_length"], 0)
+            response = await self.client.request("GET", "/bytes/70000", encode_type=encode_type)
+            self.assertEqual(await response.content(), pattern(70000))
+
+    def test_binary_and_empty_bodies(self):
+        """Binary and empty request bodies and a multi-record response body survive both encodings exactly."""
+        return ensureDeferred(self._bodies())
+
+    async def _no_body_statuses(self):
+        for status in (204, 304):
+            response = await self.client.request("GET", f"/status/{status}")
+            self.assertEqual((response.code, await response.content()), (status, b""))
+        response = await self.client.request("HEAD", "/echo/head")
+        self.assertEqual((response.code, await response.content()), (200, b""))
+
+    def test_204_304_and_head(self):
+        """204, 304 and HEAD answers come back with no body."""
+        return ensureDeferred(self._no_body_statuses())
+
+    async def _cookies_and_redirects(self):
+        response = await self.client.request("GET", "/cookies/3", encode_type="MTE")
+        await response.content()
+        self.assertEqual(
+            response.headers.getRawHeaders(b"set-cookie"), [b"c0=v0; Path=/", b"c1=v1; Path=/", b"c2=v2; Path=/"]
+        )
+        response = await self.client.request("GET", "/redirect?to=http://elsewhere.invalid/next")
+        await response.content()
+        self.assertEqual(response.code, 302)
+        self.assertEqual(response.headers.getRawHeaders(b"location"), [b"http://elsewhere.invalid/next"])
+
+    def test_set_cookies_and_redirects(self):
+        """Every Set-Cookie is kept, and a redirect is handed back (decoded), not followed."""
+        return ensureDeferred(self._cookies_and_redirects())
+
+    async def _header_modes(self):
+        headers = {"Authorization": "Bearer t0ken", "Cookie": "a=1", "X-Custom": "v", "Content-Type": "text/plain"}
+        for mode in (True, False, ["authorization"]):
+            for encode_url in (True, False):
+                _, echo = await self._echo(
+                    "POST", "/echo/h?q=1", "MKE", b"body", headers, encode_headers=mode, encode_url=encode_url
+                )
+                seen = echo["headers"]
+                self.assertEqual(
+                    (seen["authorization"], seen["cookie"], seen["x-custom"], seen["content-type"]),
+                    (["Bearer t0ken"], ["a=1"], ["v"], ["text/plain"]),
+                )
+                self.assertEqual((echo["path"], echo["query"]), ("/echo/h", "q=1"))
+                self.assertFalse([name for name in seen if name.startswith("x-mte-")])
+
+    def test_header_and_url_modes(self):
+        """Headers reach the upstream whether all, none or some are protected, URL encoded or not; no x-mte-* leaks."""
+        return ensureDeferred(self._header_modes())
+
+    async def _big_bodies(self):
+        size = 50 * 1024 * 1024
+        with tempfile.TemporaryFile() as source:
+            block = os.urandom(1 << 20)
+            digest = hashlib.sha256()
+            for _ in range(size // len(block)):
+                source.write(block)
+                digest.update(block)
+            source.seek(0)
+            before = _rss_kib()
+            _, echo = await self._echo("PUT", "/echo/upload", "MKE", source)
+            self.assertEqual((echo["body_length"], echo["body_sha256"]), (size, digest.hexdigest()))
+        response = await self.client.request("GET", f"/bytes/{size}", encode_type="MTE")
+        received = hashlib.sha256()
+        count = []
+        await response.collect(lambda data: (received.update(data), count.append(len(data))))
+        self.assertEqual((sum(count), received.hexdigest()), (size, pattern_sha256(size)))
+        # Client, relay and upstream all live in this process: together they must not hold a body whole.
+        self.assertLess(_rss_kib() - before, 40 * 1024)
+
+    def test_50mb_upload_and_download(self):
+        """A 50 MB upload and a 50 MB download are relayed exactly while the process's memory stays bounded."""
+        return ensureDeferred(self._big_bodies())
+
+    test_50mb_upload_and_download.timeout = 120
+
+
+class MemoryRegistryInboundTests(InboundTestsMixin, TestCase):
+    registry_kind = "memory"
+
+
+class RedisRegistryInboundTests(InboundTestsMixin, TestCase):
+    registry_kind = "redis"
+
+
+class RefusalTests(RelayHarness, TestCase):
+    """Bad input gets a typed answer and nothing undecodable reaches the upstream."""
+
+    def setUp(self):
+        return ensureDeferred(self._setUp())
+
+    async def _setUp(self):
+        self.upstream = await self.start_upstream()
+        self.relay_url, self.registry, self.identity = await self.start_relay(self.upstream.url)
+        self.client = self.client(self.relay_url)
+        self.http = HTTPClient(agent(self))
+
+    async def _raw(self, method, path, headers=None, data=None):
+        response = await self.http.request(method, self.relay_url + path, headers=headers, data=data)
+        return response.code, await response.content()
+
+    def assertRefused(self, code, body, expected):
+        self.assertEqual(code, expected, body)
+        self.assertEqual(json.loads(body)["code"], expected)
+        self.assertEqual(self.upstream.received, [])
+
+    async def _message(self, encode_type="MKE", body=b"hello", tamper=None, counter=None):
+        """A hand-built encoded POST /echo/x on a fresh pair; ``tamper(parts)`` may alter it before sending."""
+        token = await self.client._client_token()
+        pair = await self.client.pair(encode_type)
+        if counter is not None:
+            pair.next_counter = counter
+        counter, keys, _ = pair.message_keys()
+        binding = request_binding(b"POST")
+        parts = {
+            "path": "/" + b64encode(keys.seal(URL, b"/echo/x", binding)),
+            "relay": RelayHeader(pair.state.client_id, pair.pair_id, encode_type, counter, True, True, True).format(),
+            "eh": b64encode(keys.seal(HEADERS, encode_header_block([(b"content-type", b"text/plain")]), binding)),
+            "token": token,
+        }
+        encoder = keys.body_encoder(binding)
+        parts["body"] = encoder.feed(body) + encoder.finish()
+        if tamper is not None:
+            tamper(parts)
+        headers = {"x-mte-client-id": parts["token"], "x-mte-relay": parts["relay"], "x-mte-relay-eh": parts["eh"]}
+        return await self._raw(
+            "POST", parts["path"], {k: v for k, v in headers.items() if v is not None}, parts["body"]
+        )
+
+    async def _check(self, expected, **kwargs):
+        code, body = await self._message(**kwargs)
+        self.assertRefused(code, body, expected)
+
+    def test_untampered_message_is_accepted(self):
+        """The hand-built message the other refusal tests alter is itself accepted (so they test the alteration)."""
+
+        async def run():
+            code, body = await self._message()
+            self.assertEqual(code, 200)
+            self.assertEqual(self.upstream.last.path, "/echo/x")
+
+        return ensureDeferred(run())
+
+    def test_missing_relay_header(self):
+        """A request on an MTE route without x-mte-relay is answered 569."""
+
+        def drop(parts):
+            parts["relay"] = None
+
+        return ensureDeferred(self._check(569, tamper=drop))
+
+    def test_forged_client_id(self):
+        """A client id signed with another secret is answered 566."""
+        from mterelay.clientid import ClientIdSigner
+
+        def forge(parts):
+            parts["token"] = ClientIdSigner(["x" * 32]).sign(parts["token"].split(".")[0])
+
+        return ensureDeferred(self._check(566, tamper=forge))
+
+    def test_unknown_pair(self):
+        """A pair id the relay does not know is answered 560."""
+
+        def other_pair(parts):
+            fields = parts["relay"].split(",")
+            fields[2] = "unknown-pair-id-0000"
+            parts["relay"] = ",".join(fields)
+
+        return ensureDeferred(self._check(560, tamper=other_pair))
+
+    def _flip(self, key):
+        def flip(parts):
+            value = parts[key]
+            if isinstance(value, bytes):
+                parts[key] = value[:5] + bytes([value[5] ^ 1]) + value[6:]
+            else:
+                parts[key] = value[:6] + ("A" if value[6] != "A" else "B") + value[7:]
+
+        return flip
+
+    def test_tampered_url_body_and_headers(self):
+        """A changed byte in the URL, the header block or the body is answered 562; nothing reaches the upstream."""
+
+        async def run():
+            for key in ("path", "eh", "body"):
+                code, body = await self._message(tamper=self._flip(key))
+                self.assertRefused(code, body, 562)
+
+        return ensureDeferred(run())
+
+    def test_truncated_body(self):
+        """A body cut short is answered 562."""
+
+        def cut(parts):
+            parts["body"] = parts["body"][:-1]
+
+        return ensureDeferred(self._check(562, body=os.urandom(70000), tamper=cut))
+
+    def test_replay_refused(self):
+        """The same MKE message sent twice reaches the upstream once; the replay is answered 563."""
+
+        async def run():
+            sent = []
+
+            def keep(parts):
+                sent.append(dict(parts))
+
+            code, _ = await self._message(tamper=keep)
+            self.assertEqual(code, 200)
+            parts = sent[0]
+            headers = {"x-mte-client-id": parts["token"], "x-mte-relay": parts["relay"], "x-mte-relay-eh": parts["eh"]}
+            code, body = await self._raw("POST", parts["path"], headers, parts["body"])
+            self.assertEqual((code, json.loads(body)["code"], len(self.upstream.received)), (563, 563, 1))
+
+        return ensureDeferred(run())
+
+    def test_mte_out_of_order(self):
+        """An MTE message for a later ratchet step than the relay's is answered 563."""
+
+        def skip(parts):
+            fields = parts["relay"].split(",")
+            fields[4] = "1"
+            parts["relay"] = ",".join(fields)
+
+        return ensureDeferred(self._check(563, encode_type="MTE", tamper=skip))
+
+    def test_pair_request_errors_name_the_field(self):
+        """Bad pairing requests get 400 with a message naming the problem."""
+
+        async def run():
+            token = await self.client._client_token()
+            headers = {"x-mte-client-id": token}
+            cases = [
+                (b"not json", "JSON"),
+                (b"{}", "array"),
+                (b"[]", "array"),
+                (json.dumps([{"pairId": "p" * 20, "type": "MKE"}]).encode(), "[0].publicKey"),
+                (json.dumps([{"pairId": "p" * 20, "type": "XXX", "publicKey": "AAAA"}]).encode(), "[0]"),
+                (json.dumps([{"pairId": "p" * 20, "type": "MKE", "publicKey": "!!"}]).encode(), "[0].publicKey"),
+                (json.dumps([{"pairId": "bad id", "type": "MKE", "publicKey": "AAAA"}]).encode(), "pairId"),
+            ]
+            for data, field in cases:
+                code, body = await self._raw("POST", "/api/mte-pair", headers, data)
+                self.assertEqual(code, 400, data)
+                self.assertIn(field, json.loads(body)["message"], data)
+            code, body = await self._raw("POST", "/api/mte-pair", {}, b"[]")
+            self.assertEqual(code, 566)
+
+        return ensureDeferred(run())
+
+    def test_relay_error_bodies_hold_no_secret(self):
+        """Error answers never echo the client id secret or the token."""
+
+        async def run():
+            code, body = await self._raw("GET", "/echo/x", {"x-mte-client-id": "forged.token"})
+            self.assertEqual(code, 569)
+            self.assertNotIn(SECRET.encode(), body)
+
+        return ensureDeferred(run())
+
+
+class ContinuityTests(RelayHarness, TestCase):
+    """What a relay restart or a secret rotation does to existing clients."""
+
+    async def _restart(self, kind):
+        self.registry_kind = kind
+        upstream = await self.start_upstream()
+        url, registry, identity = await self.start_relay(upstream.url)
+        client = self.client(url)
+        for encode_type in ("MKE", "MTE"):
+            response = await client.request("POST", "/echo/a", data=b"1", encode_type=encode_type)
+            self.assertEqual(response.code, 200)
+            await response.content()
+        token = client._token
+        # A second relay instance (another process behind the load balancer, or this one restarted): new registry
+        # object, same identity and secret; the client is sent there.
+        url2, registry2, _ = await self.start_relay(
+            upstream.url, registry=self.make_registry() if kind == "redis" else None, identity=identity
+        )
+        client.relay = url2
+        for encode_type in ("MKE", "MTE"):
+            response = await client.request("POST", "/echo/b", data=b"2", encode_type=encode_type)
+            self.assertEqual(response.code, 200)
+            self.assertEqual(json.loads(await response.content())["body_length"], 1)
+        return client, token, registry2
+
+    def test_redis_restart_keeps_pairs(self):
+        """On the Redis registry a new relay instance serves the existing pairs: no re-pairing, same client id."""
+
+        async def run():
+            client, token, registry2 = await self._restart("redis")
+            self.assertEqual(client._token, token)
+            self.assertEqual((await registry2.get_client(token.split(".")[0])).pair_count, 2)
+
+        return ensureDeferred(run())
+
+    def test_memory_restart_repairs(self):
+        """On the memory registry the client re-pairs by itself with the new instance and the request succeeds."""
+
+        async def run():
+            client, token, registry2 = await self._restart("memory")
+            self.assertEqual((await registry2.get_client(client._token.split(".")[0])).pair_count, 2)
+
+        return ensureDeferred(run())
+
+    def test_secret_rotation(self):
+        """A client id signed by an older secret keeps working after rotation and is re-signed with the newest."""
+
+        async def run():
+            upstream = await self.start_upstream()
+            url, registry, identity = await self.start_relay(upstream.url, secrets=("old-secret" * 4,))
+            client = self.client(url)
+            await (await client.request("GET", "/echo/1")).content()
+            old = client._token
+            url2, _, _ = await self.start_relay(
+                upstream.url, registry=registry, identity=identity, secrets=("new-secret" * 4, "old-secret" * 4)
+            )
+            client.relay = url2
+            response = await client.request("GET", "/echo/2")
+            self.assertEqual(response.code, 200)
+            await response.content()
+            self.assertNotEqual(client._token, old)
+            self.assertEqual(client._token.split(".")[0], old.split(".")[0])
+
+        return ensureDeferred(run())
+
+    def test_pin_mismatch_refuses_pairing(self):
+        """A client pinned to another relay identity refuses to pair (565) and sends nothing upstream."""
+
+        async def run():
+            from mterelay.codec import RelayIdentity
+
+            upstream = await self.start_upstream()
+            url, _, _ = await self.start_relay(upstream.url)
+            client = self.client(url, pin=RelayIdentity.generate().public_bytes())
+            with self.assertRaises(RelayError) as ctx:
+                await client.request("GET", "/echo/x")
+            self.assertEqual(ctx.exception.code, 565)
+            self.assertEqual(upstream.received, [])
+
+        return ensureDeferred(run())
