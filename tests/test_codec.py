@@ -508,3 +508,14 @@ class Base64Tests(CodeAssertions, SynchronousTestCase):
 
 
 PAIRS = {"MKE": pair("MKE"), "MTE": pair("MTE")}
+
+
+class OutputLengthTests(SynchronousTestCase):
+    def test_output_length_matches_stream(self):
+        """A body transform's output_length predicts exactly what it produces, so Content-Length can be kept."""
+        keys = message(*pair())[2]
+        for n in (0, 1, SMALL - 1, SMALL, SMALL + 1, 3 * SMALL):
+            encoder = keys.body_encoder(record_size=SMALL)
+            encoded = encoder.feed(b"x" * n) + encoder.finish()
+            self.assertEqual(encoder.output_length(n), len(encoded))
+            self.assertEqual(keys.body_decoder(record_size=SMALL).output_length(len(encoded)), n)

@@ -12,7 +12,6 @@ import io
 import json
 from urllib.parse import unquote
 
-import attrs
 from twisted.internet.defer import ensureDeferred
 from twisted.logger import Logger
 from twisted.web import server
@@ -29,7 +28,6 @@ from mterelay.codec import (
     decode_header_block,
     decoded_length,
     encode_header_block,
-    encoded_length,
     load_state,
     relay_pair,
     request_binding,
@@ -60,23 +58,6 @@ MAX_PAIR_BODY = 64 * 1024
 #: Statuses whose answers carry no body, whatever the upstream sent.
 _NO_BODY = (204, 304)
 _OCTETS = b"application/octet-stream"
-
-
-@attrs.frozen
-class _Sized:
-    """A body transform whose output length is known from its input length, so Content-Length can be kept."""
-
-    transform: object
-    length: object
-
-    def feed(self, data):
-        return self.transform.feed(data)
-
-    def finish(self):
-        return self.transform.finish()
-
-    def output_length(self, n):
-        return self.length(n)
 
 
 def _bad_request(detail):
@@ -300,7 +281,7 @@ class Inbound:
             chunks.append(tail)
             request.content = io.BytesIO(b"".join(chunks))
             return None
-        return _Sized(keys.body_decoder(binding), decoded_length)
+        return keys.body_decoder(binding)
 
     def _upstream_request_headers(self, request, opened, header):
         """The visible end-to-end headers, overlaid by the opened header block, for the upstream request."""
@@ -350,4 +331,4 @@ class Inbound:
         request.setHeader(ENCODED_HEADERS, b64encode(sealed).encode("ascii"))
         if not has_body:
             return None
-        return _Sized(keys.body_encoder(binding), encoded_length)
+        return keys.body_encoder(binding)

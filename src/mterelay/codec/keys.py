@@ -170,6 +170,10 @@ class BodyEncoder(_Records):
         """The final record (the buffered rest, shorter than a record)."""
         return self._final()
 
+    def output_length(self, n):
+        """The encoded size of an ``n``-byte body (so a relay can keep Content-Length)."""
+        return encoded_length(n, self._size)
+
 
 class BodyDecoder(_Records):
     """Opens records; a record of ``record_size + 16`` bytes is never final, so no look-ahead is needed."""
@@ -193,3 +197,7 @@ class BodyDecoder(_Records):
             self._done = True
             raise CodecError(DECODE_FAILED, "body truncated: no final record")
         return self._final()
+
+    def output_length(self, m):
+        """The plaintext size of an ``m``-byte encoded body, or ``CodecError(562)`` if none encodes to ``m``."""
+        return decoded_length(m, self._size)
