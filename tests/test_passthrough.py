@@ -4,6 +4,8 @@ import hashlib
 import json
 import os
 import socket
+import subprocess
+import sys
 
 from treq.client import HTTPClient
 from twisted.internet import reactor
@@ -16,6 +18,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 
 from mterelay.config import Settings
+from mterelay.upstream import RequestBodyProducer
 from tests.upstream_server import UpstreamServer, pattern_sha256, serve_relay
 
 SECRET = "s" * 40
@@ -218,3 +221,102 @@ class FailureTests(PassThroughTestCase):
                 return
             yield deferLater(reactor, 0.02, lambda: None)
         self.fail("condition not reached in time")
+
+
+class _PatternFile:
+    """A file-like source of ``length`` pattern bytes that never holds more than one read in memory."""
+
+    def __init__(self, length):
+        self._left = length
+        self._offset = 0
+
+    def read(self, size):
+        size = min(size, self._left)
+        start = self._offset % 256
+        self._left -= size
+        self._offset += size
+        return (bytes(range(256)) * (size // 256 + 2))[start : start + size]
+
+
+class _Digest(Protocol):
+    def __init__(self, done):
+        self.hash = hashlib.sha256()
+        self.done = done
+
+    def dataReceived(self, data):
+        self.hash.update(data)
+
+    def connectionLost(self, reason):
+        self.done.callback(self.hash.hexdigest())
+
+
+def _rss_kib(pid):
+    """VmRSS and VmHWM of process ``pid`` in KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+
+
+class MemoryTests(PassThroughTestCase):
+    """The relay runs as its own process (twistd) so that its memory is measured alone."""
+
+    timeout = 120
+    SIZE = 100 * 1024 * 1024
+    BOUND_KIB = 20 * 1024
+
+    @inlineCallbacks
+    def test_100mb_each_way_in_bounded_memory(self):
+        """100 MB up and 100 MB down through the relay raise its peak RSS by less than ~20 MB."""
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        env = dict(
+            os.environ,
+            UPSTREAM=self.upstream.url,
+            CLIENT_ID_SECRET=SECRET,
+            PASS_THROUGH_ROUTES="/echo*,/bytes/*",
+            LISTEN=f"tcp:{port}:interface=127.0.0.1",
+        )
+        log_path = os.path.abspath(self.mktemp())
+        with open(log_path, "wb") as log_file:
+            process = subprocess.Popen(
+                [os.path.join(os.path.dirname(sys.executable), "twistd"), "--nodaemon", "--pidfile=", "mterelay"],
+                env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=os.path.dirname(log_path),
+            )
+        self.addCleanup(process.wait, 10)
+        self.addCleanup(process.terminate)
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(200):
+            try:
+                response = yield self.client.get(url + "/api/mte-echo/up")
+                yield readBody(response)
+                break
+            except Exception:
+                yield deferLater(reactor, 0.05, lambda: None)
+        else:
+            self.fail("the relay did not start: " + open(log_path, encoding="utf-8").read()[-2000:])
+        # Warm up every code path once so that the baseline includes imports and buffers of steady state.
+        yield self._upload(url, 1024 * 1024)
+        yield self._download(url, 1024 * 1024)
+        baseline, _ = _rss_kib(process.pid)
+        summary = yield self._upload(url, self.SIZE)
+        self.assertEqual((summary["body_length"], summary["body_sha256"]), (self.SIZE, pattern_sha256(self.SIZE)))
+        self.assertEqual((yield self._download(url, self.SIZE)), pattern_sha256(self.SIZE))
+        _, peak = _rss_kib(process.pid)
+        rise = peak - baseline
+        print(f"relay RSS baseline {baseline} KiB, peak {peak} KiB, rise {rise} KiB over 100 MB each way")
+        self.assertLess(rise, self.BOUND_KIB)
+
+    @inlineCallbacks
+    def _upload(self, url, size):
+        producer = RequestBodyProducer(_PatternFile(size), size)
+        response = yield self.client.request("POST", url + "/echo", data=producer, unbuffered=True)
+        return json.loads((yield readBody(response)))
+
+    def _download(self, url, size):
+        def digest(response):
+            done = Deferred()
+            response.deliverBody(_Digest(done))
+            return done
+
+        return self.client.get(url + f"/bytes/{size}", unbuffered=True).addCallback(digest)

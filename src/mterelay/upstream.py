@@ -152,14 +152,18 @@ class RequestBodyProducer:
                 consumer.write(tail)
 
     def pauseProducing(self):
-        self._task.pause()
+        self._control("pause")
 
     def resumeProducing(self):
-        self._task.resume()
+        self._control("resume")
 
     def stopProducing(self):
+        self._control("stop")
+
+    def _control(self, action):
+        # The consumer may pause or stop us after the last chunk: the task is then over, which is fine.
         try:
-            self._task.stop()
+            getattr(self._task, action)()
         except (task.TaskDone, task.TaskFailed, task.TaskStopped):
             pass
 

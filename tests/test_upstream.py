@@ -1,0 +1,258 @@
+"""Unit tests for mterelay.upstream: header filtering, the request body producer and response streaming."""
+
+import io
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock, Cooperator
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web._newclient import RequestTransmissionFailed, ResponseFailed
+from twisted.web.client import ResponseDone
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH
+from twisted.web.test.requesthelper import DummyRequest
+from zope.interface.verify import verifyObject
+
+from mterelay.errors import RelayError
+from mterelay.upstream import (
+    AgentUpstreamClient,
+    IUpstreamClient,
+    RequestBodyProducer,
+    copy_response_head,
+    filter_headers,
+    stream_response,
+    upstream_error,
+)
+
+
+class Upper:
+    """A body transform that upper-cases, knows its output length, and can be told to fail."""
+
+    def __init__(self, fail_on=None, sized=True):
+        self.fail_on = fail_on
+        self.finished = False
+        if sized:
+            self.output_length = lambda n: n + 3
+
+    def feed(self, data):
+        if self.fail_on is not None and self.fail_on in data:
+            raise RelayError(562, "bad record")
+        return data.upper()
+
+    def finish(self):
+        self.finished = True
+        return b"END"
+
+
+class HeaderTests(SynchronousTestCase):
+    def test_hop_by_hop_and_mte_headers_dropped(self):
+        """Connection, the names it lists, the other hop-by-hop headers, Proxy-* and x-mte-* are not forwarded."""
+        headers = Headers(
+            {
+                b"Connection": [b"close, X-Listed"],
+                b"X-Listed": [b"1"],
+                b"Keep-Alive": [b"timeout=5"],
+                b"TE": [b"trailers"],
+                b"Trailer": [b"x"],
+                b"Transfer-Encoding": [b"chunked"],
+                b"Upgrade": [b"h2c"],
+                b"Proxy-Authorization": [b"Basic x"],
+                b"X-Mte-Relay": [b"abc"],
+                b"Set-Cookie": [b"a=1", b"b=2"],
+                b"Content-Type": [b"text/plain"],
+                b"Host": [b"client.example"],
+            }
+        )
+        kept = filter_headers(headers, drop=(b"host",))
+        self.assertEqual(
+            sorted(name.lower() for name, _ in kept.getAllRawHeaders()), [b"content-type", b"set-cookie"]
+        )
+        self.assertEqual(kept.getRawHeaders(b"set-cookie"), [b"a=1", b"b=2"])
+
+
+class BodyProducerTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        # One step per clock turn, so that a test can act between chunks.
+        self.cooperator = Cooperator(
+            terminationPredicateFactory=lambda: lambda: True, scheduler=lambda step: self.clock.callLater(1, step)
+        )
+
+    def run_clock(self, steps=100):
+        for _ in range(steps):
+            self.clock.advance(1)
+
+    def test_transformed_body_and_length(self):
+        """The body is read through the transform; the length is the transform's output length."""
+        source = io.BytesIO(b"abc" * 30000)
+        producer = RequestBodyProducer(source, 90000, Upper(), self.cooperator)
+        self.assertEqual(producer.length, 90003)
+        consumer = StringTransport()
+        done = producer.startProducing(consumer)
+        self.run_clock()
+        self.assertIsNone(self.successResultOf(done))
+        self.assertEqual(consumer.value(), b"ABC" * 30000 + b"END")
+
+    def test_unknown_length(self):
+        """A transform that cannot tell its output size makes the length unknown (chunked upstream)."""
+        self.assertIs(RequestBodyProducer(io.BytesIO(), 10, Upper(sized=False)).length, UNKNOWN_LENGTH)
+        self.assertEqual(RequestBodyProducer(io.BytesIO(), 10).length, 10)
+
+    def test_pause_stops_reading(self):
+        """While paused, no more of the source is read."""
+        source = io.BytesIO(b"x" * 1_000_000)
+        producer = RequestBodyProducer(source, 1_000_000, None, self.cooperator)
+        consumer = StringTransport()
+        producer.startProducing(consumer)
+        self.clock.advance(1)
+        producer.pauseProducing()
+        position = source.tell()
+        self.assertLess(position, 1_000_000)
+        self.run_clock()
+        self.assertEqual(source.tell(), position)
+        producer.resumeProducing()
+        self.run_clock()
+        self.assertEqual(len(consumer.value()), 1_000_000)
+        producer.pauseProducing()  # after the end: harmless
+
+    def test_transform_error_fails_production(self):
+        """A RelayError from the transform stops the body and fails the production with it."""
+        producer = RequestBodyProducer(io.BytesIO(b"ok" * 10 + b"!bad"), 24, Upper(fail_on=b"!"), self.cooperator)
+        done = producer.startProducing(StringTransport())
+        self.run_clock()
+        self.assertEqual(self.failureResultOf(done, RelayError).value.code, 562)
+
+
+class FakeBodyTransport(StringTransport):
+    """The transport an agent response gives its body protocol."""
+
+    def __init__(self):
+        super().__init__()
+        self.stopped = False
+
+    def stopProducing(self):
+        self.stopped = True
+
+
+class FakeResponse:
+    def __init__(self, code=200, headers=None, length=UNKNOWN_LENGTH):
+        self.code = code
+        self.phrase = b"OK"
+        self.headers = Headers(headers or {})
+        self.length = length
+        self.protocol = None
+        self.transport = FakeBodyTransport()
+
+    def deliverBody(self, protocol):
+        self.protocol = protocol
+        protocol.makeConnection(self.transport)
+
+
+class ClientRequest(DummyRequest):
+    """A DummyRequest with a transport that takes a push producer the way twisted.web does."""
+
+    def __init__(self):
+        super().__init__([])
+        self.transport = StringTransport()
+        self.producer = None
+
+    def registerProducer(self, producer, streaming):
+        self.producer = producer
+
+    def unregisterProducer(self):
+        self.producer = None
+
+
+client_request = ClientRequest
+
+
+class StreamResponseTests(SynchronousTestCase):
+    def test_head_copied_and_body_transformed(self):
+        """Status and end-to-end headers are copied, relay-set names kept, the body goes through the transform."""
+        response = FakeResponse(
+            201, {b"set-cookie": [b"a=1", b"b=2"], b"x-service-name": [b"up"], b"keep-alive": [b"5"]}, length=4
+        )
+        request = client_request()
+        request.responseHeaders.setRawHeaders(b"x-service-name", [b"relay"])
+        transform = Upper()
+        copy_response_head(response, request, transform)
+        done = stream_response(response, request, transform)
+        response.protocol.dataReceived(b"body")
+        response.protocol.connectionLost(Failure(ResponseDone()))
+        self.assertIsNone(self.successResultOf(done))
+        self.assertEqual(request.responseCode, 201)
+        self.assertEqual(request.responseHeaders.getRawHeaders(b"set-cookie"), [b"a=1", b"b=2"])
+        self.assertEqual(request.responseHeaders.getRawHeaders(b"x-service-name"), [b"relay"])
+        self.assertIsNone(request.responseHeaders.getRawHeaders(b"keep-alive"))
+        self.assertEqual(request.responseHeaders.getRawHeaders(b"content-length"), [b"7"])
+        self.assertEqual(b"".join(request.written), b"BODYEND")
+        self.assertEqual(request.finished, 1)
+
+    def test_backpressure(self):
+        """A slow client pauses the upstream body; resuming resumes it."""
+        response = FakeResponse()
+        request = client_request()
+        stream_response(response, request)
+        self.assertIs(request.producer, response.protocol)
+        request.producer.pauseProducing()
+        self.assertEqual(response.transport.producerState, "paused")
+        request.producer.resumeProducing()
+        self.assertEqual(response.transport.producerState, "producing")
+
+    def test_upstream_breaks_off(self):
+        """An upstream failure after the answer started aborts the client connection instead of finishing it."""
+        response = FakeResponse()
+        request = client_request()
+        done = stream_response(response, request)
+        response.protocol.dataReceived(b"partial")
+        response.protocol.connectionLost(Failure(ResponseFailed([Failure(ConnectionRefusedError())])))
+        self.failureResultOf(done, ResponseFailed)
+        self.assertTrue(request.transport.disconnecting)
+        self.assertEqual(request.finished, 0)
+
+    def test_transform_error_mid_stream(self):
+        """A transform error mid-stream stops the upstream and aborts the client."""
+        response = FakeResponse()
+        request = client_request()
+        done = stream_response(response, request, Upper(fail_on=b"!"))
+        response.protocol.dataReceived(b"fine")
+        response.protocol.dataReceived(b"!")
+        self.assertEqual(self.failureResultOf(done, RelayError).value.code, 562)
+        self.assertTrue(response.transport.stopped)
+        self.assertTrue(request.transport.disconnecting)
+        self.assertEqual(b"".join(request.written), b"FINE")
+
+    def test_client_gone_stops_upstream(self):
+        """A client disconnect stops reading the upstream body."""
+        response = FakeResponse()
+        request = client_request()
+        done = stream_response(response, request)
+        request.processingFailed(Failure(ConnectionRefusedError()))
+        self.assertTrue(response.transport.stopped)
+        response.protocol.connectionLost(Failure(ResponseFailed([])))
+        self.failureResultOf(done)
+
+
+class ErrorMappingTests(SynchronousTestCase):
+    def test_mapping(self):
+        """A transform's RelayError wrapped by the agent keeps its code; other failures are 502."""
+        wrapped = RequestTransmissionFailed([Failure(RelayError(562))])
+        self.assertEqual(upstream_error(Failure(wrapped)).code, 562)
+        self.assertEqual(upstream_error(Failure(ConnectionRefusedError())).code, 502)
+        self.assertEqual(upstream_error(Failure(RelayError(504))).code, 504)
+
+    def test_interface(self):
+        """AgentUpstreamClient provides IUpstreamClient and passes requests to its agent."""
+        calls = []
+
+        class Agent:
+            def request(self, *args):
+                calls.append(args)
+                return Deferred()
+
+        client = AgentUpstreamClient(Agent())
+        verifyObject(IUpstreamClient, client)
+        client.request(b"GET", b"http://x/", Headers(), None)
+        self.assertEqual(calls, [(b"GET", b"http://x/", Headers(), None)])
