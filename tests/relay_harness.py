@@ -5,6 +5,7 @@ over real sockets in this process. Each piece registers its own cleanup on the t
 
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.protocols.policies import WrappingFactory
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from mterelay.client import Client
@@ -13,11 +14,24 @@ from mterelay.config import Settings
 from mterelay.redis_registry import RedisRegistry
 from mterelay.registry import MemoryRegistry
 from mterelay.site import build_site
-from mterelay.upstream import AgentUpstreamClient
 from tests.redis_server import RedisServerMixin
 from tests.upstream_server import UpstreamServer
 
 SECRET = "an-example-client-id-secret-of-32+chars"
+
+
+async def serve(case, factory):
+    """Listen with ``factory`` on 127.0.0.1 port 0; at cleanup stop listening and abort the connections still open."""
+    wrapper = WrappingFactory(factory)
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(wrapper)
+
+    def stop():
+        for protocol in list(wrapper.protocols):
+            protocol.transport.abortConnection()
+        return port.stopListening()
+
+    case.addCleanup(stop)
+    return port.getHost().port
 
 
 def agent(case):
@@ -51,10 +65,8 @@ class RelayHarness(RedisServerMixin):
         settings = Settings(upstream=upstream_url, client_id_secrets=settings.pop("secrets", (SECRET,)), **settings)
         registry = self.make_registry() if registry is None else registry
         identity = RelayIdentity.generate() if identity is None else identity
-        site = build_site(settings, reactor, AgentUpstreamClient(agent(self)), registry, identity)
-        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
-        self.addCleanup(port.stopListening)
-        return f"http://127.0.0.1:{port.getHost().port}", registry, identity
+        site = build_site(settings, reactor, agent(self), registry, identity)
+        return f"http://127.0.0.1:{await serve(self, site)}", registry, identity
 
     def client(self, relay_url, **kwargs):
         return Client(relay_url, agent(self), reactor, **kwargs)

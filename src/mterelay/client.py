@@ -178,6 +178,11 @@ class _Pool:
         self._count = 0
 
 
+def _late(result, timeout):
+    # Whatever a cancelled request failed with, it failed because the relay was late.
+    raise RelayError(504, f"the relay did not answer within {timeout} s")
+
+
 def _header_pairs(headers):
     """``(name, value)`` byte pairs from a dict, a list of pairs, or a twisted ``Headers``."""
     if headers is None:
@@ -286,7 +291,7 @@ class Client:
         return f"<Client relay={self.relay}>"
 
     def _bounded(self, d):
-        return d.addTimeout(self._timeout, self._clock)
+        return d.addTimeout(self._timeout, self._clock, onTimeoutCancel=_late)
 
     def _note_token(self, response):
         token = response.headers.getRawHeaders(CLIENT_ID_HEADER)

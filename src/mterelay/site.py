@@ -8,6 +8,8 @@ from twisted.logger import Logger
 from mterelay.clientid import ClientIdSigner
 from mterelay.codec import RelayIdentity
 from mterelay.inbound import Inbound
+from mterelay.outbound import Outbound
+from mterelay.upstream import AgentUpstreamClient
 from mterelay.web import RelaySite, build_resource
 
 log = Logger()
@@ -25,11 +27,14 @@ def load_identity(settings):
         return RelayIdentity.from_pem(f.read())
 
 
-def build_site(settings, reactor, upstream, registry, identity, tracker=None):
+def build_site(settings, reactor, agent, registry, identity, tracker=None):
     """
     The relay's ``Site`` for ``settings``: the inbound role always, the outbound role when OUTBOUND_TOKEN is set.
-    ``upstream`` is the shared ``IUpstreamClient``, ``registry`` an ``IRegistry``, ``identity`` a ``RelayIdentity``.
+    ``agent`` is the shared ``IAgent`` (one persistent pool) that reaches UPSTREAM and peer relays, ``registry`` an
+    ``IRegistry``, ``identity`` a ``RelayIdentity``.
     """
+    upstream = AgentUpstreamClient(agent)
     inbound = Inbound(settings, identity, registry, upstream, reactor, ClientIdSigner(settings.client_id_secrets))
-    resource = build_resource(settings, upstream, reactor, inbound=inbound, tracker=tracker)
+    outbound = None if settings.outbound_token is None else Outbound(settings, agent, reactor)
+    resource = build_resource(settings, upstream, reactor, inbound=inbound, outbound=outbound, tracker=tracker)
     return RelaySite(resource, settings)

@@ -1,0 +1,159 @@
+"""
+The outbound role: a local application sends a plain request carrying ``x-mte-outbound-token`` and
+``x-mte-upstream``; the relay encodes it to that peer relay with ``mterelay.client``, and hands the application the
+decoded answer.
+
+Only peers listed in ALLOWED_PEERS are reached (no open proxy), each through one ``Client`` (its pools of pairs are
+shared by every concurrent request), pinned to the peer's identity key when PEER_PINS names one. The router has
+already checked the outbound token in constant time before calling this handler.
+"""
+
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.error import ConnectError, DNSLookupError
+from twisted.logger import Logger
+from twisted.web import server
+from twisted.web.iweb import UNKNOWN_LENGTH
+
+from mterelay.client import Client
+from mterelay.codec import b64decode
+from mterelay.config import normalize_origin
+from mterelay.errors import RelayError
+from mterelay.upstream import abort_client, filter_headers, stream_response
+from mterelay.web import send_error
+
+log = Logger()
+
+UPSTREAM_HEADER = b"x-mte-upstream"
+_BOOLEANS = {b"true": True, b"false": False}
+
+
+def _option(request, name, parse, default):
+    value = request.getHeader(name)
+    if value is None:
+        return default
+    try:
+        return parse(value.strip())
+    except (KeyError, ValueError):
+        raise RelayError(400, f"{name.decode()} has an unsupported value") from None
+
+
+def _encode_type(value):
+    value = value.upper()
+    if value not in (b"MKE", b"MTE"):
+        raise ValueError
+    return value.decode("ascii")
+
+
+def _encode_headers(value):
+    """``true``, ``false``, or a comma list of header names to protect."""
+    if value.lower() in _BOOLEANS:
+        return _BOOLEANS[value.lower()]
+    names = [name.strip() for name in value.split(b",") if name.strip()]
+    if not names or any(not name.replace(b"-", b"").isalnum() for name in names):
+        raise ValueError
+    return names
+
+
+def _boolean(value):
+    return _BOOLEANS[value.lower()]
+
+
+class Outbound:
+    """
+    The outbound handler. ``agent`` is the ``IAgent`` that reaches peer relays (over its own persistent pool),
+    ``clock`` bounds every exchange by UPSTREAM_TIMEOUT.
+    """
+
+    def __init__(self, settings, agent, clock):
+        self._settings = settings
+        self._agent = agent
+        self._clock = clock
+        self._allowed = frozenset(settings.allowed_peers)
+        # At most one client per allowed peer: the table is bounded by ALLOWED_PEERS.
+        self._clients = {}
+
+    def _client(self, origin):
+        client = self._clients.get(origin)
+        if client is None:
+            pin = self._settings.peer_pin(origin)
+            client = Client(
+                origin,
+                self._agent,
+                self._clock,
+                pool_size=self._settings.max_pool_size,
+                pin=None if pin is None else b64decode(pin),
+                timeout=self._settings.upstream_timeout,
+            )
+            self._clients[origin] = client
+        return client
+
+    def _peer(self, request):
+        value = request.getHeader(UPSTREAM_HEADER)
+        if value is None:
+            raise RelayError(400, "x-mte-upstream header is missing")
+        try:
+            origin = normalize_origin(value.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            raise RelayError(400, "x-mte-upstream is not an http(s) origin") from None
+        if origin not in self._allowed:
+            raise RelayError(403, "x-mte-upstream is not one of ALLOWED_PEERS")
+        return origin
+
+    def render(self, request):
+        origin = self._peer(request)
+        options = {
+            "encode_type": _option(request, b"x-mte-encode-type", _encode_type, "MKE"),
+            "encode_headers": _option(request, b"x-mte-encode-headers", _encode_headers, True),
+            "encode_url": _option(request, b"x-mte-encode-url", _boolean, True),
+        }
+        exchange = ensureDeferred(self._exchange(request, self._client(origin), options))
+        gone = []
+
+        def client_gone(reason):
+            gone.append(reason)
+            exchange.cancel()
+
+        def failed(failure):
+            if gone:
+                return
+            if request.startedWriting:
+                abort_client(request)
+                return
+            send_error(request, _peer_error(failure))
+
+        request.notifyFinish().addErrback(client_gone)
+        exchange.addErrback(failed)
+        return server.NOT_DONE_YET
+
+    async def _exchange(self, request, client, options):
+        headers = filter_headers(request.requestHeaders, drop=(b"host", b"content-length"))
+        for name, value in self._settings.headers:
+            headers.setRawHeaders(name.encode("latin-1"), [value.encode("latin-1")])
+        content = request.content
+        content.seek(0, 2)
+        has_body = content.tell() > 0 or request.requestHeaders.hasHeader(b"content-length")
+        content.seek(0)
+        response = await client.request(
+            request.method, request.uri, headers=headers, data=content if has_body else None, **options
+        )
+        request.setResponseCode(response.code, response.phrase)
+        for name, values in filter_headers(response.headers, drop=(b"content-length",)).getAllRawHeaders():
+            if not request.responseHeaders.hasHeader(name):
+                request.responseHeaders.setRawHeaders(name, values)
+        original = response.original
+        if response.decoder is None:
+            if original.length is not UNKNOWN_LENGTH:
+                request.setHeader(b"content-length", b"%d" % original.length)
+        elif original.length is not UNKNOWN_LENGTH:
+            request.setHeader(b"content-length", b"%d" % response.decoder.output_length(original.length))
+        await stream_response(original, request, response.decoder)
+
+
+def _peer_error(failure):
+    """The answer for a failed exchange with the peer relay."""
+    if failure.check(RelayError):
+        return failure.value
+    if failure.check(ConnectError, DNSLookupError):
+        return RelayError(502, "the peer relay could not be reached")
+    log.info("exchange with the peer relay failed: {error}", error=failure.type.__name__)
+    return RelayError(502, "the exchange with the peer relay broke off")

@@ -1,0 +1,272 @@
+"""
+The outbound role and the whole chain over real sockets: application -> relay A -> (recording TCP forwarder) ->
+relay B -> a real upstream. The forwarder keeps every byte that crossed between the relays.
+"""
+
+import hashlib
+import io
+import json
+import os
+
+import treq
+from treq.client import HTTPClient
+from twisted.internet.defer import ensureDeferred
+from twisted.web.client import FileBodyProducer
+from twisted.web.http_headers import Headers
+from twisted.protocols import portforward
+from twisted.trial.unittest import TestCase
+
+from mterelay.codec import RelayIdentity
+from tests.relay_harness import RelayHarness, agent, serve
+
+TOKEN = "outbound-token-for-tests-0123456789"
+
+
+class _RecordingServer(portforward.ProxyServer):
+    def dataReceived(self, data):
+        self.factory.recorded.append(data)
+        super().dataReceived(data)
+
+
+class _RecordingClient(portforward.ProxyClient):
+    def dataReceived(self, data):
+        self.peer.factory.recorded.append(data)
+        super().dataReceived(data)
+
+
+class _RecordingClientFactory(portforward.ProxyClientFactory):
+    protocol = _RecordingClient
+
+
+class _Recorder(portforward.ProxyFactory):
+    """A TCP forwarder to ``host:port`` that records the bytes of both directions."""
+
+    protocol = _RecordingServer
+
+    def __init__(self, host, port):
+        super().__init__(host, port)
+        self.recorded = []
+
+    def buildProtocol(self, addr):
+        server = super().buildProtocol(addr)
+        server.clientProtocolFactory = _RecordingClientFactory
+        return server
+
+    @property
+    def wire(self):
+        return b"".join(self.recorded)
+
+
+class ChainTests(RelayHarness, TestCase):
+    def setUp(self):
+        return ensureDeferred(self._setUp())
+
+    async def _setUp(self):
+        self.upstream = await self.start_upstream()
+        self.b_url, self.b_registry, self.b_identity = await self.start_relay(self.upstream.url)
+        b_port = int(self.b_url.rsplit(":", 1)[1])
+        self.recorder = _Recorder("127.0.0.1", b_port)
+        self.peer = f"http://127.0.0.1:{await serve(self, self.recorder)}"
+        self.a_url, _, _ = await self.start_relay(
+            self.upstream.url, outbound_token=TOKEN, allowed_peers=(self.peer,), **self.a_settings()
+        )
+        self.app = agent(self)
+
+    def a_settings(self):
+        return {}
+
+    async def send(self, method, path, headers=None, data=None, peer=None, token=TOKEN):
+        """The application's plain request to relay A (a bare Agent: nothing rewrites what A answers)."""
+        base = {"x-mte-upstream": peer or self.peer}
+        if token is not None:
+            base["x-mte-outbound-token"] = token
+        base.update(headers or {})
+        producer = None if data is None else FileBodyProducer(io.BytesIO(data))
+        response = await self.app.request(
+            method.encode(), (self.a_url + path).encode(), Headers({k: [v] for k, v in base.items()}), producer
+        )
+        return response, await treq.content(response)
+
+    async def _no_plaintext_between_relays(self, encode_type):
+        body = b'{"email": "jim.halpert@example.com", "password": "P@ssw0rd!-' + os.urandom(8).hex().encode() + b'"}'
+        secrets = {
+            "Authorization": "Bearer tok-" + os.urandom(8).hex(),
+            "Cookie": "Cookie_1=value-" + os.urandom(8).hex(),
+            "X-Custom-Secret": "custom-" + os.urandom(8).hex(),
+        }
+        path = "/echo/api/login-" + os.urandom(4).hex()
+        query = "account=acct-" + os.urandom(4).hex()
+        response, answer = await self.send(
+            "POST",
+            f"{path}?{query}",
+            headers={**secrets, "Content-Type": "application/json", "x-mte-encode-type": encode_type},
+            data=body,
+        )
+        self.assertEqual(response.code, 200, answer)
+        echo = json.loads(answer)
+        # The application gets exactly what the upstream saw and sent.
+        self.assertEqual((echo["method"], echo["path"], echo["query"]), ("POST", path, query))
+        self.assertEqual(echo["body_sha256"], hashlib.sha256(body).hexdigest())
+        for name, value in secrets.items():
+            self.assertEqual(echo["headers"][name.lower()], [value])
+        self.assertEqual(echo["headers"]["content-type"], ["application/json"])
+        self.assertFalse([name for name in echo["headers"] if name.startswith("x-mte-")])
+        self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"application/json"])
+        wire = self.recorder.wire
+        self.assertIn(b"x-mte-relay", wire.lower())  # the recorder did see the exchange
+        for plain in [path, query, body, answer, *secrets.values(), "jim.halpert"]:
+            plain = plain.encode() if isinstance(plain, str) else plain
+            self.assertNotIn(plain, wire)
+
+    def test_no_plaintext_between_relays_mke(self):
+        """Between A and B there is no plaintext of path, query, protected headers or bodies (MKE); the app gets
+        exactly what the upstream answered."""
+        return ensureDeferred(self._no_plaintext_between_relays("MKE"))
+
+    def test_no_plaintext_between_relays_mte(self):
+        """The same holds for MTE."""
+        return ensureDeferred(self._no_plaintext_between_relays("MTE"))
+
+    def test_answer_is_exact(self):
+        """Status, every Set-Cookie, binary bodies, redirects and 204 travel back to the application unchanged."""
+
+        async def run():
+            response, body = await self.send("GET", "/cookies/3")
+            self.assertEqual(
+                response.headers.getRawHeaders(b"set-cookie"), [b"c0=v0; Path=/", b"c1=v1; Path=/", b"c2=v2; Path=/"]
+            )
+            self.assertNotIn(b"c1=v1", self.recorder.wire)
+            response, body = await self.send("GET", "/bytes/200000")
+            from tests.upstream_server import pattern
+
+            self.assertEqual((response.code, body), (200, pattern(200000)))
+            self.assertEqual(response.length, 200000)  # Content-Length kept end to end
+            response, body = await self.send("GET", "/redirect?to=http://elsewhere.invalid/")
+            self.assertEqual(
+                (response.code, response.headers.getRawHeaders(b"location")), (302, [b"http://elsewhere.invalid/"])
+            )
+            response, body = await self.send("DELETE", "/status/204")
+            self.assertEqual((response.code, body), (204, b""))
+            response, body = await self.send("GET", "/status/418")
+            self.assertEqual(response.code, 418)
+
+        return ensureDeferred(run())
+
+    def test_options_from_the_product_documents(self):
+        """x-mte-encode-type, -headers and -url as the product documents them all work, and never travel on."""
+
+        async def run():
+            for options in (
+                {"x-mte-encode-type": "MTE", "x-mte-encode-headers": "false", "x-mte-encode-url": "false"},
+                {
+                    "x-mte-encode-type": "mke",
+                    "x-mte-encode-headers": "authorization,cookie",
+                    "x-mte-encode-url": "true",
+                },
+            ):
+                self.recorder.recorded.clear()
+                response, answer = await self.send(
+                    "POST", "/echo/login?x=1", {**options, "Authorization": "Bearer b", "Cookie": "c=1"}, b"{}"
+                )
+                self.assertEqual(response.code, 200, answer)
+                echo = json.loads(answer)
+                self.assertEqual((echo["path"], echo["headers"]["authorization"]), ("/echo/login", ["Bearer b"]))
+                self.assertFalse([name for name in echo["headers"] if name.startswith("x-mte-")])
+            # The last request protected its headers by name and its URL: none of them crossed in plaintext.
+            for plain in (b"Bearer b", b"c=1", b"/echo/login"):
+                self.assertNotIn(plain, self.recorder.wire)
+
+        return ensureDeferred(run())
+
+    def test_refusals(self):
+        """Missing or wrong token 401, a peer not in ALLOWED_PEERS 403, unknown option values 400 naming the header;
+        none of them reaches a peer."""
+
+        async def run():
+            cases = [
+                ({"token": "wrong"}, 401, None),
+                ({"peer": "http://127.0.0.1:9"}, 403, None),
+                ({"headers": {"x-mte-encode-type": "AES"}}, 400, "x-mte-encode-type"),
+                ({"headers": {"x-mte-encode-headers": "maybe?"}}, 400, "x-mte-encode-headers"),
+                ({"headers": {"x-mte-encode-url": "yes"}}, 400, "x-mte-encode-url"),
+            ]
+            for kwargs, code, named in cases:
+                response, body = await self.send("GET", "/echo/x", **kwargs)
+                self.assertEqual(response.code, code, body)
+                if named:
+                    self.assertIn(named, json.loads(body)["message"])
+            self.assertEqual((self.recorder.recorded, self.upstream.received), ([], []))
+            response, _ = await self.send("GET", "/echo/x", token="")
+            self.assertEqual(response.code, 401)
+
+        return ensureDeferred(run())
+
+    def test_peer_restart_repairs(self):
+        """When relay B loses its state (memory registry, restarted), A re-pairs and the request still succeeds."""
+
+        async def run():
+            for encode_type in ("MKE", "MTE"):
+                response, _ = await self.send("POST", "/echo/1", {"x-mte-encode-type": encode_type}, b"one")
+                self.assertEqual(response.code, 200)
+            # Replace B's registry contents: a fresh relay B' takes over the recorder's target.
+            b2_url, _, _ = await self.start_relay(self.upstream.url, identity=self.b_identity)
+            self.recorder.port = int(b2_url.rsplit(":", 1)[1])
+            for encode_type in ("MKE", "MTE"):
+                response, body = await self.send("POST", "/echo/2", {"x-mte-encode-type": encode_type}, b"two")
+                self.assertEqual(response.code, 200, body)
+                self.assertEqual(json.loads(body)["body_length"], 3)
+
+        return ensureDeferred(run())
+
+    def test_unreachable_peer(self):
+        """An allowed peer that does not listen is answered 502 with a JSON body."""
+
+        async def run():
+            self.recorder.port = 9  # discard port: nothing listens there
+            response, body = await self.send("GET", "/echo/x")
+            self.assertEqual(response.code, 502, body)
+            self.assertEqual(json.loads(body)["code"], 502)
+
+        return ensureDeferred(run())
+
+
+class PinTests(RelayHarness, TestCase):
+    def test_wrong_pin_refuses(self):
+        """A peer whose identity differs from PEER_PINS is refused (565) and nothing reaches its upstream."""
+
+        async def run():
+            upstream = await self.start_upstream()
+            b_url, _, _ = await self.start_relay(upstream.url)
+            wrong = RelayIdentity.generate().public_b64()
+            a_url, _, _ = await self.start_relay(
+                upstream.url, outbound_token=TOKEN, allowed_peers=(b_url,), peer_pins=((b_url, wrong),)
+            )
+            app = HTTPClient(agent(self))
+            headers = {"x-mte-outbound-token": TOKEN, "x-mte-upstream": b_url}
+            response = await app.get(a_url + "/echo/x", headers=headers)
+            await response.content()
+            self.assertEqual(response.code, 565)
+            self.assertEqual(upstream.received, [])
+
+        return ensureDeferred(run())
+
+    def test_right_pin_pairs(self):
+        """A peer whose identity matches PEER_PINS serves the request."""
+
+        async def run():
+            upstream = await self.start_upstream()
+            b_url, _, b_identity = await self.start_relay(upstream.url)
+            a_url, _, _ = await self.start_relay(
+                upstream.url,
+                outbound_token=TOKEN,
+                allowed_peers=(b_url,),
+                peer_pins=((b_url, b_identity.public_b64()),),
+            )
+            app = HTTPClient(agent(self))
+            headers = {"x-mte-outbound-token": TOKEN, "x-mte-upstream": b_url}
+            response = await app.get(a_url + "/echo/x", headers=headers)
+            await response.content()
+            self.assertEqual(response.code, 200)
+            self.assertEqual(upstream.last.path, "/echo/x")
+
+        return ensureDeferred(run())
