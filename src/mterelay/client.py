@@ -342,8 +342,10 @@ class Client:
                 b64decode(reply["identity"]),
                 self._pin,
             )
-        except (ValueError, KeyError, IndexError, TypeError, CodecError):
-            raise RelayError(565, "the relay's pairing answer did not verify") from None
+        except CodecError as e:
+            raise RelayError(565, e.detail) from None
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise RelayError(565, "the relay's pairing answer is malformed") from None
         self.identity = reply["identity"]
         return _Pair(state)
 
@@ -499,3 +501,74 @@ def _answered_error(code, body):
     if code in CODES and CODES[code].repair:
         return RepairNeeded(code, detail)
     return RelayError(code if code in CODES else 502, detail or f"the relay answered {code}")
+
+
+def _parse_args(argv):
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m mterelay.client", description="Send one encoded request through an mterelay relay, like curl."
+    )
+    parser.add_argument("url", help="the relay URL with the path to request, e.g. http://127.0.0.1:8080/anything")
+    parser.add_argument("-X", "--request", dest="method", default=None, help="method (default GET, or POST with -d)")
+    parser.add_argument("-d", "--data", default=None, help="request body; @FILE reads it from FILE")
+    parser.add_argument("-H", "--header", action="append", default=[], help="'Name: value' (repeatable)")
+    parser.add_argument("--encode-type", choices=ENCODE_TYPES, default="MKE")
+    parser.add_argument("--no-encode-headers", action="store_true", help="send headers visibly (not content-type)")
+    parser.add_argument("--no-encode-url", action="store_true", help="send the path and query visibly")
+    parser.add_argument("--pin", default=None, help="the relay's identity key (base64url), refused when it differs")
+    parser.add_argument("-i", "--include", action="store_true", help="print the status and decoded headers first")
+    parser.add_argument("--timeout", type=float, default=30.0)
+    return parser.parse_args(argv)
+
+
+async def _main(reactor, args, out):
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+    headers = []
+    for line in args.header:
+        name, sep, value = line.partition(":")
+        if not sep:
+            raise SystemExit(f"mterelay.client: error: -H {line!r} is not 'Name: value'")
+        headers.append((name.strip(), value.strip()))
+    data = args.data
+    if data is not None and data.startswith("@"):
+        data = open(data[1:], "rb")
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pin = None if args.pin is None else b64decode(args.pin)
+    client = Client(args.url, Agent(reactor, pool=pool), reactor, pin=pin, timeout=args.timeout)
+    try:
+        response = await client.request(
+            args.method or ("POST" if data is not None else "GET"),
+            args.url,
+            headers=headers,
+            data=data,
+            encode_type=args.encode_type,
+            encode_headers=not args.no_encode_headers,
+            encode_url=not args.no_encode_url,
+        )
+        if args.include:
+            out.write(b"HTTP %d %s\r\n" % (response.code, response.phrase))
+            for name, values in response.headers.getAllRawHeaders():
+                for value in values:
+                    out.write(name + b": " + value + b"\r\n")
+            out.write(b"\r\n")
+        await response.collect(out.write)
+        out.flush()
+    except RelayError as e:
+        raise SystemExit(f"mterelay.client: error: {e.code} {e.detail}") from None
+    finally:
+        await pool.closeCachedConnections()
+
+
+def main(argv=None):
+    import sys
+
+    from twisted.internet.task import react
+
+    args = _parse_args(argv)
+    react(lambda reactor: ensureDeferred(_main(reactor, args, sys.stdout.buffer)))
+
+
+if __name__ == "__main__":
+    main()

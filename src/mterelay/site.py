@@ -20,7 +20,7 @@ def load_identity(settings):
     if settings.identity_key is None:
         log.warn(
             "IDENTITY_KEY is unset: using an ephemeral relay identity; clients cannot pin it and relays behind one "
-            "load balancer will not agree (generate one with: python -m mterelay.codec.identity > relay-key.pem)"
+            "load balancer will not agree (generate one with: python -m mterelay.keygen relay-key.pem)"
         )
         return RelayIdentity.generate()
     with open(settings.identity_key, "rb") as f:

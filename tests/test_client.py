@@ -1,0 +1,102 @@
+"""The client's command line, pools under concurrency, and the identity key generator."""
+
+import json
+import os
+import stat
+import sys
+
+from twisted.internet import reactor
+from twisted.internet.defer import gatherResults, ensureDeferred
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from mterelay.codec import RelayIdentity
+from mterelay.keygen import main as keygen
+from tests.relay_harness import RelayHarness
+
+
+def run_cli(*args):
+    return getProcessOutputAndValue(sys.executable, ("-m", "mterelay.client") + args, env=os.environ, reactor=reactor)
+
+
+class ClientTests(RelayHarness, TestCase):
+    def setUp(self):
+        return ensureDeferred(self._setUp())
+
+    async def _setUp(self):
+        self.upstream = await self.start_upstream()
+        self.relay_url, self.registry, self.identity = await self.start_relay(self.upstream.url)
+
+    def test_cli_like_curl(self):
+        """``python -m mterelay.client URL -d DATA -H ...`` prints the decoded upstream answer."""
+
+        async def run():
+            out, err, code = await run_cli(
+                self.relay_url + "/anything?x=1", "-d", "hello", "-H", "Authorization: Bearer z", "--encode-type", "MTE"
+            )
+            self.assertEqual(code, 0, err)
+            echo = json.loads(out)
+            self.assertEqual((echo["method"], echo["path"], echo["query"]), ("POST", "/anything", "x=1"))
+            self.assertEqual((echo["body_length"], echo["headers"]["authorization"]), (5, ["Bearer z"]))
+
+        return ensureDeferred(run())
+
+    def test_cli_pin(self):
+        """``--pin`` with the relay's key works; with another key the CLI fails with 565 and nothing goes upstream."""
+
+        async def run():
+            out, err, code = await run_cli(self.relay_url + "/echo/pinned", "--pin", self.identity.public_b64())
+            self.assertEqual((code, json.loads(out)["path"]), (0, "/echo/pinned"))
+            self.upstream.received.clear()
+            out, err, code = await run_cli(self.relay_url + "/x", "--pin", RelayIdentity.generate().public_b64())
+            self.assertEqual((code, out), (1, b""))
+            self.assertIn(b"565", err)
+            self.assertEqual(self.upstream.received, [])
+
+        return ensureDeferred(run())
+
+    def test_mte_pool_bounded_under_concurrency(self):
+        """Twenty concurrent MTE requests through a pool of three pairs all succeed, over at most three pairs."""
+
+        async def run():
+            client = self.client(self.relay_url, pool_size=3)
+
+            async def one(i):
+                response = await client.request("POST", f"/echo/{i}", data=b"%d" % i, encode_type="MTE")
+                return json.loads(await response.content())["path"]
+
+            paths = await gatherResults([ensureDeferred(one(i)) for i in range(20)])
+            self.assertEqual(sorted(paths), sorted(f"/echo/{i}" for i in range(20)))
+            self.assertLessEqual((await self.registry.get_client(client._token.split(".")[0])).pair_count, 3)
+
+        return ensureDeferred(run())
+
+    def test_mke_pair_shared_by_concurrent_requests(self):
+        """Fifty concurrent MKE requests share one pair, each with its own counter."""
+
+        async def run():
+            client = self.client(self.relay_url)
+            responses = await gatherResults([client.request("GET", f"/echo/{i}") for i in range(50)])
+            for response in responses:
+                self.assertEqual(response.code, 200)
+                await response.content()
+            self.assertEqual((await self.registry.get_client(client._token.split(".")[0])).pair_count, 1)
+
+        return ensureDeferred(run())
+
+
+class KeygenTests(SynchronousTestCase):
+    def test_writes_private_key_and_prints_public(self):
+        """The key file is private (0600), loads as the identity whose public key was printed, and is not overwritten."""
+        path = os.path.join(self.mktemp())
+        printed = []
+
+        class Out:
+            write = printed.append
+
+        keygen([path], out=Out)
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        with open(path, "rb") as f:
+            self.assertEqual(RelayIdentity.from_pem(f.read()).public_b64() + "\n", printed[0])
+        with self.assertRaises(SystemExit):
+            keygen([path], out=Out)
