@@ -197,3 +197,28 @@ class SecretTests(ConfigTestCase):
         settings = Settings(upstream="http://x", client_id_secrets=[SECRET])
         self.assertRaises(AttributeError, setattr, settings, "upstream", "http://y")
         self.assertEqual(settings.client_id_secrets, (SECRET,))
+
+
+def read_env_file(path):
+    """The variables of a systemd EnvironmentFile (KEY=value lines, optional single quotes, # comments)."""
+    variables = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if line and not line.startswith("#"):
+                name, _, value = line.partition("=")
+                variables[name] = value[1:-1] if value[:1] == value[-1:] == "'" else value
+    return variables
+
+
+class DeployExampleTests(SynchronousTestCase):
+    def test_example_env_files_load(self):
+        """deploy/'s minimal and full environment files are valid configurations."""
+        deploy = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "deploy")
+        minimal, _ = load({}, read_env_file(os.path.join(deploy, "mterelay.env.minimal")))
+        self.assertEqual(minimal.upstream, "https://api.my-company.com")
+        full, _ = load({}, read_env_file(os.path.join(deploy, "mterelay.env.full")))
+        self.assertEqual(full.mte_routes, ("/api/v1/*", "/api/v2/*"))
+        self.assertEqual(full.headers, (("x-service-name", "mte-relay"),))
+        self.assertEqual(full.listen, ("tcp:3000",))
+        self.assertEqual(full.log_format, "json")

@@ -1,17 +1,23 @@
 """Tests for mterelay.tap: option parsing, one-line configuration errors and service wiring."""
 
 import io
+import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.testing import MemoryReactor
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from mterelay import logs, tap, web
 
 SECRET = "s" * 40
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {"UPSTREAM": "http://127.0.0.1:9", "CLIENT_ID_SECRET": SECRET}
 
 
@@ -69,7 +75,7 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertIs(listeners[0].factory, listeners[1].factory)
 
 
-class TwistdTests(TestCase):
+class TwistdTests(SynchronousTestCase):
     """``twistd mterelay`` as an operator runs it, in a subprocess."""
 
     def run_twistd(self, args, environ):
@@ -110,3 +116,43 @@ class TwistdTests(TestCase):
         self.assertTrue(result.stderr.startswith("mterelay: error: HEADERS (environment): not a JSON object"))
         self.assertEqual(len(result.stderr.splitlines()), 1)
 
+
+
+class DeployUnitTests(SynchronousTestCase):
+    def test_unit_runs_twistd_hardened(self):
+        """The systemd unit runs twistd in the foreground from an EnvironmentFile, hardened and restarted on failure."""
+        path = os.path.join(ROOT, "deploy", "mterelay.service")
+        with open(path, encoding="utf-8") as f:
+            lines = {line.strip() for line in f if line.strip() and not line.startswith("#")}
+        self.assertIn("ExecStart=/opt/mterelay/venv/bin/twistd --nodaemon --pidfile= mterelay", lines)
+        for directive in ("DynamicUser=yes", "NoNewPrivileges=yes", "ProtectSystem=strict", "PrivateTmp=yes",
+                          "Restart=on-failure", "EnvironmentFile=/etc/mterelay/mterelay.env"):
+            self.assertIn(directive, lines)
+
+
+class RunScriptTests(SynchronousTestCase):
+    def test_run_script_serves_echo(self):
+        """bash scripts/run.sh (demo upstream, generated secret) serves /api/mte-echo/hi."""
+        ports = []
+        for _ in range(2):
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                ports.append(probe.getsockname()[1])
+        env = {k: v for k, v in os.environ.items() if k not in ("UPSTREAM", "CLIENT_ID_SECRET", "PORT", "LISTEN")}
+        env.update(PORT=str(ports[0]), DEMO_UPSTREAM_PORT=str(ports[1]))
+        log_path = os.path.abspath(self.mktemp())
+        with open(log_path, "wb") as log_file:
+            process = subprocess.Popen(["bash", "scripts/run.sh"], cwd=ROOT, env=env, stdout=log_file,
+                                       stderr=subprocess.STDOUT, start_new_session=True)
+        self.addCleanup(process.wait, 20)
+        self.addCleanup(os.killpg, process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/api/mte-echo/hi", timeout=2) as answer:
+                    self.assertEqual(json.loads(answer.read())["echo"], "hi")
+                    return
+            except OSError:
+                time.sleep(0.2)
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            self.fail("run.sh did not serve the echo route: " + f.read()[-2000:])
