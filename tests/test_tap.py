@@ -11,7 +11,9 @@ import time
 import urllib.request
 
 from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import Application
 from twisted.internet.testing import MemoryReactor
+from twisted.logger import ILogObserver, Logger, LogPublisher, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from mterelay import logs, tap, web
@@ -156,3 +158,52 @@ class RunScriptTests(SynchronousTestCase):
                 time.sleep(0.2)
         with open(log_path, encoding="utf-8", errors="replace") as f:
             self.fail("run.sh did not serve the echo route: " + f.read()[-2000:])
+
+
+class LoggingTests(SynchronousTestCase):
+    def test_json_lines_and_level(self):
+        """JSON format writes one object a line with the structured fields; DEBUG events pass only under DEBUG."""
+        for debug in (False, True):
+            out = io.StringIO()
+            observer = logs.make_observer("json", debug, out)
+            logger = Logger(observer=observer, namespace="test")
+            logger.info("upstream {code}", code=502)
+            logger.debug("detail {n}", n=1)
+            lines = out.getvalue().splitlines()
+            self.assertEqual(len(lines), 2 if debug else 1)
+            event = json.loads(lines[0])
+            self.assertEqual((event["code"], event["log_format"]), (502, "upstream {code}"))
+
+    def test_service_offers_observer_to_twistd_application(self):
+        """Under twistd the observer becomes the application's ILogObserver instead of a second observer."""
+        observer = logs.make_observer("text", False, io.StringIO())
+        application = Application("mterelay")
+        service = logs.LoggingService(observer)
+        service.setServiceParent(application)
+        self.assertIs(application.getComponent(ILogObserver), observer)
+
+    def test_service_adds_observer_elsewhere(self):
+        """Outside twistd the service adds its observer while it runs and removes it on stop."""
+        publisher = LogPublisher()
+        out = io.StringIO()
+        service = logs.LoggingService(logs.make_observer("text", False, out), publisher)
+        service.startService()
+        Logger(observer=publisher).info("running")
+        self.successResultOf(service.stopService())
+        Logger(observer=publisher).info("stopped")
+        self.assertIn("running", out.getvalue())
+        self.assertNotIn("stopped", out.getvalue())
+
+    def test_relay_logs_hold_no_secret(self):
+        """A relay run with DEBUG on logs its warnings and requests but never the secrets it was given."""
+        out = io.StringIO()
+        options, _ = parse(["--listen", "tcp:0", "--debug", "--outbound-token", "outbound-token-value"],
+                           dict(ENV, CLIENT_ID_SECRET="short-secret-value"))
+        observer = logs.make_observer("json", True, out)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        tap.makeService(options)
+        text = out.getvalue()
+        self.assertIn("CLIENT_ID_SECRET", text)
+        self.assertNotIn("short-secret-value", text)
+        self.assertNotIn("outbound-token-value", text)

@@ -9,7 +9,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from mterelay.config import Settings
 from mterelay.errors import error_table
-from mterelay.web import InFlight, build_resource, compile_routes
+from mterelay.web import DrainingService, InFlight, build_resource, compile_routes
 
 SECRET = "s" * 40
 
@@ -225,3 +225,31 @@ class InFlightTests(SynchronousTestCase):
 class _Pending:
     def render(self, request):
         return NOT_DONE_YET
+
+
+class DrainingServiceTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.closed = []
+        tracker = InFlight(self.clock)
+        self.service = DrainingService(tracker, 10, on_stopped=lambda: self.closed.append(True))
+        self.service.startService()
+        self.request = make_request(b"GET", b"/")
+        tracker.track(self.request)
+
+    def test_stop_waits_for_requests_then_closes(self):
+        """Stopping waits for in-flight requests, then runs the close hook."""
+        stopping = self.service.stopService()
+        self.assertNoResult(stopping)
+        self.clock.advance(9)
+        self.assertEqual(self.closed, [])
+        self.request.finish()
+        self.successResultOf(stopping)
+        self.assertEqual(self.closed, [True])
+
+    def test_stop_bounded_by_drain_timeout(self):
+        """A request that never finishes delays stopping by DRAIN_TIMEOUT only."""
+        stopping = self.service.stopService()
+        self.clock.advance(10)
+        self.successResultOf(stopping)
+        self.assertEqual(self.closed, [True])

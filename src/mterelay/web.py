@@ -176,7 +176,7 @@ class RelaySite(server.Site):
 
     def log(self, request):
         log.info(
-            "{method} {path} {code} {sent}B",
+            "{method} {path} {code} {sent}B" + (" request_id={request_id}" if request.request_id else ""),
             method=request.method.decode("latin-1"),
             path=request.path.decode("latin-1")[:200],
             code=request.code,
