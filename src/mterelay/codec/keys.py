@@ -119,33 +119,54 @@ class _Records:
         self._index = 0
         self._done = False
 
-    def _record(self, data, final):
+    def _nonce_ad(self, final):
         index = self._index.to_bytes(8, "big")
         self._index += 1
-        return self._transform(self._aead, _BODY_NONCE + index, data, self._head + index + self._tails[final])
+        return _BODY_NONCE + index, self._head + index + self._tails[final]
+
+    def _record(self, data, final):
+        return self._transform(self._aead, *self._nonce_ad(final), data)
 
     def _records(self, data, step):
         """
         Transform every complete non-final record in buffer + data; keep the rest (< ``step`` bytes) buffered.
-        Whole records are read straight from ``data``: only a record split across feeds is copied.
+        Whole records are read straight from ``data`` and written straight into one output buffer: only a record
+        split across feeds is copied in, and the output is copied once into the returned bytes.
         """
         if self._done:
             raise CodecError(DECODE_FAILED, "body stream already finished or failed")
         view = memoryview(data)
         buffer = self._buffer
-        out = []
+        taken = 0
         if buffer:
-            taken = step - len(buffer)
+            taken = min(step - len(buffer), len(view))
             buffer += view[:taken]
-            view = view[taken:]
-            if len(buffer) == step:
-                out.append(self._record(buffer, False))
+        whole = taken + (len(view) - taken) // step * step
+        count = (whole - taken) // step + (len(buffer) == step)
+        if count < 2:
+            # Zero or one record: the AEAD's own output is returned as is, with no copy.
+            out = self._record(buffer if taken else view[:whole], False) if count else b""
+            if taken and count:
                 buffer.clear()
-        whole = len(view) - len(view) % step
-        for pos in range(0, whole, step):
-            out.append(self._record(view[pos : pos + step], False))
+            buffer += view[whole:]
+            return out
+        out_step = step + self._growth
+        out = bytearray(out_step * count)
+        slots = memoryview(out)
+        slot = 0
+        if len(buffer) == step:
+            self._record_into(buffer, slots[:out_step])
+            buffer.clear()
+            slot = 1
+        for pos in range(taken, whole, step):
+            self._record_into(view[pos : pos + step], slots[slot * out_step : (slot + 1) * out_step])
+            slot += 1
         buffer += view[whole:]
-        return out[0] if len(out) == 1 else b"".join(out)
+        return bytes(out)
+
+    def _record_into(self, data, slot):
+        self._transform_into(self._aead, *self._nonce_ad(False), data, slot)
+
     def _final(self):
         if self._done:
             raise CodecError(DECODE_FAILED, "body stream already finished or failed")
@@ -158,9 +179,15 @@ class BodyEncoder(_Records):
 
     __slots__ = ()
 
+    _growth = TAG_SIZE
+
     @staticmethod
-    def _transform(aead, nonce, data, ad):
+    def _transform(aead, nonce, ad, data):
         return aead.encrypt(nonce, data, ad)
+
+    @staticmethod
+    def _transform_into(aead, nonce, ad, data, slot):
+        aead.encrypt_into(nonce, data, ad, slot)
 
     def feed(self, data):
         """Encoded records for every complete ``record_size`` bytes seen so far."""
@@ -180,12 +207,23 @@ class BodyDecoder(_Records):
 
     __slots__ = ()
 
-    def _transform(self, aead, nonce, data, ad):
+    _growth = -TAG_SIZE
+
+    def _transform(self, aead, nonce, ad, data):
         try:
             return aead.decrypt(nonce, data, ad)
         except InvalidTag:
-            self._done = True
-            raise CodecError(DECODE_FAILED, "body record failed authentication") from None
+            self._failed()
+
+    def _transform_into(self, aead, nonce, ad, data, slot):
+        try:
+            aead.decrypt_into(nonce, data, ad, slot)
+        except InvalidTag:
+            self._failed()
+
+    def _failed(self):
+        self._done = True
+        raise CodecError(DECODE_FAILED, "body record failed authentication") from None
 
     def feed(self, data):
         """Plaintext of every complete authenticated non-final record seen so far."""
