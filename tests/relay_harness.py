@@ -3,8 +3,15 @@ Integration harness: a real upstream, a real relay site on 127.0.0.1 (memory or 
 over real sockets in this process. Each piece registers its own cleanup on the test case.
 """
 
+import os
+import socket
+import subprocess
+import sys
+
+from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.task import deferLater
 from twisted.protocols.policies import WrappingFactory
 from twisted.web.client import Agent, HTTPConnectionPool
 
@@ -70,3 +77,47 @@ class RelayHarness(RedisServerMixin):
 
     def client(self, relay_url, **kwargs):
         return Client(relay_url, agent(self), reactor, **kwargs)
+
+    async def raw_request(self, url, method, path, headers=None, data=None):
+        """A plain request (no encoding) to ``url + path``; returns ``(status, body)``."""
+        response = await HTTPClient(agent(self)).request(method, url + path, headers=headers, data=data)
+        return response.code, await response.content()
+
+    async def start_twistd(self, **environ):
+        """
+        Run ``twistd mterelay`` as its own process (so its memory can be measured alone) with ``environ`` added to
+        this environment, on a free loopback port; returns ``(url, process)`` once it answers the echo route.
+        """
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        env = dict(os.environ, CLIENT_ID_SECRET=SECRET, LISTEN=f"tcp:{port}:interface=127.0.0.1", **environ)
+        log_path = os.path.abspath(self.mktemp())
+        with open(log_path, "wb") as log_file:
+            process = subprocess.Popen(
+                [os.path.join(os.path.dirname(sys.executable), "twistd"), "--nodaemon", "--pidfile=", "mterelay"],
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                cwd=os.path.dirname(log_path),
+            )
+        self.addCleanup(process.wait, 10)
+        self.addCleanup(process.terminate)
+        url = f"http://127.0.0.1:{port}"
+        http = HTTPClient(agent(self))
+        for _ in range(200):
+            try:
+                response = await http.get(url + "/api/mte-echo/up")
+                await response.content()
+                return url, process
+            except Exception:
+                await deferLater(reactor, 0.05, lambda: None)
+        with open(log_path, encoding="utf-8") as f:
+            self.fail("the relay did not start: " + f.read()[-2000:])
+
+
+def rss_kib(pid="self"):
+    """VmRSS and VmHWM (peak) of process ``pid`` in KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])

@@ -4,12 +4,10 @@ import hashlib
 import json
 import os
 import socket
-import subprocess
-import sys
 
 from treq.client import HTTPClient
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, ensureDeferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
@@ -19,6 +17,7 @@ from twisted.web.http_headers import Headers
 
 from mterelay.config import Settings
 from mterelay.upstream import RequestBodyProducer
+from tests.relay_harness import RelayHarness, rss_kib
 from tests.upstream_server import UpstreamServer, pattern_sha256, serve_relay
 
 SECRET = "s" * 40
@@ -190,7 +189,9 @@ class FailureTests(PassThroughTestCase):
         port = int(relay.url.rsplit(":", 1)[1])
         for head in (
             b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1001\r\nExpect: 100-continue\r\n\r\n",
-            b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + b"3e8\r\n" + b"a" * 1000
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"3e8\r\n"
+            + b"a" * 1000
             + b"\r\n1\r\nb\r\n",
         ):
             answer = yield self._raw(port, head)
@@ -250,14 +251,7 @@ class _Digest(Protocol):
         self.done.callback(self.hash.hexdigest())
 
 
-def _rss_kib(pid):
-    """VmRSS and VmHWM of process ``pid`` in KiB."""
-    with open(f"/proc/{pid}/status") as f:
-        fields = dict(line.split(":", 1) for line in f)
-    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
-
-
-class MemoryTests(PassThroughTestCase):
+class MemoryTests(RelayHarness, PassThroughTestCase):
     """The relay runs as its own process (twistd) so that its memory is measured alone."""
 
     timeout = 120
@@ -267,42 +261,17 @@ class MemoryTests(PassThroughTestCase):
     @inlineCallbacks
     def test_100mb_each_way_in_bounded_memory(self):
         """100 MB up and 100 MB down through the relay raise its peak RSS by less than ~20 MB."""
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        env = dict(
-            os.environ,
-            UPSTREAM=self.upstream.url,
-            CLIENT_ID_SECRET=SECRET,
-            PASS_THROUGH_ROUTES="/echo*,/bytes/*",
-            LISTEN=f"tcp:{port}:interface=127.0.0.1",
+        url, process = yield ensureDeferred(
+            self.start_twistd(UPSTREAM=self.upstream.url, PASS_THROUGH_ROUTES="/echo*,/bytes/*")
         )
-        log_path = os.path.abspath(self.mktemp())
-        with open(log_path, "wb") as log_file:
-            process = subprocess.Popen(
-                [os.path.join(os.path.dirname(sys.executable), "twistd"), "--nodaemon", "--pidfile=", "mterelay"],
-                env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=os.path.dirname(log_path),
-            )
-        self.addCleanup(process.wait, 10)
-        self.addCleanup(process.terminate)
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(200):
-            try:
-                response = yield self.client.get(url + "/api/mte-echo/up")
-                yield readBody(response)
-                break
-            except Exception:
-                yield deferLater(reactor, 0.05, lambda: None)
-        else:
-            self.fail("the relay did not start: " + open(log_path, encoding="utf-8").read()[-2000:])
         # Warm up every code path once so that the baseline includes imports and buffers of steady state.
         yield self._upload(url, 1024 * 1024)
         yield self._download(url, 1024 * 1024)
-        baseline, _ = _rss_kib(process.pid)
+        baseline, _ = rss_kib(process.pid)
         summary = yield self._upload(url, self.SIZE)
         self.assertEqual((summary["body_length"], summary["body_sha256"]), (self.SIZE, pattern_sha256(self.SIZE)))
         self.assertEqual((yield self._download(url, self.SIZE)), pattern_sha256(self.SIZE))
-        _, peak = _rss_kib(process.pid)
+        _, peak = rss_kib(process.pid)
         rise = peak - baseline
         print(f"relay RSS baseline {baseline} KiB, peak {peak} KiB, rise {rise} KiB over 100 MB each way")
         self.assertLess(rise, self.BOUND_KIB)

@@ -3,8 +3,6 @@ The relay's site: the router with the roles that the settings switch on. ``makeS
 build it the same way.
 """
 
-from twisted.logger import Logger
-
 from mterelay.clientid import ClientIdSigner
 from mterelay.codec import RelayIdentity
 from mterelay.inbound import Inbound
@@ -12,18 +10,10 @@ from mterelay.outbound import Outbound
 from mterelay.upstream import AgentUpstreamClient
 from mterelay.web import RelaySite, build_resource
 
-log = Logger()
 
-
-def load_identity(settings):
-    """The relay's Ed25519 identity from IDENTITY_KEY, or an ephemeral one (with a warning) when it is unset."""
-    if settings.identity_key is None:
-        log.warn(
-            "IDENTITY_KEY is unset: using an ephemeral relay identity; clients cannot pin it and relays behind one "
-            "load balancer will not agree (generate one with: python -m mterelay.keygen relay-key.pem)"
-        )
-        return RelayIdentity.generate()
-    with open(settings.identity_key, "rb") as f:
+def load_identity(path):
+    """The relay's Ed25519 identity from the PEM file at ``path`` (IDENTITY_KEY)."""
+    with open(path, "rb") as f:
         return RelayIdentity.from_pem(f.read())
 
 

@@ -11,7 +11,10 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from mterelay import config, logs, upstream, web
+from mterelay import config, logs, site, web
+from mterelay.codec import RelayIdentity
+from mterelay.redis_registry import RedisRegistry
+from mterelay.registry import MemoryRegistry
 
 log = Logger()
 
@@ -32,9 +35,7 @@ class Options(usage.Options):
 
     optFlags = [["debug", None, _help(next(o for o in config.OPTIONS if o.field == "debug"))]]
     optParameters = [["config", "c", None, "YAML file of settings (keys as in the product documents)"]] + [
-        [option.flag, None, None, _help(option)]
-        for option in config.OPTIONS
-        if option.field not in ("debug", "listen")
+        [option.flag, None, None, _help(option)] for option in config.OPTIONS if option.field not in ("debug", "listen")
     ]
 
     def __init__(self, environ=None, stderr=None, reactor=None):
@@ -66,6 +67,7 @@ class Options(usage.Options):
         try:
             self.settings, warnings = config.load(flags, self._environ, self["config"])
             self.endpoints = [self._endpoint(description) for description in self.settings.listen]
+            self.identity = self._identity()
         except config.ConfigError as e:
             # twistd would print the whole usage text for a UsageError; the operator needs one line.
             self._stderr.write(f"mterelay: error: {e}\n")
@@ -73,11 +75,32 @@ class Options(usage.Options):
             raise SystemExit(2)
         self.warnings = warnings
 
+    def _identity(self):
+        path = self.settings.identity_key
+        if path is None:
+            return RelayIdentity.generate()  # config.load has warned about it
+        try:
+            return site.load_identity(path)
+        except (OSError, ValueError) as e:
+            raise config.ConfigError(f"--identity-key/IDENTITY_KEY: cannot load {path!r}: {e}") from None
+
     def _endpoint(self, description):
         try:
             return serverFromString(self.reactor, description)
         except Exception as e:  # endpoint parsers raise anything from ValueError to OpenSSL errors
             raise config.ConfigError(f"--listen/LISTEN: invalid endpoint {description!r}: {e}") from None
+
+
+def _registry(settings, reactor):
+    """The session registry: Redis when REDIS_URL is set, else memory (both are services: sweep, connection)."""
+    limits = {
+        "pair_ttl": settings.pair_ttl,
+        "max_pairs_per_client": settings.max_pairs_per_client,
+        "max_pairs_total": settings.max_pairs,
+    }
+    if settings.redis_url is None:
+        return MemoryRegistry(reactor, **limits)
+    return RedisRegistry.from_url(settings.redis_url, reactor, reactor, timeout=settings.redis_timeout, **limits)
 
 
 def makeService(options):
@@ -89,14 +112,17 @@ def makeService(options):
         log.warn("{text}", text=warning)
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = POOL_PERSISTENT_PER_HOST
-    client = upstream.AgentUpstreamClient(Agent(reactor, pool=pool))
+    registry = _registry(settings, reactor)
+    registry.setServiceParent(top)
     tracker = web.InFlight(reactor)
-    site = web.RelaySite(web.build_resource(settings, client, reactor, tracker=tracker), settings)
+    relay_site = site.build_site(settings, reactor, Agent(reactor, pool=pool), registry, options.identity, tracker)
     relay = web.DrainingService(tracker, settings.drain_timeout, on_stopped=pool.closeCachedConnections)
     for endpoint in options.endpoints:
-        StreamServerEndpointService(endpoint, site).setServiceParent(relay)
+        StreamServerEndpointService(endpoint, relay_site).setServiceParent(relay)
     relay.setServiceParent(top)
     log.info(
-        "mterelay serving {listen} for upstream {upstream}", listen=",".join(settings.listen), upstream=settings.upstream
+        "mterelay serving {listen} for upstream {upstream}",
+        listen=",".join(settings.listen),
+        upstream=settings.upstream,
     )
     return top

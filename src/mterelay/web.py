@@ -4,8 +4,9 @@ everything else to the outbound role, the inbound relay or the pass-through prox
 
 Dispatch order: CORS preflight; ``/api/mte-echo[/<msg>]``; ``/api/mte-errors``; a request carrying
 ``x-mte-outbound-token`` (outbound handler, only when the token matches OUTBOUND_TOKEN); ``/api/mte-relay`` and
-``/api/mte-pair`` (inbound handler); PASS_THROUGH_ROUTES (proxied as is); MTE routes (MTE_ROUTES, or every other path
-when unset; inbound handler); else 404. A handler is an object with ``render(request)`` returning bytes or
+``/api/mte-pair`` (inbound handler); a request carrying ``x-mte-relay`` (inbound handler, which matches MTE_ROUTES
+against the decoded path); PASS_THROUGH_ROUTES (proxied as is); MTE routes (MTE_ROUTES, or every other path when unset;
+inbound handler); else 404. A handler is an object with ``render(request)`` returning bytes or
 ``NOT_DONE_YET``; an absent handler answers 501.
 """
 
@@ -30,6 +31,7 @@ ECHO = "/api/mte-echo"
 ERRORS = "/api/mte-errors"
 INBOUND_PATHS = ("/api/mte-relay", "/api/mte-pair")
 OUTBOUND_TOKEN_HEADER = b"x-mte-outbound-token"
+RELAY_HEADER = b"x-mte-relay"
 #: Relay headers a browser client must be able to send and read.
 MTE_HEADERS = (b"x-mte-relay", b"x-mte-relay-eh", b"x-mte-client-id", b"x-mte-relay-identity")
 CORS_ALLOW_HEADERS = b", ".join(
@@ -252,6 +254,9 @@ class Router(Resource):
             return self._handle(self._outbound, request)
         if any(path == p or path.startswith(p + "/") for p in INBOUND_PATHS):
             return self._handle(self._inbound, request)
+        if request.requestHeaders.hasHeader(RELAY_HEADER):
+            # An encoded message: its path may be encoded too, so the inbound role checks MTE_ROUTES once decoded.
+            return self._handle(self._inbound, request)
         if self._pass_through is not None and self._pass_through.fullmatch(path):
             return self._proxy(request)
         if self._mte_routes is None or self._mte_routes.fullmatch(path):
@@ -299,4 +304,3 @@ def build_resource(settings, upstream, clock, inbound=None, outbound=None, track
     ``InFlight`` that counts requests for draining.
     """
     return Router(settings, upstream, clock, inbound, outbound, tracker)
-
