@@ -106,6 +106,7 @@ async def main(reactor, options):
     server = RedisServer.start()
     try:
         registry = RedisRegistry.from_url(server.url, reactor, max_pairs_per_client=PAIRS)
+        registry.startService()
         await registry.whenConnected()
         await bench(registry, "redis", options, server)
         await registry.stopService()

@@ -64,6 +64,7 @@ class RelayHarness(RedisServerMixin):
         if not hasattr(self, "redis"):
             self.redis = self.start_redis()
         registry = RedisRegistry.from_url(self.redis.url, reactor)
+        registry.startService()
         self.addCleanup(registry.stopService)
         return registry
 

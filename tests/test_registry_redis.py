@@ -23,6 +23,7 @@ class RedisTestMixin(RedisServerMixin):
 
     async def connect(self, url=None, **kwargs):
         registry = RedisRegistry.from_url(url or self.server.url, reactor, **kwargs)
+        registry.startService()
         self.addCleanup(registry.stopService)
         await registry.whenConnected()
         return registry
@@ -126,6 +127,7 @@ class RedisFailureTests(RedisTestMixin, TestCase):
         """A registry pointed at a port where nothing listens answers 503 within its timeout."""
         self.server.stop()
         registry = RedisRegistry.from_url(self.server.url, reactor, timeout=0.3)
+        registry.startService()
         self.addCleanup(registry.stopService)
         for d in [registry.whenConnected(), registry.get_pair("client-a", "pair-1")]:
             with self.assertRaises(RegistryUnavailable):
@@ -136,6 +138,7 @@ class RedisFailureTests(RedisTestMixin, TestCase):
         self.server.stop()
         self.server = self.start_redis(password="right")
         registry = RedisRegistry.from_url(self.server.url.replace("right", "wrong"), reactor, timeout=0.5)
+        registry.startService()
         self.addCleanup(registry.stopService)
         with self.assertRaises(RegistryUnavailable):
             await registry.get_pair("client-a", "pair-1")
@@ -193,6 +196,7 @@ class RedisTLSTests(RedisTestMixin, TestCase):
     async def test_tls_refuses_unknown_certificate(self):
         """A server whose certificate the registry does not trust is unavailable (503), never used."""
         registry = RedisRegistry.from_url(self.server.url, reactor, timeout=1.0)
+        registry.startService()
         self.addCleanup(registry.stopService)
         with self.assertRaises(RegistryUnavailable):
             await registry.get_pair("client-a", "pair-1")

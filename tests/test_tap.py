@@ -17,6 +17,8 @@ from twisted.logger import ILogObserver, Logger, LogPublisher, globalLogPublishe
 from twisted.trial.unittest import SynchronousTestCase
 
 from mterelay import logs, tap, web
+from mterelay.redis_registry import RedisRegistry
+from mterelay.registry import MemoryRegistry
 
 SECRET = "s" * 40
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,16 +67,44 @@ class OptionsTests(SynchronousTestCase):
 
 class MakeServiceTests(SynchronousTestCase):
     def test_wiring(self):
-        """makeService builds a logging service around a draining service with one listener per endpoint."""
+        """makeService builds a logging service around the registry (memory without REDIS_URL) and a draining service
+        with one listener per endpoint."""
         options, _ = parse(["--listen", "tcp:0", "--listen", "tcp:0"])
         top = tap.makeService(options)
         self.assertIsInstance(top, logs.LoggingService)
-        [relay] = list(top)
+        registry, relay = list(top)
+        self.assertIsInstance(registry, MemoryRegistry)
         self.assertIsInstance(relay, web.DrainingService)
         listeners = list(relay)
         self.assertEqual(len(listeners), 2)
         self.assertTrue(all(isinstance(s, StreamServerEndpointService) for s in listeners))
         self.assertIs(listeners[0].factory, listeners[1].factory)
+
+
+class RegistryWiringTests(SynchronousTestCase):
+    def test_redis_url_selects_redis_registry(self):
+        """REDIS_URL selects the Redis registry with the configured timeout and pair limits."""
+        options, _ = parse(["--redis-url", "redis://127.0.0.1:9/2", "--redis-timeout", "0.5", "--pair-ttl", "60"])
+        registry, _ = list(tap.makeService(options))
+        self.assertIsInstance(registry, RedisRegistry)
+        self.assertEqual((registry.timeout, registry.pair_ttl), (0.5, 60))
+
+    def test_identity_key_loaded_or_refused(self):
+        """IDENTITY_KEY loads the relay's key; an unreadable or non-Ed25519 file is a one-line configuration error."""
+        from mterelay.keygen import write_identity
+
+        path = self.mktemp()
+        identity = write_identity(path)
+        options, _ = parse(["--identity-key", path])
+        self.assertEqual(options.identity.public_bytes(), identity.public_bytes())
+        bad = self.mktemp()
+        with open(bad, "w") as f:
+            f.write("not a key")
+        stderr = io.StringIO()
+        options = tap.Options(environ=ENV, stderr=stderr, reactor=MemoryReactor())
+        self.assertRaises(SystemExit, options.parseOptions, ["--identity-key", bad])
+        self.assertTrue(stderr.getvalue().startswith("mterelay: error: --identity-key/IDENTITY_KEY: cannot load"))
+        self.assertEqual(len(stderr.getvalue().splitlines()), 1)
 
 
 class TwistdTests(SynchronousTestCase):

@@ -268,6 +268,8 @@ class RedisRegistry(Service):
         self._prefix = key_prefix
         self._connected_once = False
         self._waiting = []
+        #: Where ``startService`` connects (set by ``from_url``).
+        self.endpoint = None
         factory.deferred.addCallbacks(self._ready, self._refused)
 
     @classmethod
@@ -285,7 +287,8 @@ class RedisRegistry(Service):
         **kwargs,
     ):
         """
-        Connect to the Redis at ``url`` (see ``RedisAddress.from_url``) and return the registry.
+        The registry for the Redis at ``url`` (see ``RedisAddress.from_url``); it connects when started
+        (``startService``), so that nothing touches the network before the service runs.
 
         ``clock`` times the operations and stamps the records; ``reactor`` (default: ``clock``) makes the
         connections. ``tls_options`` (an ``IOpenSSLClientConnectionCreator``) replaces the default check of a
@@ -306,8 +309,9 @@ class RedisRegistry(Service):
         )
         factory.initialDelay = reconnect_delay
         factory.maxDelay = max_reconnect_delay
-        factory.startConnecting(address.endpoint(reactor or clock, timeout, tls_options))
-        return cls(factory, clock, timeout=timeout, **kwargs)
+        registry = cls(factory, clock, timeout=timeout, **kwargs)
+        registry.endpoint = address.endpoint(reactor or clock, timeout, tls_options)
+        return registry
 
     def _ready(self, handler):
         self._connected_once = True
@@ -328,6 +332,10 @@ class RedisRegistry(Service):
         self._waiting.append(d)
         d.addTimeout(self.timeout, self._clock)
         return d.addErrback(self._unavailable)
+
+    def startService(self):
+        super().startService()
+        self._factory.startConnecting(self.endpoint)
 
     def stopService(self):
         super().stopService()
