@@ -4,57 +4,24 @@ relay B -> a real upstream. The forwarder keeps every byte that crossed between 
 """
 
 import hashlib
+import os
+import sys
 import io
 import json
-import os
 
 import treq
 from treq.client import HTTPClient
 from twisted.internet.defer import ensureDeferred
+from twisted.internet.utils import getProcessOutputAndValue
 from twisted.web.client import FileBodyProducer
 from twisted.web.http_headers import Headers
-from twisted.protocols import portforward
 from twisted.trial.unittest import TestCase
 
 from mterelay.codec import RelayIdentity
+from mterelay.demo import WireRecorder
 from tests.relay_harness import RelayHarness, agent, serve
 
 TOKEN = "outbound-token-for-tests-0123456789"
-
-
-class _RecordingServer(portforward.ProxyServer):
-    def dataReceived(self, data):
-        self.factory.recorded.append(data)
-        super().dataReceived(data)
-
-
-class _RecordingClient(portforward.ProxyClient):
-    def dataReceived(self, data):
-        self.peer.factory.recorded.append(data)
-        super().dataReceived(data)
-
-
-class _RecordingClientFactory(portforward.ProxyClientFactory):
-    protocol = _RecordingClient
-
-
-class _Recorder(portforward.ProxyFactory):
-    """A TCP forwarder to ``host:port`` that records the bytes of both directions."""
-
-    protocol = _RecordingServer
-
-    def __init__(self, host, port):
-        super().__init__(host, port)
-        self.recorded = []
-
-    def buildProtocol(self, addr):
-        server = super().buildProtocol(addr)
-        server.clientProtocolFactory = _RecordingClientFactory
-        return server
-
-    @property
-    def wire(self):
-        return b"".join(self.recorded)
 
 
 class ChainTests(RelayHarness, TestCase):
@@ -65,7 +32,7 @@ class ChainTests(RelayHarness, TestCase):
         self.upstream = await self.start_upstream()
         self.b_url, self.b_registry, self.b_identity = await self.start_relay(self.upstream.url)
         b_port = int(self.b_url.rsplit(":", 1)[1])
-        self.recorder = _Recorder("127.0.0.1", b_port)
+        self.recorder = WireRecorder("127.0.0.1", b_port)
         self.peer = f"http://127.0.0.1:{await serve(self, self.recorder)}"
         self.a_url, _, _ = await self.start_relay(
             self.upstream.url, outbound_token=TOKEN, allowed_peers=(self.peer,), **self.a_settings()
@@ -268,5 +235,26 @@ class PinTests(RelayHarness, TestCase):
             await response.content()
             self.assertEqual(response.code, 200)
             self.assertEqual(upstream.last.path, "/echo/x")
+
+        return ensureDeferred(run())
+
+
+class DemoTests(TestCase):
+    def test_chain_demo_shows_every_hop(self):
+        """``python -m mterelay.demo chain`` sends one request through A and B and prints plain text at both ends and
+        only encoded traffic between the relays (it checks that itself, exiting non-zero on a leak)."""
+
+        async def run():
+            for encode_type in ("MKE", "MTE"):
+                out, err, code = await getProcessOutputAndValue(
+                    sys.executable, ("-m", "mterelay.demo", "chain", "--encode-type", encode_type), env=os.environ
+                )
+                self.assertEqual(code, 0, err)
+                text = out.decode()
+                self.assertIn("authorization: Bearer demo-token-123", text.split("3. The upstream")[1])
+                self.assertIn("Set-Cookie: theme=dark", text.split("4. The application")[1])
+                between = text.split("2. Between relay A and relay B")[1].split("3. The upstream")[0]
+                self.assertIn(f",{encode_type},", between)
+                self.assertNotIn("demo-token-123", between)
 
         return ensureDeferred(run())
