@@ -18,8 +18,9 @@ from mterelay.registry import MemoryRegistry
 
 log = Logger()
 
-#: Idle keep-alive connections kept per upstream host; more connections open on demand.
-POOL_PERSISTENT_PER_HOST = 20
+#: Idle keep-alive connections kept per upstream host or peer relay; more open on demand. Sized for hundreds of
+#: concurrent requests: a connection closed and reopened per request costs more than the relaying itself.
+POOL_PERSISTENT_PER_HOST = 512
 
 
 def _help(option):

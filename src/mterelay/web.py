@@ -17,7 +17,7 @@ from urllib.parse import unquote
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, succeed
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.web import server
 from twisted.web.resource import Resource
 
@@ -166,18 +166,25 @@ class RelayRequest(server.Request):
 
 
 class RelaySite(server.Site):
-    """The relay's ``Site``: ``RelayRequest``s and one structured access-log event per request (no query, no body)."""
+    """
+    The relay's ``Site``: ``RelayRequest``s and one structured access-log event per request (no query, no body), at
+    info level for errors and debug level (DEBUG) for the rest.
+    """
 
     requestFactory = RelayRequest
     noisy = False
 
     def __init__(self, resource, settings):
-        super().__init__(resource)
+        # The relay never reads form arguments: Twisted's form parsing would read a whole urlencoded or multipart body
+        # into memory (and parse every POST's content-type with the slow email package).
+        super().__init__(resource, parsePOSTFormSubmission=False)
         self.max_body_size = settings.max_body_size
         self.headers = settings.headers
 
     def log(self, request):
-        log.info(
+        # Answers below 400 are logged at debug level only: a line per request costs more than relaying it.
+        log.emit(
+            LogLevel.info if request.code >= 400 else LogLevel.debug,
             "{method} {path} {code} {sent}B" + (" request_id={request_id}" if request.request_id else ""),
             method=request.method.decode("latin-1"),
             path=request.path.decode("latin-1")[:200],
