@@ -46,7 +46,8 @@ class ClientTests(RelayHarness, TestCase):
 
         async def run():
             out, err, code = await run_cli(self.relay_url + "/echo/pinned", "--pin", self.identity.public_b64())
-            self.assertEqual((code, json.loads(out)["path"]), (0, "/echo/pinned"))
+            self.assertEqual(code, 0, err)
+            self.assertEqual(json.loads(out)["path"], "/echo/pinned", out)
             self.upstream.received.clear()
             out, err, code = await run_cli(self.relay_url + "/x", "--pin", RelayIdentity.generate().public_b64())
             self.assertEqual((code, out), (1, b""))

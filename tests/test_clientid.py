@@ -44,3 +44,17 @@ class ClientIdTests(SynchronousTestCase):
     def test_no_secret_in_repr(self):
         """The signer's repr never shows a secret."""
         self.assertNotIn(NEW, repr(ClientIdSigner([NEW])))
+
+    def test_remembered_ids_still_checked(self):
+        """A verified id is remembered, yet a different MAC for the same id is still refused, and the memory is bounded."""
+        from mterelay import clientid
+
+        signer = ClientIdSigner([NEW])
+        issued = signer.issue()
+        self.assertEqual(signer.verify(issued.token), issued)
+        forged = issued.token[:-2] + ("AA" if not issued.token.endswith("AA") else "BB")
+        self.assertRaises(BadClientId, signer.verify, forged)
+        self.patch(clientid, "VERIFIED_CACHE_SIZE", 3)
+        tokens = [signer.issue().token for _ in range(5)]
+        self.assertEqual(len(signer._verified), 3)
+        self.assertEqual([signer.verify(t).token for t in tokens], tokens)

@@ -116,10 +116,13 @@ class QuietSite(Site):
 
 
 def make_site(reactor, upstream, timeout, pool_size):
-    """The hop's Site: one persistent pool of up to ``pool_size`` connections to the upstream."""
+    """
+    The hop's Site: one persistent pool of up to ``pool_size`` connections to the upstream, and no form parsing (as
+    in the relay), so the floor pays for nothing a proxy does not need.
+    """
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = pool_size
-    return QuietSite(ForwardResource(Agent(reactor, pool=pool), upstream, reactor, timeout))
+    return QuietSite(ForwardResource(Agent(reactor, pool=pool), upstream, reactor, timeout), parsePOSTFormSubmission=False)
 
 
 def parse_args(argv):

@@ -25,6 +25,7 @@ log = Logger()
 
 UPSTREAM_HEADER = b"x-mte-upstream"
 _BOOLEANS = {b"true": True, b"false": False}
+MAX_PEER_SPELLINGS = 64
 
 
 def _option(request, name, parse, default):
@@ -71,6 +72,8 @@ class Outbound:
         self._allowed = frozenset(settings.allowed_peers)
         # At most one client per allowed peer: the table is bounded by ALLOWED_PEERS.
         self._clients = {}
+        # x-mte-upstream values already found allowed, so the usual request skips parsing its URL.
+        self._peer_spellings = {}
 
     def _client(self, origin):
         client = self._clients.get(origin)
@@ -91,12 +94,17 @@ class Outbound:
         value = request.getHeader(UPSTREAM_HEADER)
         if value is None:
             raise RelayError(400, "x-mte-upstream header is missing")
+        origin = self._peer_spellings.get(value)
+        if origin is not None:
+            return origin
         try:
             origin = normalize_origin(value.decode("ascii"))
         except (UnicodeDecodeError, ValueError):
             raise RelayError(400, "x-mte-upstream is not an http(s) origin") from None
         if origin not in self._allowed:
             raise RelayError(403, "x-mte-upstream is not one of ALLOWED_PEERS")
+        if len(self._peer_spellings) < MAX_PEER_SPELLINGS:
+            self._peer_spellings[value] = origin
         return origin
 
     def render(self, request):

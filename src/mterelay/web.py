@@ -179,10 +179,13 @@ class RelaySite(server.Site):
         # into memory (and parse every POST's content-type with the slow email package).
         super().__init__(resource, parsePOSTFormSubmission=False)
         self.max_body_size = settings.max_body_size
+        self.debug = settings.debug
         self.headers = settings.headers
 
     def log(self, request):
-        # Answers below 400 are logged at debug level only: a line per request costs more than relaying it.
+        # Answers below 400 are logged under DEBUG only: a line per request costs more than relaying it.
+        if request.code < 400 and not self.debug:
+            return
         log.emit(
             LogLevel.info if request.code >= 400 else LogLevel.debug,
             "{method} {path} {code} {sent}B" + (" request_id={request_id}" if request.request_id else ""),
