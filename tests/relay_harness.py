@@ -13,7 +13,7 @@ from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.task import deferLater
 from twisted.protocols.policies import WrappingFactory
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import HTTPConnectionPool
 
 from mterelay.client import Client
 from mterelay.codec import RelayIdentity
@@ -21,6 +21,7 @@ from mterelay.config import Settings
 from mterelay.redis_registry import RedisRegistry
 from mterelay.registry import MemoryRegistry
 from mterelay.site import build_site
+from mterelay.upstream import make_agent
 from tests.redis_server import RedisServerMixin
 from tests.upstream_server import UpstreamServer
 
@@ -42,10 +43,10 @@ async def serve(case, factory):
 
 
 def agent(case):
-    """An Agent over its own persistent pool, closed at cleanup."""
+    """An Agent as the relay makes it, over its own persistent pool, closed at cleanup."""
     pool = HTTPConnectionPool(reactor, persistent=True)
     case.addCleanup(pool.closeCachedConnections)
-    return Agent(reactor, pool=pool)
+    return make_agent(reactor, pool)
 
 
 class RelayHarness(RedisServerMixin):

@@ -9,9 +9,9 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import HTTPConnectionPool
 
-from mterelay import config, logs, site, web
+from mterelay import config, logs, site, upstream, web
 from mterelay.codec import RelayIdentity
 from mterelay.redis_registry import RedisRegistry
 from mterelay.registry import MemoryRegistry
@@ -116,7 +116,7 @@ def makeService(options):
     registry = _registry(settings, reactor)
     registry.setServiceParent(top)
     tracker = web.InFlight(reactor)
-    relay_site = site.build_site(settings, reactor, Agent(reactor, pool=pool), registry, options.identity, tracker)
+    relay_site = site.build_site(settings, reactor, upstream.make_agent(reactor, pool), registry, options.identity, tracker)
     relay = web.DrainingService(tracker, settings.drain_timeout, on_stopped=pool.closeCachedConnections)
     for endpoint in options.endpoints:
         StreamServerEndpointService(endpoint, relay_site).setServiceParent(relay)

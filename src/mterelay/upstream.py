@@ -12,9 +12,11 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web._newclient import RequestTransmissionFailed
-from twisted.web.client import PotentialDataLoss, ResponseDone
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, PotentialDataLoss, ResponseDone
+from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer
 from zope.interface import Interface, implementer
 
 from mterelay.errors import RelayError
@@ -55,6 +57,40 @@ class AgentUpstreamClient:
 
     def request(self, method, url, headers, bodyProducer):
         return self._agent.request(method, url, headers, bodyProducer)
+
+
+@implementer(IAgentEndpointFactory)
+class CachedEndpointFactory:
+    """
+    Endpoints for an ``Agent``, built once per (scheme, host, port). ``Agent`` otherwise builds a new endpoint for
+    every request, even one served by a pooled connection, and building a ``HostnameEndpoint`` runs IDNA over the host
+    name each time. Holds at most ``max_size`` endpoints (UPSTREAM and the peer relays need a handful).
+    """
+
+    def __init__(self, reactor, tls_policy=None, max_size=256):
+        self._reactor = reactor
+        self._policy = BrowserLikePolicyForHTTPS() if tls_policy is None else tls_policy
+        self._max_size = max_size
+        self._endpoints = {}
+
+    def endpointForURI(self, uri):
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            if uri.scheme not in (b"http", b"https"):
+                raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
+            endpoint = HostnameEndpoint(self._reactor, uri.host, uri.port)
+            if uri.scheme == b"https":
+                endpoint = wrapClientTLS(self._policy.creatorForNetloc(uri.host, uri.port), endpoint)
+            if len(self._endpoints) >= self._max_size:
+                del self._endpoints[next(iter(self._endpoints))]
+            self._endpoints[key] = endpoint
+        return endpoint
+
+
+def make_agent(reactor, pool):
+    """The relay's ``Agent`` over ``pool``: TLS checked like a browser, endpoints cached."""
+    return Agent.usingEndpointFactory(reactor, CachedEndpointFactory(reactor), pool=pool)
 
 
 def filter_headers(headers, drop=()):
