@@ -117,6 +117,15 @@ class BodyProducerTests(SynchronousTestCase):
         self.assertEqual(len(consumer.value()), 1_000_000)
         producer.pauseProducing()  # after the end: harmless
 
+    def test_small_body_written_at_once(self):
+        """A body that fits one read is written when production starts, with no cooperative task to wait for."""
+        producer = RequestBodyProducer(io.BytesIO(b"abc"), 3, Upper(), self.cooperator)
+        consumer = StringTransport()
+        done = producer.startProducing(consumer)
+        self.assertIsNone(self.successResultOf(done))
+        self.assertEqual(consumer.value(), b"ABCEND")
+        producer.stopProducing()  # after the end: harmless
+
     def test_transform_error_fails_production(self):
         """A RelayError from the transform stops the body and fails the production with it."""
         producer = RequestBodyProducer(io.BytesIO(b"ok" * 10 + b"!bad"), 24, Upper(fail_on=b"!"), self.cooperator)

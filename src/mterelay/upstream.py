@@ -7,7 +7,7 @@ no transform; the inbound relay passes the codec's decoder (request) and encoder
 """
 
 from twisted.internet import task
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -159,9 +159,18 @@ class RequestBodyProducer:
         self._transform = transform
         self._cooperator = cooperator
         self._task = None
+        self._small = input_length is not UNKNOWN_LENGTH and input_length <= READ_SIZE
         self.length = _output_length(transform, input_length)
 
     def startProducing(self, consumer):
+        if self._small:
+            # One read holds it all: write it now rather than schedule a cooperative task for it.
+            try:
+                for _ in self._produce(consumer):
+                    pass
+            except Exception:
+                return fail()
+            return succeed(None)
         self._task = self._cooperator.cooperate(self._produce(consumer))
         done = self._task.whenDone()
 
@@ -197,6 +206,8 @@ class RequestBodyProducer:
         self._control("stop")
 
     def _control(self, action):
+        if self._task is None:
+            return
         # The consumer may pause or stop us after the last chunk: the task is then over, which is fine.
         try:
             getattr(self._task, action)()
