@@ -5,7 +5,7 @@ import os
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from mterelay.config import ConfigError, Settings, load, normalize_origin
+from mterelay.config import ConfigError, Settings, load, normalize_origin, port_endpoint
 
 SECRET = "s" * 40
 BASE_ENV = {"UPSTREAM": "http://up.example", "CLIENT_ID_SECRET": SECRET}
@@ -30,7 +30,7 @@ class PrecedenceTests(ConfigTestCase):
         environ = dict(BASE_ENV, UPSTREAM="http://env.example", PORT="4000")
         settings, _ = load({"upstream": "http://flag.example"}, environ, path)
         self.assertEqual(settings.upstream, "http://flag.example")
-        self.assertEqual(settings.listen, ("tcp:4000",))
+        self.assertEqual(settings.listen, (port_endpoint(4000),))
         self.assertEqual(settings.max_pool_size, 7)
         self.assertEqual(settings.upstream_timeout, 5.0)
         self.assertEqual(settings.max_pairs, 100_000)
@@ -38,7 +38,7 @@ class PrecedenceTests(ConfigTestCase):
     def test_defaults(self):
         """Unset settings take the documented defaults."""
         settings, _ = load({}, BASE_ENV)
-        self.assertEqual(settings.listen, ("tcp:8080",))
+        self.assertEqual(settings.listen, (port_endpoint(8080),))
         self.assertEqual(settings.cors_methods, ("GET", "POST", "PUT", "DELETE"))
         self.assertEqual((settings.max_pool_size, settings.pair_ttl, settings.drain_timeout), (25, 1800, 10.0))
         self.assertIsNone(settings.mte_routes)
@@ -60,7 +60,7 @@ class PrecedenceTests(ConfigTestCase):
         self.assertEqual(settings.pass_through_routes, ("/health", "/version"))
         self.assertEqual(settings.mte_routes, ("/api/v1/*", "/api/v2/*"))
         self.assertEqual(settings.headers, (("x-service-name", "mte-relay"),))
-        self.assertEqual(settings.listen, ("tcp:3000",))
+        self.assertEqual(settings.listen, (port_endpoint(3000),))
         self.assertTrue(settings.debug)
 
     def test_product_full_env_example(self):
@@ -85,7 +85,7 @@ class PrecedenceTests(ConfigTestCase):
         settings, _ = load({"listen": ["tcp:1:interface=127.0.0.1", "unix:/tmp/s"]}, BASE_ENV)
         self.assertEqual(settings.listen, ("tcp:1:interface=127.0.0.1", "unix:/tmp/s"))
         settings, _ = load({"listen": ["unix:/tmp/s"]}, dict(BASE_ENV, PORT="81"))
-        self.assertEqual(settings.listen, ("unix:/tmp/s", "tcp:81"))
+        self.assertEqual(settings.listen, ("unix:/tmp/s", port_endpoint(81)))
 
     def test_origins_normalized(self):
         """Origins lose the default port, the trailing slash and upper case; the upstream keeps a path prefix."""
@@ -220,5 +220,5 @@ class DeployExampleTests(SynchronousTestCase):
         full, _ = load({}, read_env_file(os.path.join(deploy, "mterelay.env.full")))
         self.assertEqual(full.mte_routes, ("/api/v1/*", "/api/v2/*"))
         self.assertEqual(full.headers, (("x-service-name", "mte-relay"),))
-        self.assertEqual(full.listen, ("tcp:3000",))
+        self.assertEqual(full.listen, (port_endpoint(3000),))
         self.assertEqual(full.log_format, "json")

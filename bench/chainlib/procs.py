@@ -167,11 +167,14 @@ async def wait_for_port(reactor, process, port, timeout=30.0, interval=0.05):
             return
 
 
-async def start_listening(reactor, supervisor, name, argv_for_port, attempts=3, timeout=30.0):
-    """Start ``argv_for_port(port)`` on a free port and wait until it listens; retry on a lost port race."""
+async def start_listening(reactor, supervisor, name, argv_for_port, attempts=3, timeout=30.0, extra_env=None):
+    """
+    Start ``argv_for_port(port)`` (with ``extra_env`` added to its environment) on a free port and wait until it
+    listens; retry on a lost port race.
+    """
     for attempt in range(1, attempts + 1):
         port = free_port()
-        process = supervisor.spawn(name, argv_for_port(port))
+        process = supervisor.spawn(name, argv_for_port(port), extra_env=extra_env)
         try:
             await wait_for_port(reactor, process, port, timeout)
         except StartError:

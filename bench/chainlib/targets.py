@@ -125,18 +125,14 @@ class RelayChain:
         reason = relay_unavailable_reason()
         if reason:
             raise ChainUnavailable(reason)
-        # Fresh secrets per run: they only ever exist in these processes' argv and in wrk's environment.
+        # Fresh secrets per run, passed in the environment (never in argv, which any local user can read).
         token = secrets.token_urlsafe(32)
         relay_b = await start_listening(
             reactor,
             supervisor,
             f"{self.name}-b",
-            lambda port: twistd(
-                f"--upstream={upstream_url}",
-                f"--client-id-secret={secrets.token_urlsafe(32)}",
-                f"--port={port}",
-                *self._registry_arguments(0),
-            ),
+            lambda port: twistd(f"--upstream={upstream_url}", f"--port={port}", *self._registry_arguments(0)),
+            extra_env={"CLIENT_ID_SECRET": secrets.token_urlsafe(32)},
         )
         relay_a = await start_listening(
             reactor,
@@ -144,12 +140,11 @@ class RelayChain:
             f"{self.name}-a",
             lambda port: twistd(
                 f"--upstream={upstream_url}",
-                f"--client-id-secret={secrets.token_urlsafe(32)}",
                 f"--port={port}",
-                f"--outbound-token={token}",
                 f"--allowed-peers={relay_b.url}",
                 *self._registry_arguments(1),
             ),
+            extra_env={"CLIENT_ID_SECRET": secrets.token_urlsafe(32), "OUTBOUND_TOKEN": token},
         )
         headers = (("x-mte-outbound-token", token), ("x-mte-upstream", relay_b.url))
         return Endpoint(relay_a.url + PATH, headers)

@@ -22,6 +22,14 @@ ENVIRONMENT = "environment"
 FILE = "file"
 
 DEFAULT_PORT = 8080
+#: Pending connections the kernel queues per listening port: Twisted's default (50) drops the SYNs of a burst of
+#: new clients, which then wait a full second to retry.
+LISTEN_BACKLOG = 1024
+
+
+def port_endpoint(port):
+    """The endpoint string that ``--port``/PORT stands for."""
+    return f"tcp:{port}:backlog={LISTEN_BACKLOG}"
 DEFAULT_CORS_METHODS = ("GET", "POST", "PUT", "DELETE")
 #: Below this length a CLIENT_ID_SECRET is accepted with a warning (the product documents recommend 32+ characters).
 MIN_SECRET_LENGTH = 32
@@ -48,7 +56,7 @@ class Settings:
     #: May hold a Redis password, hence hidden.
     redis_url: str | None = attrs.field(default=None, repr=False)
     #: Twisted server endpoint strings, one listening service each.
-    listen: tuple = attrs.field(default=(f"tcp:{DEFAULT_PORT}",), converter=tuple)
+    listen: tuple = attrs.field(default=(port_endpoint(DEFAULT_PORT),), converter=tuple)
     debug: bool = False
     #: ``(name, value)`` pairs added to every response and every upstream request.
     headers: tuple = attrs.field(default=(), converter=tuple)
@@ -306,11 +314,11 @@ OPTIONS = (
            "comma list of relay origins the outbound role may reach", "none"),
     Option("redis_url", "redis-url", "REDIS_URL", "redisURL", _redis_url, "Redis URL for the pair registry",
            "unset: in-memory registry"),
-    Option("port", "port", "PORT", "port", _int(1), "port to listen on, shorthand for --listen tcp:PORT",
+    Option("port", "port", "PORT", "port", _int(1), "port to listen on, shorthand for --listen tcp:PORT:backlog=1024",
            str(DEFAULT_PORT)),
     Option("listen", "listen", "LISTEN", "listen", _list,
            "Twisted server endpoint, repeatable (comma list in the environment), e.g. ssl:443:privateKey=key.pem",
-           f"tcp:{DEFAULT_PORT}"),
+           port_endpoint(DEFAULT_PORT)),
     Option("debug", "debug", "DEBUG", "debug", _bool, "debug logging and x-request-id headers", "false"),
     Option("headers", "headers", "HEADERS", "headers", _headers,
            "JSON object of headers added to every response and upstream request", "none"),
@@ -404,7 +412,7 @@ def load(flags, environ, config_path=None):
     port = values.pop("port", DEFAULT_PORT)
     listen = values.pop("listen", ())
     if "port" in given or not listen:
-        listen = listen + (f"tcp:{port}",)
+        listen = listen + (port_endpoint(port),)
     warnings = []
     if any(len(secret) < MIN_SECRET_LENGTH for secret in values["client_id_secrets"]):
         warnings.append(f"CLIENT_ID_SECRET: a secret shorter than {MIN_SECRET_LENGTH} characters is easy to guess")
