@@ -11,6 +11,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mterelay.codec import RelayIdentity
+from mterelay.errors import RelayError
 from mterelay.keygen import main as keygen
 from tests.relay_harness import RelayHarness
 
@@ -69,6 +70,31 @@ class ClientTests(RelayHarness, TestCase):
             paths = await gatherResults([ensureDeferred(one(i)) for i in range(20)])
             self.assertEqual(sorted(paths), sorted(f"/echo/{i}" for i in range(20)))
             self.assertLessEqual((await self.registry.get_client(client._token.split(".")[0])).pair_count, 3)
+
+        return ensureDeferred(run())
+
+    def test_cancelled_waiter_leaves_pool_whole(self):
+        """A request cancelled while it waits for an MTE pair (its application went away) neither loses the pair nor
+        stalls later requests; a wait longer than the client's timeout is answered 503."""
+
+        async def run():
+            client = self.client(self.relay_url, pool_size=1, timeout=5)
+            first = client.request("GET", "/slow/0.3", encode_type="MTE")
+            waiting = client.request("GET", "/echo/never", encode_type="MTE")
+            waiting.cancel()
+            self.failureResultOf(waiting)
+            self.assertEqual((await first).code, 200)
+            for i in range(3):
+                response = await client.request("GET", f"/echo/{i}", encode_type="MTE")
+                self.assertEqual(json.loads(await response.content())["path"], f"/echo/{i}")
+            self.assertNotIn("/echo/never", [r.path for r in self.upstream.received])
+            impatient = self.client(self.relay_url, pool_size=1, timeout=0.2)
+            slow = impatient.request("GET", "/slow/1", encode_type="MTE")
+            with self.assertRaises(RelayError) as ctx:
+                await impatient.request("GET", "/echo/late", encode_type="MTE")
+            self.assertEqual(ctx.exception.code, 503)
+            with self.assertRaises(RelayError):
+                await slow  # the relay itself is slower than this client's timeout: 504
 
         return ensureDeferred(run())
 

@@ -32,6 +32,7 @@ CLIENT = "client_id-0123456789"
 PAIR = "pair_id-ABCDEFGHIJ"
 SMALL = 32
 fast = settings(max_examples=60, deadline=None)
+TOKEN_CHARS = "!#$%&'*+.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-"
 IDENTITY = RelayIdentity.generate()
 
 
@@ -476,15 +477,45 @@ class HeaderTests(CodeAssertions, SynchronousTestCase):
             self.assertIn(error.code, (568, 569))
 
     @fast
-    @given(st.lists(st.tuples(st.binary(min_size=1, max_size=20), st.binary(max_size=40)), max_size=10))
+    @given(
+        st.lists(
+            st.tuples(
+                st.text(TOKEN_CHARS, min_size=1, max_size=20).map(str.encode),
+                st.lists(st.integers(0, 255).filter(lambda b: b not in (0, 10, 13)), max_size=40).map(bytes),
+            ),
+            max_size=10,
+        )
+    )
     def test_header_block_round_trip(self, pairs):
-        """Any list of byte pairs, repeated names included, survives the header block."""
+        """Any list of header pairs (token names, any value bytes but CR, LF, NUL), repeated names included, survives
+        the header block."""
         self.assertEqual(decode_header_block(encode_header_block(pairs)), pairs)
+
+    def test_header_block_refuses_what_could_split_headers(self):
+        """Names that are not tokens and values with CR, LF or NUL raise 562: no opened block can forge a header."""
+        for pairs in (
+            [(b"x: y", b"v")],
+            [(b"x y", b"v")],
+            [(b"x", b"a\r\nb: c")],
+            [(b"x", b"a\nb")],
+            [(b"x", b"\x00")],
+        ):
+            self.assertCode(562, decode_header_block, encode_header_block(pairs))
+        self.assertCode(562, decode_header_block, b"[" * 100000)
 
     def test_header_block_garbage_rejected(self):
         """Non-JSON, wrong shapes and oversize blocks raise 562."""
-        for bad in (b"", b"{}", b'[["a"]]', b'[["a","b","c"]]', b'[[1,"b"]]', b'[["","b"]]', b"\xff",
-                    b'[["\\u0100","b"]]', encode_header_block([(b"a", b"b")] * 257)):
+        for bad in (
+            b"",
+            b"{}",
+            b'[["a"]]',
+            b'[["a","b","c"]]',
+            b'[[1,"b"]]',
+            b'[["","b"]]',
+            b"\xff",
+            b'[["\\u0100","b"]]',
+            encode_header_block([(b"a", b"b")] * 257),
+        ):
             self.assertCode(562, decode_header_block, bad)
 
 

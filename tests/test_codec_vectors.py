@@ -62,20 +62,21 @@ def _exchange(inputs, client_state, relay_state, counter):
     else:
         client_state, creq, cresp = client_state.advance()
     relay_state, rreq, rresp = relay_state.keys_for(creq.counter)
-    binding = request_binding(inputs["method"].encode("ascii"))
+    header = RelayHeader(client_state.client_id, client_state.pair_id, client_state.encode_type, creq.counter,
+                         url=True, headers=True, body=True)
+    response_header = attrs.evolve(header, url=False)
+    binding = request_binding(inputs["method"].encode("ascii"), flags=header.flags)
     url = creq.seal(URL, inputs["url"].encode("ascii"), binding)
     headers = creq.seal(HEADERS, encode_header_block(_pairs(inputs["request_headers"])), binding)
     encoder = creq.body_encoder(binding)
     body = encoder.feed(inputs["request_body"].encode("utf-8")) + encoder.finish()
     decoder = rreq.body_decoder(binding)
     assert decoder.feed(body) + decoder.finish() == inputs["request_body"].encode("utf-8")
-    rbinding = response_binding(inputs["status"])
+    rbinding = response_binding(inputs["status"], flags=response_header.flags)
     rheaders = rresp.seal(HEADERS, encode_header_block(_pairs(inputs["response_headers"])), rbinding)
     rencoder = rresp.body_encoder(rbinding)
     rbody = rencoder.feed(inputs["response_body"].encode("utf-8")) + rencoder.finish()
     assert cresp.open(HEADERS, rheaders, rbinding)
-    header = RelayHeader(client_state.client_id, client_state.pair_id, client_state.encode_type, creq.counter,
-                         url=True, headers=True, body=True)
     return {
         "x-mte-relay": header.format(),
         "request_path": "/" + b64encode(url),
@@ -83,6 +84,7 @@ def _exchange(inputs, client_state, relay_state, counter):
         "x-mte-relay-eh": b64encode(headers),
         "request_body": body.hex(),
         "response_binding": rbinding.hex(),
+        "response_x-mte-relay": response_header.format(),
         "response_x-mte-relay-eh": b64encode(rheaders),
         "response_body": rbody.hex(),
         "relay_state_after": b64encode(relay_state.to_bytes()),

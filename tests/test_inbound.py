@@ -188,18 +188,22 @@ class RefusalTests(RelayHarness, TestCase):
         self.assertEqual(json.loads(body)["code"], expected)
         self.assertEqual(self.upstream.received, [])
 
-    async def _message(self, encode_type="MKE", body=b"hello", tamper=None, counter=None):
-        """A hand-built encoded POST /echo/x on a fresh pair; ``tamper(parts)`` may alter it before sending."""
+    async def _message(
+        self, encode_type="MKE", body=b"hello", tamper=None, counter=None, pair=None, url=b"/echo/x", block=None
+    ):
+        """A hand-built encoded POST ``url`` (on a fresh pair unless given); ``tamper(parts)`` may alter it."""
         token = await self.client._client_token()
-        pair = await self.client.pair(encode_type)
+        pair = pair or await self.client.pair(encode_type)
         if counter is not None:
             pair.next_counter = counter
         counter, keys, _ = pair.message_keys()
-        binding = request_binding(b"POST")
+        header = RelayHeader(pair.state.client_id, pair.pair_id, encode_type, counter, True, True, True)
+        binding = request_binding(b"POST", flags=header.flags)
+        block = [(b"content-type", b"text/plain")] if block is None else block
         parts = {
-            "path": "/" + b64encode(keys.seal(URL, b"/echo/x", binding)),
-            "relay": RelayHeader(pair.state.client_id, pair.pair_id, encode_type, counter, True, True, True).format(),
-            "eh": b64encode(keys.seal(HEADERS, encode_header_block([(b"content-type", b"text/plain")]), binding)),
+            "path": "/" + b64encode(keys.seal(URL, url, binding)),
+            "relay": header.format(),
+            "eh": b64encode(keys.seal(HEADERS, encode_header_block(block), binding)),
             "token": token,
         }
         encoder = keys.body_encoder(binding)
@@ -222,6 +226,72 @@ class RefusalTests(RelayHarness, TestCase):
             code, body = await self._message()
             self.assertEqual(code, 200)
             self.assertEqual(self.upstream.last.path, "/echo/x")
+
+        return ensureDeferred(run())
+
+    def test_missing_header_block(self):
+        """A request without its header block (the item that authenticates every request) is answered 569."""
+
+        def drop(parts):
+            parts["eh"] = None
+
+        return ensureDeferred(self._check(569, tamper=drop))
+
+    def test_flipped_flags(self):
+        """Flags changed in transit (header block said absent, body said plain, URL said visible) are answered 562:
+        the flags are bound into every item."""
+
+        async def run():
+            for index in (5, 6, 7, 8):
+
+                def flip(parts, index=index):
+                    fields = parts["relay"].split(",")
+                    fields[index] = "0" if fields[index] == "1" else "1"
+                    parts["relay"] = ",".join(fields)
+
+                code, body = await self._message(tamper=flip)
+                self.assertRefused(code, body, 562)
+
+        return ensureDeferred(run())
+
+    def test_forged_messages_change_no_state(self):
+        """Forged MKE and MTE messages (right ids, wrong keys) neither burn a counter, move an epoch window, nor
+        advance a ratchet: the genuine message that follows is served."""
+
+        async def run():
+            for encode_type, forged_counter in (("MKE", 60 * 65536), ("MKE", 0), ("MTE", None)):
+                pair = await self.client.pair(encode_type)
+                genuine = pair.state
+
+                def forge(parts):
+                    parts["eh"] = parts["eh"][:10] + ("A" if parts["eh"][10] != "A" else "B") + parts["eh"][11:]
+
+                code, body = await self._message(encode_type, pair=pair, counter=forged_counter, tamper=forge)
+                self.assertRefused(code, body, 562)
+                # The client's side moved for the forged message; the genuine sender's did not.
+                pair.state = genuine
+                code, _ = await self._message(encode_type, pair=pair, counter=0 if encode_type == "MKE" else None)
+                self.assertEqual(code, 200)
+                self.upstream.received.clear()
+
+        return ensureDeferred(run())
+
+    def test_bad_decoded_url_and_headers(self):
+        """A sealed URL that is not an origin-form target, or a header block with an injected name or a CR/LF, is
+        answered 562 and nothing goes upstream (an authentic client cannot send them; a broken one must not
+        smuggle them)."""
+
+        async def run():
+            for url, block in (
+                (b"/a b", None),
+                (b"http://elsewhere/x", None),
+                (b"/x\r\nHost: evil", None),
+                (b"/ok", [(b"x-secret: hunter2", b"v")]),
+                (b"/ok", [(b"x-a", b"v\r\nx-b: w")]),
+            ):
+                code, body = await self._message(url=url, block=block)
+                self.assertRefused(code, body, 562)
+                self.assertNotIn(b"hunter2", body)
 
         return ensureDeferred(run())
 

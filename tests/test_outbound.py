@@ -114,6 +114,10 @@ class ChainTests(RelayHarness, TestCase):
             )
             response, body = await self.send("DELETE", "/status/204")
             self.assertEqual((response.code, body), (204, b""))
+            response, body = await self.send("HEAD", "/bytes/4096")
+            # HEAD keeps the length the upstream declared (it travelled sealed), not the empty body's.
+            self.assertEqual((response.code, body), (200, b""))
+            self.assertEqual(response.headers.getRawHeaders(b"content-length"), [b"4096"])
             response, body = await self.send("GET", "/status/418")
             self.assertEqual(response.code, 418)
 
@@ -256,5 +260,38 @@ class DemoTests(TestCase):
                 between = text.split("2. Between relay A and relay B")[1].split("3. The upstream")[0]
                 self.assertIn(f",{encode_type},", between)
                 self.assertNotIn("demo-token-123", between)
+
+        return ensureDeferred(run())
+
+
+class _Tamperer(WireRecorder):
+    """A man in the middle between A and B that replaces ``old`` by ``new`` (same length) in B's answers."""
+
+    def __init__(self, host, port, old, new):
+        super().__init__(host, port)
+        self.old, self.new = old, new
+
+    def rewrite(self, direction, data):
+        return data.replace(self.old, self.new) if direction == "<" else data
+
+
+class ManInTheMiddleTests(RelayHarness, TestCase):
+    def test_forged_answer_flags_refused(self):
+        """An answer whose flags were changed in transit (body or header block said absent, so that a plaintext
+        body or visible headers would pass for sealed ones) is refused by A with 562, never handed on."""
+
+        async def run():
+            upstream = await self.start_upstream()
+            b_url, _, _ = await self.start_relay(upstream.url)
+            b_port = int(b_url.rsplit(":", 1)[1])
+            for old, new in ((b",0,1,1,0\r\n", b",0,1,0,0\r\n"), (b",0,1,1,0\r\n", b",0,0,1,0\r\n")):
+                tamperer = _Tamperer("127.0.0.1", b_port, old, new)
+                peer = f"http://127.0.0.1:{await serve(self, tamperer)}"
+                a_url, _, _ = await self.start_relay(upstream.url, outbound_token=TOKEN, allowed_peers=(peer,))
+                code, body = await self.raw_request(
+                    a_url, "GET", "/echo/x", {"x-mte-outbound-token": TOKEN, "x-mte-upstream": peer}
+                )
+                self.assertEqual((code, json.loads(body)["code"]), (562, 562))
+                self.assertIn(old, b"".join(data for direction, data in tamperer.recorded if direction == "<"))
 
         return ensureDeferred(run())

@@ -52,7 +52,7 @@ class PassThroughTestCase(TestCase):
         values = dict(
             upstream=self.upstream.url,
             client_id_secrets=[SECRET],
-            pass_through_routes=("/echo*", "/status/*", "/cookies/*", "/redirect", "/bytes/*", "/slow/*"),
+            pass_through_routes=("/echo*", "/status/*", "/cookies/*", "/redirect", "/bytes/*", "/slow/*", "/stall/*"),
             headers=(("x-service-name", "mte-relay"),),
         )
         values.update(changes)
@@ -169,6 +169,17 @@ class FailureTests(PassThroughTestCase):
         relay = yield self.relay(upstream_timeout=0.3)
         response = yield self.request(relay, "GET", "/slow/30")
         yield self.assertError(response, 504)
+        yield self._until(lambda: self.upstream.abandoned == 1)
+
+    @inlineCallbacks
+    def test_stalled_upstream_body(self):
+        """An upstream that stops sending its body for UPSTREAM_TIMEOUT is broken off: the client's connection is
+        aborted (never a silently short body) and the upstream connection closed."""
+        relay = yield self.relay(upstream_timeout=0.3)
+        response = yield self.request(relay, "GET", "/stall/1000")
+        self.assertEqual(response.code, 200)
+        with self.assertRaises(Exception):
+            yield readBody(response)
         yield self._until(lambda: self.upstream.abandoned == 1)
 
     @inlineCallbacks

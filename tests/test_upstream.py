@@ -165,6 +165,7 @@ class ClientRequest(DummyRequest):
     def __init__(self):
         super().__init__([])
         self.transport = StringTransport()
+        self.channel = object()  # connected: twisted.web sets it to None once the client is gone
         self.producer = None
 
     def registerProducer(self, producer, streaming):

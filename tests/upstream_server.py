@@ -24,6 +24,8 @@ Paths (anything else behaves like ``/echo``):
     302 to ``url``.
 ``/bytes/<n>``
     ``n`` bytes of ``pattern()`` streamed with backpressure; ``?chunked=1`` omits Content-Length.
+``/stall/<n>``
+    Announces ``2n`` body bytes, sends ``n`` and then nothing; a client that gives up counts in ``abandoned``.
 ``/slow/<seconds>``
     The JSON summary after ``seconds`` on the server's clock; a client that gives up first counts in ``abandoned``.
 """
@@ -151,6 +153,12 @@ class _Upstream(Resource):
         elif route == "slow":
             call = self._owner.clock.callLater(float(argument), self._answer, request, received)
             request.notifyFinish().addErrback(self._abandoned, call)
+            return server.NOT_DONE_YET
+        elif route == "stall":
+            # Promise a body, send its first ``argument`` bytes, then nothing until the client gives up.
+            request.setHeader(b"content-length", b"%d" % (int(argument) * 2,))
+            request.write(pattern(int(argument)))
+            request.notifyFinish().addErrback(lambda _: setattr(self._owner, "abandoned", self._owner.abandoned + 1))
             return server.NOT_DONE_YET
         return self._summary(request, received)
 

@@ -67,6 +67,8 @@ class _Pair:
 
     state: object = attrs.field(repr=False)
     next_counter: int = 0
+    #: The pool generation it belongs to (see ``_Pool.clear``).
+    generation: int = 0
 
     @property
     def pair_id(self):
@@ -105,28 +107,34 @@ class _Shared:
             failure = Failure()
             waiters, self._waiters = self._waiters, None
             for waiter in waiters:
-                waiter.errback(failure)
+                if not waiter.called:
+                    waiter.errback(failure)
             raise
         waiters, self._waiters = self._waiters, None
         for waiter in waiters:
-            waiter.callback(result)
+            if not waiter.called:  # a caller that was cancelled meanwhile
+                waiter.callback(result)
         return result
 
 
 class _Pool:
     """
     Pairs of one encode type with one relay. The MKE pair is shared by concurrent requests; MTE pairs are lent to one
-    request at a time, up to ``size`` of them, and waiters queue (at most ``size * max_waiting``).
+    request at a time, up to ``size`` of them, and waiters queue (at most ``size * max_waiting``, each for at most
+    ``timeout`` seconds). ``clear`` starts a new generation: pairs lent out before it are forgotten when they return.
     """
 
-    def __init__(self, encode_type, size, make_pair, max_waiting=64):
+    def __init__(self, encode_type, size, make_pair, clock, timeout, max_waiting=64):
         self._type = encode_type
         self._size = size
         self._make_pair = make_pair
         self._pair_shared = _Shared(make_pair)
+        self._clock = clock
+        self._timeout = timeout
         self._shared = None
         self._idle = deque()
         self._count = 0
+        self._generation = 0
         self._waiting = deque()
         self._max_waiting = size * max_waiting
 
@@ -138,21 +146,33 @@ class _Pool:
         if self._idle:
             return self._idle.popleft()
         if self._count < self._size:
-            self._count += 1
-            try:
-                return await self._make_pair()
-            except BaseException:
-                self._count -= 1
-                raise
+            return await self._new_pair()
         if len(self._waiting) >= self._max_waiting:
             raise RelayError(503, "too many requests are waiting for an MTE pair")
-        waiter = Deferred()
+        waiter = Deferred(self._forget_waiter)
         self._waiting.append(waiter)
+        waiter.addTimeout(self._timeout, self._clock, onTimeoutCancel=_no_pair_in_time)
         return await waiter
+
+    def _forget_waiter(self, waiter):
+        if waiter in self._waiting:
+            self._waiting.remove(waiter)
+
+    async def _new_pair(self):
+        generation = self._generation
+        self._count += 1
+        try:
+            pair = await self._make_pair()
+        except BaseException:
+            if generation == self._generation:
+                self._count -= 1
+            raise
+        pair.generation = generation
+        return pair
 
     def release(self, pair):
         """Give an MTE pair back once the relay answered (so its next step follows this one)."""
-        if self._type == "MKE":
+        if self._type == "MKE" or pair.generation != self._generation:
             return
         if self._waiting:
             self._waiting.popleft().callback(pair)
@@ -165,17 +185,23 @@ class _Pool:
             if self._shared is pair:
                 self._shared = None
             return
+        if pair.generation != self._generation:
+            return
+        self._count -= 1
         if self._waiting:
             # Someone waits for a pair: pair a replacement for them.
             waiter = self._waiting.popleft()
-            ensureDeferred(self._make_pair()).addCallbacks(waiter.callback, waiter.errback)
-        else:
-            self._count -= 1
+            ensureDeferred(self._new_pair()).addCallbacks(waiter.callback, waiter.errback)
 
     def clear(self):
+        self._generation += 1
         self._idle.clear()
         self._shared = None
         self._count = 0
+
+
+def _no_pair_in_time(result, timeout):
+    raise RelayError(503, f"no MTE pair became free within {timeout} s")
 
 
 def _late(result, timeout):
@@ -282,7 +308,9 @@ class Client:
         self._clock = clock
         self._pin = pin
         self._timeout = timeout
-        self._pools = {t: _Pool(t, pool_size, lambda t=t: ensureDeferred(self.pair(t))) for t in ENCODE_TYPES}
+        self._pools = {
+            t: _Pool(t, pool_size, lambda t=t: ensureDeferred(self.pair(t)), clock, timeout) for t in ENCODE_TYPES
+        }
         self._token = None
         self._discover_shared = _Shared(self._discover)
         self.identity = None
@@ -401,29 +429,27 @@ class Client:
         pair = await pool.acquire()
         try:
             counter, request_keys, response_keys = pair.message_keys()
-            token = self._token
-            binding = request_binding(method) if encode_url else request_binding(method, target)
             protected, visible = _split_headers(pairs, encode_headers)
-            out = Headers({CLIENT_ID_HEADER: [token.encode("ascii")]})
+            out = Headers({CLIENT_ID_HEADER: [self._token.encode("ascii")]})
             for name, value in visible:
                 out.addRawHeader(name, value)
             has_body = source is not None
-            sealed_headers = protected is not None
             relay = RelayHeader(
                 pair.state.client_id,
                 pair.pair_id,
                 encode_type,
                 counter,
                 url=bool(encode_url),
-                headers=sealed_headers,
+                headers=encode_headers is not False,
                 body=has_body,
             )
+            binding = request_binding(method, None if encode_url else target, relay.flags)
             out.setRawHeaders(RELAY_HEADER, [relay.format().encode("ascii")])
-            if sealed_headers:
-                block = request_keys.seal(HEADERS, encode_header_block(protected), binding)
-                out.setRawHeaders(ENCODED_HEADERS, [b64encode(block).encode("ascii")])
-                if has_body:
-                    out.setRawHeaders(b"content-type", [b"application/octet-stream"])
+            # Always a header block (empty when headers stay visible): it authenticates even a bodiless GET.
+            block = request_keys.seal(HEADERS, encode_header_block(protected), binding)
+            out.setRawHeaders(ENCODED_HEADERS, [b64encode(block).encode("ascii")])
+            if has_body and relay.headers:
+                out.setRawHeaders(b"content-type", [b"application/octet-stream"])
             path = b"/" + b64encode(request_keys.seal(URL, target, binding)).encode("ascii") if encode_url else target
             producer = None
             if has_body:
@@ -435,7 +461,6 @@ class Client:
             # An MTE step that may or may not have reached the relay leaves the pair out of step for good.
             pool.discard(pair) if encode_type == "MTE" else pool.release(pair)
             raise
-        self._note_token(response)
         entry = CODES.get(response.code)
         if response.headers.hasHeader(RELAY_HEADER):
             # The relay moved its side of the pair: the pair may carry the next request.
@@ -451,32 +476,39 @@ class Client:
             # before failing cannot be told from here.
             pool.discard(pair) if encode_type == "MTE" else pool.release(pair)
             return RelayResponse(response.code, response.phrase, response.headers, response, None, relay_error=True)
-        return self._open_response(response, relay, response_keys)
+        try:
+            opened = self._open_response(response, method, relay, response_keys)
+        except CodecError:
+            await treq.content(response)  # read off, so the connection goes back to the pool
+            raise
+        # Only a genuine answer may hand us a re-signed client id.
+        self._note_token(response)
+        return opened
 
-    def _open_response(self, response, relay, keys):
-        raw = response.headers.getRawHeaders(RELAY_HEADER)
-        answer = RelayHeader.parse(raw[-1])
+    def _open_response(self, response, method, relay, keys):
+        """The decoded head of a sealed answer; its flags must be the only ones a genuine answer can have (562)."""
+        answer = RelayHeader.parse(response.headers.getRawHeaders(RELAY_HEADER)[-1])
         if (answer.client_id, answer.pair_id, answer.counter) != (relay.client_id, relay.pair_id, relay.counter):
             raise CodecError(562, "the answer belongs to another message")
-        binding = response_binding(response.code)
+        has_body = method != b"HEAD" and response.code >= 200 and response.code not in (204, 304)
+        sealed = response.headers.getRawHeaders(ENCODED_HEADERS)
+        if not answer.headers or answer.url or answer.body != has_body or sealed is None:
+            raise CodecError(562, "the answer's x-mte-relay flags are not those of a relay's answer")
+        binding = response_binding(response.code, answer.flags)
+        opened = decode_header_block(keys.open(HEADERS, b64decode(sealed[-1].decode("latin-1")), binding))
         headers = filter_headers(response.headers)
-        for name in (b"content-type", b"content-length"):
+        for name in {b"content-type", b"content-length"} | {n.lower() for n, _ in opened}:
             headers.removeHeader(name)
-        if answer.headers:
-            sealed = response.headers.getRawHeaders(ENCODED_HEADERS, [b""])[-1]
-            opened = decode_header_block(keys.open(HEADERS, b64decode(sealed.decode("latin-1")), binding))
-            for name in {n.lower() for n, _ in opened}:
-                headers.removeHeader(name)
-            for name, value in opened:
-                headers.addRawHeader(name, value)
-        decoder = keys.body_decoder(binding) if answer.body else None
+        for name, value in opened:
+            headers.addRawHeader(name, value)
+        decoder = keys.body_decoder(binding) if has_body else None
         return RelayResponse(response.code, response.phrase, headers, response, decoder)
 
 
 def _split_headers(pairs, encode_headers):
     """
     ``(protected, visible)`` header pairs: every header (True), content-type and the named ones (a list), or none
-    (False: ``protected`` is None and no header block is sent). Framing and ``x-mte-*`` headers are never sent.
+    (False). Framing and ``x-mte-*`` headers are never sent.
     """
     if encode_headers is True:
         names = None
@@ -490,7 +522,7 @@ def _split_headers(pairs, encode_headers):
         if lower in _FRAMING or lower.startswith(b"x-mte-"):
             continue
         (protected if names is None or lower in names else visible).append((name, value))
-    return (None if encode_headers is False else protected), visible
+    return protected, visible
 
 
 def _answered_error(code, body):

@@ -66,13 +66,13 @@ class DemoUpstream(Resource):
 class _RecordingServer(portforward.ProxyServer):
     def dataReceived(self, data):
         self.factory.record(">", data)
-        super().dataReceived(data)
+        super().dataReceived(self.factory.rewrite(">", data))
 
 
 class _RecordingClient(portforward.ProxyClient):
     def dataReceived(self, data):
         self.peer.factory.record("<", data)
-        super().dataReceived(data)
+        super().dataReceived(self.peer.factory.rewrite("<", data))
 
 
 class _RecordingClientFactory(portforward.ProxyClientFactory):
@@ -96,6 +96,10 @@ class WireRecorder(portforward.ProxyFactory):
             self.recorded[-1] = (direction, self.recorded[-1][1] + data)
         else:
             self.recorded.append((direction, data))
+
+    def rewrite(self, direction, data):
+        """What is passed on for ``data`` (as it was: tests override this to play a man in the middle)."""
+        return data
 
     def buildProtocol(self, addr):
         protocol = super().buildProtocol(addr)

@@ -10,8 +10,10 @@ when the client protected its own) and its body records, under the pair's relay-
 
 import io
 import json
+import re
 from urllib.parse import unquote
 
+from twisted.internet import task
 from twisted.internet.defer import ensureDeferred
 from twisted.logger import Logger
 from twisted.web import server
@@ -57,6 +59,8 @@ MAX_PAIRS_PER_REQUEST = 32
 MAX_PAIR_BODY = 64 * 1024
 #: Statuses whose answers carry no body, whatever the upstream sent.
 _NO_BODY = (204, 304)
+#: An origin-form request target (RFC 9112 3.2.1) of RFC 3986 characters: nothing else is sent upstream.
+_TARGET = re.compile(rb"/[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*(\?[A-Za-z0-9\-._~!$&'()*+,;=:@/%?]*)?")
 _OCTETS = b"application/octet-stream"
 
 
@@ -81,13 +85,14 @@ class Inbound:
     (an ``IUpstreamClient``), ``clock`` and ``signer`` (a ``ClientIdSigner``).
     """
 
-    def __init__(self, settings, identity, registry, upstream, clock, signer):
+    def __init__(self, settings, identity, registry, upstream, clock, signer, cooperator=task):
         self._settings = settings
         self._identity = identity
         self._registry = registry
         self._upstream = upstream
         self._clock = clock
         self._signer = signer
+        self._cooperator = cooperator
         self._mte_routes = compile_routes(settings.mte_routes)
         self._upstream_base = settings.upstream.encode("ascii")
 
@@ -100,7 +105,10 @@ class Inbound:
         return self._async(request, self._relay)
 
     def _async(self, request, handler):
-        """Run ``handler(request)`` and answer a ``RelayError`` it raises (while nothing was sent yet)."""
+        """
+        Run ``handler(request, gone)`` and answer a ``RelayError`` it raises (while nothing was sent yet); ``gone`` is
+        a list that is not empty once the client went away.
+        """
         gone = []
         request.notifyFinish().addErrback(gone.append)
 
@@ -110,10 +118,17 @@ class Inbound:
             if failure.check(RelayError):
                 send_error(request, failure.value)
             else:
-                log.failure("inbound request failed", failure)
+                # Type and place only: an exception's message may quote decoded data.
+                frame = failure.frames[-1] if failure.frames else ("?", "?", 0)
+                log.error(
+                    "inbound request failed: {error} at {file}:{line}",
+                    error=failure.type.__name__,
+                    file=frame[1],
+                    line=frame[2],
+                )
                 send_error(request, RelayError(502))
 
-        ensureDeferred(handler(request)).addErrback(failed)
+        ensureDeferred(handler(request, gone)).addErrback(failed)
         return server.NOT_DONE_YET
 
     def _verify_client(self, request, required=True):
@@ -136,14 +151,14 @@ class Inbound:
         request.setHeader(b"content-length", b"0")
         return b""
 
-    async def _pair(self, request):
+    async def _pair(self, request, gone):
         """``POST /api/mte-pair``: pair every requested pair id through the codec and store the relay's side."""
         if request.method != b"POST":
             raise RelayError(400, "/api/mte-pair takes POST")
         client_id = self._verify_client(request).client_id
         try:
             items = json.loads(_read_bounded(request, MAX_PAIR_BODY, "pair request"))
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise _bad_request("body is not JSON") from None
         if not isinstance(items, list) or not 1 <= len(items) <= MAX_PAIRS_PER_REQUEST:
             raise _bad_request(f"body must be a JSON array of 1 to {MAX_PAIRS_PER_REQUEST} pair requests")
@@ -176,8 +191,8 @@ class Inbound:
         request.write(body)
         request.finish()
 
-    async def _relay(self, request):
-        """Open an encoded request completely, forward it upstream, and seal the answer."""
+    async def _relay(self, request, gone):
+        """Open an encoded request completely, claim it in the registry, forward it upstream, and seal the answer."""
         raw = request.getHeader(RELAY_HEADER)
         if raw is None:
             raise RelayError(569, "x-mte-relay header is missing")
@@ -185,28 +200,28 @@ class Inbound:
         if self._verify_client(request).client_id != header.client_id:
             raise RelayError(566, "x-mte-client-id does not match x-mte-relay")
         registry = self._registry
-        if header.encode_type == "MKE":
-            record, fresh = await registry.load_and_mark(
-                header.client_id, header.pair_id, header.counter, REPLAY_WINDOW
-            )
-            if not fresh:
-                raise CodecError(563, "message counter was already used or is outside the window")
-        else:
-            record = await registry.get_pair(header.client_id, header.pair_id)
+        record = await registry.get_pair(header.client_id, header.pair_id)
         if record.encode_type != header.encode_type:
             raise CodecError(560, f"pair is not an {header.encode_type} pair")
         state = load_state(record.state)
         new_state, request_keys, response_keys = state.keys_for(header.counter)
 
+        # Everything is opened before the registry changes: a forged message neither burns a counter nor moves a
+        # ratchet, and nothing unauthenticated goes upstream.
         target, binding = self._open_target(request, header, request_keys)
-        headers = self._open_headers(request, header, request_keys, binding)
-        body_transform = self._open_body(request, header, request_keys, binding)
+        headers = self._open_headers(request, request_keys, binding)
+        body_transform = await self._open_body(request, header, request_keys, binding)
 
-        # Only an authentic message moves the pair's state: a forged one must not advance a ratchet.
-        if new_state != state:
-            swapped = await registry.swap_state(header.client_id, header.pair_id, record.version, new_state.to_bytes())
-            if not swapped and header.encode_type == "MTE":
-                raise CodecError(563, "this MTE step was already used")
+        if header.encode_type == "MKE":
+            if not await registry.mark_seen(header.client_id, header.pair_id, header.counter, REPLAY_WINDOW):
+                raise CodecError(563, "message counter was already used or is outside the window")
+            if new_state != state:
+                # Best effort: another instance that moved the window first stored the same or a later one.
+                await registry.swap_state(header.client_id, header.pair_id, record.version, new_state.to_bytes())
+        elif not await registry.swap_state(header.client_id, header.pair_id, record.version, new_state.to_bytes()):
+            raise CodecError(563, "this MTE step was already used")
+        if gone:
+            return
 
         def seal_response(response, request):
             return self._seal_response(request, response, header, response_keys)
@@ -228,13 +243,13 @@ class Inbound:
             sealed = b64decode(request.path[1:].decode("latin-1"), 562, "encoded URL")
             if request.uri != request.path:
                 raise CodecError(562, "an encoded URL carries no visible query")
-            binding = request_binding(request.method)
+            binding = request_binding(request.method, flags=header.flags)
             target = keys.open(URL, sealed, binding)
+            if not _TARGET.fullmatch(target):
+                raise CodecError(562, "the URL item is not an origin-form path and query")
         else:
             target = request.uri
-            binding = request_binding(request.method, target)
-        if not target.startswith(b"/"):
-            raise CodecError(562, "the URL item is not a path")
+            binding = request_binding(request.method, target, header.flags)
         path = unquote(target.split(b"?", 1)[0].decode("latin-1"), errors="replace")
         if any(segment in (".", "..") for segment in path.split("/")):
             raise RelayError(400, "dot segments are not allowed in the path")
@@ -242,9 +257,8 @@ class Inbound:
             raise RelayError(404)
         return target, binding
 
-    def _open_headers(self, request, header, keys, binding):
-        if not header.headers:
-            return []
+    def _open_headers(self, request, keys, binding):
+        """The opened header block: every request has one, the item that authenticates even a bodiless GET."""
         sealed = request.getHeader(ENCODED_HEADERS)
         if sealed is None:
             raise RelayError(569, "x-mte-relay-eh header is missing")
@@ -252,7 +266,7 @@ class Inbound:
             keys.open(HEADERS, b64decode(sealed.decode("latin-1"), 562, "x-mte-relay-eh"), binding)
         )
 
-    def _open_body(self, request, header, keys, binding):
+    async def _open_body(self, request, header, keys, binding):
         """
         Authenticate the whole body before anything goes upstream; return the transform that opens it while it
         streams (None when it was opened into memory here, or when there is no body).
@@ -267,20 +281,20 @@ class Inbound:
             return None
         decoded_length(size)  # an impossible length fails before any decryption
         decoder = keys.body_decoder(binding)
-        chunks = [] if size <= VERIFY_IN_MEMORY else None
-        while True:
-            data = content.read(RECORD_SIZE + TAG_SIZE)
-            if not data:
-                break
-            out = decoder.feed(data)
-            if chunks is not None:
-                chunks.append(out)
-        tail = decoder.finish()
-        content.seek(0)
-        if chunks is not None:
-            chunks.append(tail)
-            request.content = io.BytesIO(b"".join(chunks))
+        if size <= VERIFY_IN_MEMORY:
+            plain = decoder.feed(content.read()) + decoder.finish()
+            request.content = io.BytesIO(plain)
             return None
+
+        def verify():
+            # One record per turn of the reactor: other requests go on while a large body is checked.
+            while data := content.read(RECORD_SIZE + TAG_SIZE):
+                decoder.feed(data)
+                yield None
+            decoder.finish()
+
+        await self._cooperator.cooperate(verify()).whenDone()
+        content.seek(0)
         return keys.body_decoder(binding)
 
     def _upstream_request_headers(self, request, opened, header):
@@ -302,7 +316,6 @@ class Inbound:
         encoder.
         """
         status = response.code
-        binding = response_binding(status)
         has_body = request.method != b"HEAD" and status not in _NO_BODY and status >= 200
         end_to_end = filter_headers(response.headers)
         if header.headers:
@@ -317,7 +330,6 @@ class Inbound:
             response.headers.removeHeader(name)
         if has_body:
             response.headers.setRawHeaders(b"content-type", [_OCTETS])
-        sealed = keys.seal(HEADERS, encode_header_block(protected), binding)
         relay = RelayHeader(
             header.client_id,
             header.pair_id,
@@ -327,6 +339,8 @@ class Inbound:
             body=has_body,
             streaming=has_body and response.length is UNKNOWN_LENGTH,
         )
+        binding = response_binding(status, relay.flags)
+        sealed = keys.seal(HEADERS, encode_header_block(protected), binding)
         request.setHeader(RELAY_HEADER, relay.format().encode("ascii"))
         request.setHeader(ENCODED_HEADERS, b64encode(sealed).encode("ascii"))
         if not has_body:

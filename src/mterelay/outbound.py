@@ -149,12 +149,16 @@ class Outbound:
             if not request.responseHeaders.hasHeader(name):
                 request.responseHeaders.setRawHeaders(name, values)
         original = response.original
-        if response.decoder is None:
+        if response.decoder is not None:
             if original.length is not UNKNOWN_LENGTH:
-                request.setHeader(b"content-length", b"%d" % original.length)
-        elif original.length is not UNKNOWN_LENGTH:
-            request.setHeader(b"content-length", b"%d" % response.decoder.output_length(original.length))
-        await stream_response(original, request, response.decoder)
+                request.setHeader(b"content-length", b"%d" % response.decoder.output_length(original.length))
+        elif response.relay_error:
+            request.setHeader(b"content-length", b"%d" % original.length)
+        else:
+            # No body (HEAD, 204, 304): the length the upstream declared travelled in the sealed block.
+            for value in response.headers.getRawHeaders(b"content-length", [])[-1:]:
+                request.setHeader(b"content-length", value)
+        await stream_response(original, request, response.decoder, self._clock, self._settings.upstream_timeout)
 
 
 def _peer_error(failure):

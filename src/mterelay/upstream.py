@@ -98,9 +98,7 @@ def filter_headers(headers, drop=()):
     A copy of ``headers`` without hop-by-hop headers (Connection and the names it lists, Keep-Alive, TE, Trailer,
     Transfer-Encoding, Upgrade, Proxy-*), without ``x-mte-*`` headers and without the lower-case names in ``drop``.
     """
-    listed = {
-        name.strip().lower() for value in headers.getRawHeaders(b"connection", []) for name in value.split(b",")
-    }
+    listed = {name.strip().lower() for value in headers.getRawHeaders(b"connection", []) for name in value.split(b",")}
     kept = Headers()
     for name, values in headers.getAllRawHeaders():
         lower = name.lower()
@@ -235,25 +233,57 @@ def abort_client(request):
 
 
 class _BodyRelay(Protocol):
-    """Writes an upstream body into a twisted.web request, pausing the upstream while the client is slow."""
+    """
+    Writes an upstream body into a twisted.web request, pausing the upstream while the client is slow, and breaking
+    both off when the upstream sends nothing for ``idle_timeout`` seconds (on ``clock``) while we wait for it.
+    """
 
-    def __init__(self, request, transform, done):
+    def __init__(self, request, transform, done, clock=None, idle_timeout=None):
         self._request = request
         self._transform = transform
         self._done = done
         self._stopped = False
+        self._clock = clock
+        self._idle_timeout = idle_timeout
+        self._idle = None
 
     def connectionMade(self):
+        if self._request.channel is None:
+            # The client left before the body started: nobody to write to.
+            self._stopped = True
+            self.transport.stopProducing()
+            return
         self._request.registerProducer(self, True)
+        self._arm()
+
+    def _arm(self):
+        if self._clock is None or self._idle_timeout is None:
+            return
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(self._idle_timeout)
+        else:
+            self._idle = self._clock.callLater(self._idle_timeout, self._idled)
+
+    def _disarm(self):
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+
+    def _idled(self):
+        log.info("upstream body stalled for {seconds} s: breaking off", seconds=self._idle_timeout)
+        self._break(Failure(RelayError(504, "the upstream stopped sending its body")))
 
     def pauseProducing(self):
+        # Waiting for our client is not the upstream's idleness (the client side has its own timeout).
+        self._disarm()
         self.transport.pauseProducing()
 
     def resumeProducing(self):
         self.transport.resumeProducing()
+        self._arm()
 
     def stopProducing(self):
         """The client went away: stop reading the upstream."""
+        self._disarm()
         if not self._stopped:
             self._stopped = True
             self.transport.stopProducing()
@@ -261,6 +291,7 @@ class _BodyRelay(Protocol):
     def dataReceived(self, data):
         if self._stopped:
             return
+        self._arm()
         try:
             out = data if self._transform is None else self._transform.feed(data)
         except RelayError:
@@ -270,6 +301,7 @@ class _BodyRelay(Protocol):
             self._request.write(out)
 
     def connectionLost(self, reason):
+        self._disarm()
         if self._stopped:
             self._settle(reason)
             return
@@ -319,15 +351,17 @@ def copy_response_head(response, request, transform=None):
             request.setHeader(b"content-length", b"%d" % (length,))
 
 
-def stream_response(response, request, transform=None):
+def stream_response(response, request, transform=None, clock=None, idle_timeout=None):
     """
-    Stream ``response``'s body into ``request`` through ``transform`` and finish it.
+    Stream ``response``'s body into ``request`` through ``transform`` and finish it; with ``clock``, an upstream that
+    sends nothing for ``idle_timeout`` seconds (while the client keeps up) is broken off.
 
-    @return: a Deferred firing with None once the body was delivered, or failing when the upstream broke off, the
-        transform raised, or the client went away (the client connection is then aborted, never silently truncated).
+    @return: a Deferred firing with None once the body was delivered, or failing when the upstream broke off or
+        stalled, the transform raised, or the client went away (the client connection is then aborted, never silently
+        truncated).
     """
     done = Deferred()
-    relay = _BodyRelay(request, transform, done)
+    relay = _BodyRelay(request, transform, done, clock, idle_timeout)
     request.notifyFinish().addErrback(lambda _: relay.stopProducing())
     response.deliverBody(relay)
     return done
@@ -399,8 +433,7 @@ async def _forward(request, upstream, url, headers, clock, timeout, request_tran
         raise
     copy_response_head(response, request, transform)
     try:
-        await stream_response(response, request, transform)
+        await stream_response(response, request, transform, clock, timeout)
     except Exception as e:
         log.info("response stream broken off: {error}", error=type(e).__name__)
     return None
-

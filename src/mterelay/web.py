@@ -32,6 +32,9 @@ ERRORS = "/api/mte-errors"
 INBOUND_PATHS = ("/api/mte-relay", "/api/mte-pair")
 OUTBOUND_TOKEN_HEADER = b"x-mte-outbound-token"
 RELAY_HEADER = b"x-mte-relay"
+#: Seconds a client connection may stay silent while the relay reads from it (Twisted's default is 12 hours); the
+#: clock stops while the relay works on a request.
+CLIENT_IDLE_TIMEOUT = 60
 #: Relay headers a browser client must be able to send and read.
 MTE_HEADERS = (b"x-mte-relay", b"x-mte-relay-eh", b"x-mte-client-id", b"x-mte-relay-identity")
 CORS_ALLOW_HEADERS = b", ".join(
@@ -177,7 +180,9 @@ class RelaySite(server.Site):
     def __init__(self, resource, settings):
         # The relay never reads form arguments: Twisted's form parsing would read a whole urlencoded or multipart body
         # into memory (and parse every POST's content-type with the slow email package).
-        super().__init__(resource, parsePOSTFormSubmission=False)
+        super().__init__(
+            resource, parsePOSTFormSubmission=False, timeout=max(CLIENT_IDLE_TIMEOUT, settings.upstream_timeout)
+        )
         self.max_body_size = settings.max_body_size
         self.debug = settings.debug
         self.headers = settings.headers

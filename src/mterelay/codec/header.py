@@ -21,6 +21,8 @@ MAX_LENGTH = 200
 MAX_HEADER_PAIRS = 256
 
 _COUNTER = re.compile(r"0|[1-9][0-9]{0,19}")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_FORBIDDEN_IN_VALUE = re.compile(r"[\r\n\x00]")
 _FLAGS = {"0": False, "1": True}
 
 
@@ -44,9 +46,14 @@ class RelayHeader:
     streaming: bool = False
     version: int = PROTOCOL_VERSION
 
+    @property
+    def flags(self):
+        """``(url, headers, body, streaming)``, as bound into every item of the message."""
+        return (self.url, self.headers, self.body, self.streaming)
+
     def format(self):
         """The header value."""
-        flags = ",".join("1" if f else "0" for f in (self.url, self.headers, self.body, self.streaming))
+        flags = ",".join("1" if f else "0" for f in self.flags)
         return f"{self.version},{self.client_id},{self.pair_id},{self.encode_type},{self.counter},{flags}"
 
     @classmethod
@@ -83,17 +90,25 @@ def encode_header_block(pairs):
 
 
 def decode_header_block(data):
-    """The ``[(name, value)]`` byte pairs of an opened header block, or ``CodecError(562)`` if it is malformed."""
+    """
+    The ``[(name, value)]`` byte pairs of an opened header block, or ``CodecError(562)`` if it is malformed: each
+    pair a two-item list, names HTTP tokens (RFC 9110 5.6.2), values free of CR, LF and NUL, so that no decoded
+    header can split or forge another.
+    """
     try:
         pairs = json.loads(data)
         if not isinstance(pairs, list) or len(pairs) > MAX_HEADER_PAIRS:
             raise ValueError
         result = []
         for pair in pairs:
+            if not isinstance(pair, list) or len(pair) != 2:
+                raise ValueError
             name, value = pair
-            if not isinstance(name, str) or not isinstance(value, str) or not name:
+            if not isinstance(name, str) or not isinstance(value, str) or not _TOKEN.fullmatch(name):
+                raise ValueError
+            if _FORBIDDEN_IN_VALUE.search(value):
                 raise ValueError
             result.append((name.encode("latin-1"), value.encode("latin-1")))
         return result
-    except (ValueError, TypeError, UnicodeError):
-        raise CodecError(DECODE_FAILED, "header block is not a list of [name, value] pairs") from None
+    except (ValueError, TypeError, UnicodeError, RecursionError):
+        raise CodecError(DECODE_FAILED, "header block is not a list of [name, value] header pairs") from None

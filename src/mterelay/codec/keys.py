@@ -36,17 +36,25 @@ def decoded_length(m, record_size=RECORD_SIZE):
     return full * record_size + rest - TAG_SIZE
 
 
-def request_binding(method, target=None):
-    """
-    The binding for every item of a request: its method and, when the URL is not encoded, the visible path and
-    query, so that neither can be changed in transit.
-    """
-    return b"req" + lp(method, b"" if target is None else b"\x01" + target)
+#: The four ``x-mte-relay`` flags (url, headers, body, streaming) of a message that sets none.
+NO_FLAGS = (False, False, False, False)
 
 
-def response_binding(status):
-    """The binding for every item of a response: its status code."""
-    return b"resp" + lp(b"%d" % status)
+def _flags(flags):
+    return bytes(1 if flag else 0 for flag in flags)
+
+
+def request_binding(method, target=None, flags=NO_FLAGS):
+    """
+    The binding for every item of a request: its method, the visible path and query when the URL is not encoded,
+    and the ``x-mte-relay`` flags (``RelayHeader.flags``), so that none of them can be changed in transit.
+    """
+    return b"req" + lp(method, b"" if target is None else b"\x01" + target, _flags(flags))
+
+
+def response_binding(status, flags=NO_FLAGS):
+    """The binding for every item of a response: its status code and its ``x-mte-relay`` flags."""
+    return b"resp" + lp(b"%d" % status, _flags(flags))
 
 
 def message_context(encode_type, counter, pair_id):
