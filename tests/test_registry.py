@@ -81,7 +81,7 @@ class RegistryContractMixin:
             r.get_pair("client-b", "pair-1"),
             r.reserve_counters("client-a", "nope"),
             r.mark_seen("client-a", "nope", 0, 64),
-            r.load_and_mark("client-a", "nope", 0, 64),
+            r.mark_seen("client-a", "nope", 0, 64),
             r.swap_state("client-a", "nope", 0, b"x"),
         ]:
             self.assertEqual((await self.failure(d, UnknownPair)).code, 560)
@@ -137,23 +137,13 @@ class RegistryContractMixin:
             [await r.mark_seen("client-a", "pair-1", c, 8) for c in [993, 992, 1000, 7]], [True, False, False, False]
         )
 
-    async def test_load_and_mark(self):
-        """load_and_mark returns the record and the fresh flag, marking the counter."""
-        r = await self.make_registry()
-        await r.create_pair(pair(encode_type="MKE"))
-        record, fresh = await r.load_and_mark("client-a", "pair-1", 0, 64)
-        self.assertEqual((record.pair_id, record.state, fresh), ("pair-1", STATE, True))
-        record, fresh = await r.load_and_mark("client-a", "pair-1", 0, 64)
-        self.assertFalse(fresh)
-        self.assertFalse(await r.mark_seen("client-a", "pair-1", 0, 64))
-
     async def test_bad_counter_arguments(self):
         """Negative counters, empty or huge windows and empty reservations are refused with 400."""
         r = await self.make_registry()
         await r.create_pair(pair())
         for d in [
             r.mark_seen("client-a", "pair-1", -1, 64),
-            r.load_and_mark("client-a", "pair-1", 0, 0),
+            r.mark_seen("client-a", "pair-1", 0, 0),
             r.mark_seen("client-a", "pair-1", 0, 10**9),
             r.reserve_counters("client-a", "pair-1", 0),
         ]:

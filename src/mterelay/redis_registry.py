@@ -430,13 +430,12 @@ class RedisRegistry(Service):
     def get_pair(self, client_id, pair_id):
         return self._load(client_id, pair_id).addCallback(lambda loaded: loaded[0])
 
-    def load_and_mark(self, client_id, pair_id, counter, window):
-        return defer.maybeDeferred(check_mark_args, counter, window).addCallback(
-            lambda _: self._load(client_id, pair_id, counter, window)
-        )
-
     def mark_seen(self, client_id, pair_id, counter, window):
-        return self.load_and_mark(client_id, pair_id, counter, window).addCallback(lambda loaded: loaded[1])
+        return (
+            defer.maybeDeferred(check_mark_args, counter, window)
+            .addCallback(lambda _: self._load(client_id, pair_id, counter, window))
+            .addCallback(lambda loaded: loaded[1])
+        )
 
     def reserve_counters(self, client_id, pair_id, count=1):
         return defer.maybeDeferred(check_count, count).addCallback(

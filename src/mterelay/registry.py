@@ -115,9 +115,6 @@ class IRegistry(Interface):
         below the highest counter marked so far.
         """
 
-    def load_and_mark(client_id, pair_id, counter, window):
-        """``get_pair`` and ``mark_seen`` as one atomic step: fire with ``(PairRecord, bool)``."""
-
     def swap_state(client_id, pair_id, expected_version, new_state):
         """
         Replace the state by ``new_state`` if the pair's version is still ``expected_version``.
@@ -284,12 +281,9 @@ class MemoryRegistry(Service):
         slot = self._live(client_id, pair_id)
         fresh, highest, marks = mark_window(slot.highest, slot.marks, counter, window)
         self._slots[(client_id, pair_id)] = attrs.evolve(slot, highest=highest, marks=marks)
-        return slot.record, fresh
+        return fresh
 
     def mark_seen(self, client_id, pair_id, counter, window):
-        return defer.maybeDeferred(lambda: self._mark(client_id, pair_id, counter, window)[1])
-
-    def load_and_mark(self, client_id, pair_id, counter, window):
         return defer.maybeDeferred(self._mark, client_id, pair_id, counter, window)
 
     def swap_state(self, client_id, pair_id, expected_version, new_state):
