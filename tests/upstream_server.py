@@ -226,23 +226,26 @@ class RelayUnderTest:
         return self.port.stopListening().addCallback(lambda _: self.pool.closeCachedConnections())
 
 
-def serve_relay(reactor, settings, inbound=None, outbound=None):
+def serve_relay(reactor, settings):
     """
-    Serve the relay for ``settings`` (``mterelay.config.Settings``) on a free port, the way ``makeService`` wires it.
+    Serve the relay for ``settings`` (``mterelay.config.Settings``) on a free port, the way ``makeService`` wires it
+    (memory registry, an ephemeral identity).
 
     @return: a Deferred firing with a ``RelayUnderTest``; stop it in a cleanup.
     """
-    from twisted.web.client import Agent, HTTPConnectionPool
+    from twisted.web.client import HTTPConnectionPool
 
-    from mterelay.upstream import AgentUpstreamClient
-    from mterelay.web import InFlight, RelaySite, build_resource
+    from mterelay.codec import RelayIdentity
+    from mterelay.registry import MemoryRegistry
+    from mterelay.site import build_site
+    from mterelay.upstream import make_agent
+    from mterelay.web import InFlight
 
     pool = HTTPConnectionPool(reactor, persistent=True)
     tracker = InFlight(reactor)
-    resource = build_resource(
-        settings, AgentUpstreamClient(Agent(reactor, pool=pool)), reactor, inbound, outbound, tracker
+    site = build_site(
+        settings, reactor, make_agent(reactor, pool), MemoryRegistry(reactor), RelayIdentity.generate(), tracker
     )
-    site = RelaySite(resource, settings)
     d = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
     return d.addCallback(
         lambda port: RelayUnderTest(f"http://127.0.0.1:{port.getHost().port}", tracker, port, pool)

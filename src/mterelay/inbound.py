@@ -39,11 +39,10 @@ from mterelay.codec.keys import TAG_SIZE
 from mterelay.errors import RelayError
 from mterelay.registry import PairRecord
 from mterelay.upstream import filter_headers, forward, upstream_headers
-from mterelay.web import compile_routes, send_error
+from mterelay.web import RELAY_HEADER, compile_routes, send_error
 
 log = Logger()
 
-RELAY_HEADER = b"x-mte-relay"
 ENCODED_HEADERS = b"x-mte-relay-eh"
 CLIENT_ID_HEADER = b"x-mte-client-id"
 IDENTITY_HEADER = b"x-mte-relay-identity"
