@@ -1,5 +1,7 @@
 """Tests for mterelay.codec: pairing, the MKE and MTE encodings, body records, state and the x-mte-relay header."""
 
+import os
+
 import attrs
 from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, generate_private_key
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
@@ -57,14 +59,16 @@ def encode_body(keys, data, chunks=1, record_size=SMALL, binding=b""):
     """Encode ``data`` fed in ``chunks`` roughly equal pieces."""
     encoder = keys.body_encoder(binding, record_size)
     step = max(1, len(data) // chunks)
-    return b"".join(encoder.feed(data[i : i + step]) for i in range(0, len(data), step)) + encoder.finish()
+    pieces = [piece for i in range(0, len(data), step) for piece in encoder.feed(data[i : i + step])]
+    return b"".join(pieces + encoder.finish())
 
 
 def decode_body(keys, data, chunks=1, record_size=SMALL, binding=b""):
     """Decode ``data`` fed in ``chunks`` roughly equal pieces."""
     decoder = keys.body_decoder(binding, record_size)
     step = max(1, len(data) // chunks)
-    return b"".join(decoder.feed(data[i : i + step]) for i in range(0, len(data), step)) + decoder.finish()
+    pieces = [piece for i in range(0, len(data), step) for piece in decoder.feed(data[i : i + step])]
+    return b"".join(pieces + decoder.finish())
 
 
 class CodeAssertions:
@@ -251,12 +255,12 @@ class BodyTests(CodeAssertions, SynchronousTestCase):
         bit = draw.draw(st.integers(0, len(encoded) * 8 - 1))
         encoded[bit // 8] ^= 1 << (bit % 8)
         decoder = rreq.body_decoder(b"", SMALL)
-        out = b""
+        out = []
         with self.assertRaises(CodecError) as caught:
             out += decoder.feed(bytes(encoded))
             out += decoder.finish()
         self.assertEqual(caught.exception.code, 562)
-        self.assertTrue(data.startswith(out))
+        self.assertTrue(data.startswith(b"".join(out)))
 
     def test_every_bit_flip_rejected(self):
         """Exhaustively, every bit flip of a three-record body fails."""
@@ -297,6 +301,37 @@ class BodyTests(CodeAssertions, SynchronousTestCase):
         _, _, creq, _, rreq, _ = message(*PAIRS["MKE"])
         encoded = encode_body(creq, b"hello", binding=request_binding(b"POST", b"/a"))
         self.assertCode(562, decode_body, rreq, encoded, binding=request_binding(b"PUT", b"/a"))
+
+    def test_output_is_whole_records(self):
+        """Each piece the encoder gives is one whole record and each piece the decoder gives one record's plaintext."""
+        _, _, creq, _, rreq, _ = message(*PAIRS["MKE"])
+        data = bytes(range(256))
+        encoder = creq.body_encoder(b"", SMALL)
+        sealed = encoder.feed(data[:50]) + encoder.feed(data[50:]) + encoder.finish()
+        self.assertEqual([len(piece) for piece in sealed], [SMALL + 16] * 8 + [16])
+        self.assertTrue(all(type(piece) is bytes for piece in sealed))
+        decoder = rreq.body_decoder(b"", SMALL)
+        opened = decoder.feed(b"".join(sealed)) + decoder.finish()
+        self.assertEqual([len(piece) for piece in opened], [SMALL] * 8 + [0])
+        self.assertEqual(b"".join(opened), data)
+
+    def test_mutable_input_buffer_reused_by_caller(self):
+        """A caller may refill its bytearray after a feed: the part held for the next record is not changed by it."""
+        _, _, creq, _, rreq, _ = message(*PAIRS["MKE"])
+        data = os.urandom(3 * SMALL + 5)
+        encoded = encode_body(creq, data)
+        for transform, source, expected in (
+            (creq.body_encoder(b"", SMALL), data, encoded),
+            (rreq.body_decoder(b"", SMALL), encoded, data),
+        ):
+            buffer = bytearray(SMALL + 7)
+            out = []
+            for start in range(0, len(source), len(buffer)):
+                piece = source[start : start + len(buffer)]
+                buffer[: len(piece)] = piece
+                out += transform.feed(memoryview(buffer)[: len(piece)])
+                buffer[:] = bytes(len(buffer))
+            self.assertEqual(b"".join(out + transform.finish()), expected)
 
     def test_stream_unusable_after_failure_or_finish(self):
         """A decoder that failed, or an encoder that finished, refuses further input."""
@@ -547,6 +582,6 @@ class OutputLengthTests(SynchronousTestCase):
         keys = message(*pair())[2]
         for n in (0, 1, SMALL - 1, SMALL, SMALL + 1, 3 * SMALL):
             encoder = keys.body_encoder(record_size=SMALL)
-            encoded = encoder.feed(b"x" * n) + encoder.finish()
+            encoded = b"".join(encoder.feed(b"x" * n) + encoder.finish())
             self.assertEqual(encoder.output_length(n), len(encoded))
             self.assertEqual(keys.body_decoder(record_size=SMALL).output_length(len(encoded)), n)

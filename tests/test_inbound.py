@@ -207,7 +207,7 @@ class RefusalTests(RelayHarness, TestCase):
             "token": token,
         }
         encoder = keys.body_encoder(binding)
-        parts["body"] = encoder.feed(body) + encoder.finish()
+        parts["body"] = b"".join(encoder.feed(body) + encoder.finish())
         if tamper is not None:
             tamper(parts)
         headers = {"x-mte-client-id": parts["token"], "x-mte-relay": parts["relay"], "x-mte-relay-eh": parts["eh"]}

@@ -39,11 +39,11 @@ class Upper:
     def feed(self, data):
         if self.fail_on is not None and self.fail_on in data:
             raise RelayError(562, "bad record")
-        return data.upper()
+        return [data.upper()]
 
     def finish(self):
         self.finished = True
-        return b"END"
+        return [b"END"]
 
 
 class HeaderTests(SynchronousTestCase):

@@ -261,20 +261,18 @@ class RelayResponse:
     relay_error: bool = False
 
     def collect(self, write):
-        """Call ``write(bytes)`` with the decoded body as it arrives; the Deferred fires once it was complete."""
+        """Call ``write(bytes)`` with each piece of the decoded body as it arrives; fires once it was complete."""
         decoder = self.decoder
         if decoder is None:
             return treq.collect(self.original, write)
 
         def feed(data):
-            out = decoder.feed(data)
-            if out:
-                write(out)
+            for piece in decoder.feed(data):
+                write(piece)
 
         def finish(_):
-            tail = decoder.finish()
-            if tail:
-                write(tail)
+            for piece in decoder.finish():
+                write(piece)
 
         return treq.collect(self.original, feed).addCallback(finish)
 

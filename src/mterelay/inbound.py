@@ -282,7 +282,7 @@ class Inbound:
         decoder = keys.body_decoder(binding)
         if size <= VERIFY_IN_MEMORY:
             plain = decoder.feed(content.read()) + decoder.finish()
-            request.content = io.BytesIO(plain)
+            request.content = io.BytesIO(b"".join(plain))
             return None
 
         def verify():

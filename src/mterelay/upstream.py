@@ -1,8 +1,9 @@
 """
 Forwarding a twisted.web request to an HTTP upstream, streaming both bodies through optional body transforms.
 
-A body transform has ``feed(data: bytes) -> bytes`` and ``finish() -> bytes`` and may raise a ``RelayError``; when it
-can tell its output size from its input size it also has ``output_length(n: int) -> int``. The pass-through route uses
+A body transform has ``feed(data: bytes) -> list[bytes]`` and ``finish() -> list[bytes]`` (its output in pieces,
+written one by one, so that none is copied) and may raise a ``RelayError``; when it can tell its output size from its
+input size it also has ``output_length(n: int) -> int``. The pass-through route uses
 no transform; the inbound relay passes the codec's decoder (request) and encoder (response).
 """
 
@@ -136,6 +137,10 @@ def upstream_headers(request, extra=()):
     return headers
 
 
+def _feed(transform, data):
+    return (data,) if transform is None else transform.feed(data)
+
+
 def _output_length(transform, length):
     if transform is None:
         return length
@@ -185,14 +190,12 @@ class RequestBodyProducer:
             chunk = self._source.read(READ_SIZE)
             if not chunk:
                 break
-            data = chunk if transform is None else transform.feed(chunk)
-            if data:
-                consumer.write(data)
+            for piece in _feed(transform, chunk):
+                consumer.write(piece)
             yield None
         if transform is not None:
-            tail = transform.finish()
-            if tail:
-                consumer.write(tail)
+            for piece in transform.finish():
+                consumer.write(piece)
 
     def pauseProducing(self):
         self._control("pause")
@@ -293,12 +296,12 @@ class _BodyRelay(Protocol):
             return
         self._arm()
         try:
-            out = data if self._transform is None else self._transform.feed(data)
+            out = _feed(self._transform, data)
         except RelayError:
             self._break(Failure())
             return
-        if out:
-            self._request.write(out)
+        for piece in out:
+            self._request.write(piece)
 
     def connectionLost(self, reason):
         self._disarm()
@@ -309,12 +312,12 @@ class _BodyRelay(Protocol):
             self._break(reason)
             return
         try:
-            tail = b"" if self._transform is None else self._transform.finish()
+            tail = () if self._transform is None else self._transform.finish()
         except RelayError:
             self._break(Failure())
             return
-        if tail:
-            self._request.write(tail)
+        for piece in tail:
+            self._request.write(piece)
         self._request.unregisterProducer()
         self._request.finish()
         self._settle(None)

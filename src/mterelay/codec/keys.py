@@ -74,18 +74,31 @@ _BODY_NONCE = _nonce(_BODY, 0)[:4]
 
 
 class MessageKeys:
-    """Seals or opens the items of one message in one direction; decoding failures raise ``CodecError(562)``."""
+    """
+    Seals or opens the items of one message in one direction; decoding failures raise ``CodecError(562)``.
 
-    __slots__ = ("_aead", "_prefix", "counter", "direction")
+    ``derive_key`` returns the 32-byte message key; it is called on first use, so a side that only ever uses one
+    direction of a message (and a message without body, url or header items) derives no key it does not need.
+    """
 
-    def __init__(self, key, direction, counter, context):
-        self._aead = AESGCM(key)
+    __slots__ = ("_derive", "_cipher", "_prefix", "counter", "direction")
+
+    def __init__(self, derive_key, direction, counter, context):
+        self._derive = derive_key
+        self._cipher = None
         self.counter = counter
         self.direction = direction
         self._prefix = context[:2] + bytes((direction,)) + context[2:]
 
     def __repr__(self):
         return f"<MessageKeys {('c2s', 's2c')[self.direction]} counter={self.counter}>"
+
+    @property
+    def _aead(self):
+        if self._cipher is None:
+            self._cipher = AESGCM(self._derive())
+            self._derive = None
+        return self._cipher
 
     def _ad(self, kind, index, final, binding):
         return self._prefix + bytes((kind,)) + index.to_bytes(8, "big") + (b"\x01" if final else b"\x00") + binding
@@ -104,82 +117,84 @@ class MessageKeys:
             raise CodecError(DECODE_FAILED, f"{kind} item failed authentication") from None
 
     def body_encoder(self, binding=b"", record_size=RECORD_SIZE):
-        """A streaming body encoder (``feed(bytes) -> bytes``, ``finish() -> bytes``)."""
+        """A streaming body encoder (``feed(bytes) -> [bytes]``, ``finish() -> [bytes]``)."""
         return BodyEncoder(self, binding, record_size)
 
     def body_decoder(self, binding=b"", record_size=RECORD_SIZE):
-        """A streaming body decoder (``feed(bytes) -> bytes``, ``finish() -> bytes``) that detects truncation."""
+        """A streaming body decoder (``feed(bytes) -> [bytes]``, ``finish() -> [bytes]``) that detects truncation."""
         return BodyDecoder(self, binding, record_size)
 
 
 class _Records:
-    """Record bookkeeping shared by the encoder and the decoder: a bounded buffer, the next index, finished state."""
+    """
+    Record bookkeeping shared by the encoder and the decoder: the pending input, the next index, finished state.
 
-    __slots__ = ("_aead", "_head", "_tails", "_size", "_buffer", "_index", "_done")
+    Output is a list of records, each the AEAD's own ``bytes`` (what Twisted's transports take, with
+    ``writeSequence``), so a record is never copied after it was sealed or opened. Input is never copied either,
+    except to join a record split across feeds: whole records are read from the caller's buffer, and the rest is
+    held by reference until the next feed (copied only when the caller's buffer is mutable or much larger).
+    """
 
-    def __init__(self, keys, binding, size):
+    __slots__ = ("_aead", "_transform", "_head", "_tails", "_step", "_pending", "_pending_size", "_index", "_done")
+
+    def __init__(self, keys, binding, step):
         self._aead = keys._aead
         # AD = head || u64(index) || final || binding; precomputed because a record's Python overhead adds up.
         self._head = keys._prefix + bytes((_BODY,))
         self._tails = (b"\x00" + binding, b"\x01" + binding)
-        self._size = size
-        self._buffer = bytearray()
+        self._step = step
+        self._pending = []
+        self._pending_size = 0
         self._index = 0
         self._done = False
 
-    def _nonce_ad(self, final):
-        index = self._index.to_bytes(8, "big")
-        self._index += 1
-        return _BODY_NONCE + index, self._head + index + self._tails[final]
+    def _check_open(self):
+        if self._done:
+            raise CodecError(DECODE_FAILED, "body stream already finished or failed")
+
+    def _records(self, data):
+        """Transform every complete non-final record of the pending input + ``data``; hold the rest (< a record)."""
+        self._check_open()
+        view = memoryview(data).cast("B")
+        size = len(view)
+        step = self._step
+        out = []
+        pos = 0
+        if self._pending_size:
+            pos = step - self._pending_size
+            if size < pos:
+                if size:
+                    self._hold(view, view)
+                return out
+            self._pending.append(view[:pos])
+            out.append(self._record(b"".join(self._pending), False))
+            self._pending.clear()
+            self._pending_size = 0
+        end = pos + (size - pos) // step * step
+        for start in range(pos, end, step):
+            out.append(self._record(view[start : start + step], False))
+        if end < size:
+            self._hold(view[end:], view)
+        return out
+
+    def _hold(self, rest, whole):
+        # A reference would keep a large caller buffer alive for a small rest, and a mutable one may be reused.
+        copy = not whole.readonly or 2 * len(rest) < len(whole)
+        self._pending.append(bytes(rest) if copy else rest)
+        self._pending_size += len(rest)
 
     def _record(self, data, final):
-        return self._transform(self._aead, *self._nonce_ad(final), data)
-
-    def _records(self, data, step):
-        """
-        Transform every complete non-final record in buffer + data; keep the rest (< ``step`` bytes) buffered.
-        Whole records are read straight from ``data`` and written straight into one output buffer: only a record
-        split across feeds is copied in, and the output is copied once into the returned bytes.
-        """
-        if self._done:
-            raise CodecError(DECODE_FAILED, "body stream already finished or failed")
-        view = memoryview(data)
-        buffer = self._buffer
-        taken = 0
-        if buffer:
-            taken = min(step - len(buffer), len(view))
-            buffer += view[:taken]
-        whole = taken + (len(view) - taken) // step * step
-        count = (whole - taken) // step + (len(buffer) == step)
-        if count < 2:
-            # Zero or one record: the AEAD's own output is returned as is, with no copy.
-            out = self._record(buffer if taken else view[:whole], False) if count else b""
-            if taken and count:
-                buffer.clear()
-            buffer += view[whole:]
-            return out
-        out_step = step + self._growth
-        out = bytearray(out_step * count)
-        slots = memoryview(out)
-        slot = 0
-        if len(buffer) == step:
-            self._record_into(buffer, slots[:out_step])
-            buffer.clear()
-            slot = 1
-        for pos in range(taken, whole, step):
-            self._record_into(view[pos : pos + step], slots[slot * out_step : (slot + 1) * out_step])
-            slot += 1
-        buffer += view[whole:]
-        return bytes(out)
-
-    def _record_into(self, data, slot):
-        self._transform_into(self._aead, *self._nonce_ad(False), data, slot)
+        index = self._index.to_bytes(8, "big")
+        self._index += 1
+        return self._transform(_BODY_NONCE + index, data, self._head + index + self._tails[final])
 
     def _final(self):
-        if self._done:
-            raise CodecError(DECODE_FAILED, "body stream already finished or failed")
+        self._check_open()
         self._done = True
-        return self._record(self._buffer, True)
+        pending = self._pending
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        pending.clear()
+        return [self._record(data, True)]
 
 
 class BodyEncoder(_Records):
@@ -187,27 +202,21 @@ class BodyEncoder(_Records):
 
     __slots__ = ()
 
-    _growth = TAG_SIZE
-
-    @staticmethod
-    def _transform(aead, nonce, ad, data):
-        return aead.encrypt(nonce, data, ad)
-
-    @staticmethod
-    def _transform_into(aead, nonce, ad, data, slot):
-        aead.encrypt_into(nonce, data, ad, slot)
+    def __init__(self, keys, binding, record_size):
+        super().__init__(keys, binding, record_size)
+        self._transform = self._aead.encrypt
 
     def feed(self, data):
-        """Encoded records for every complete ``record_size`` bytes seen so far."""
-        return self._records(data, self._size)
+        """Encoded records (a list of ``bytes``) for every complete ``record_size`` bytes seen so far."""
+        return self._records(data)
 
     def finish(self):
-        """The final record (the buffered rest, shorter than a record)."""
+        """The final record (the pending rest, shorter than a record), as a one-item list."""
         return self._final()
 
     def output_length(self, n):
         """The encoded size of an ``n``-byte body (so a relay can keep Content-Length)."""
-        return encoded_length(n, self._size)
+        return encoded_length(n, self._step)
 
 
 class BodyDecoder(_Records):
@@ -215,35 +224,28 @@ class BodyDecoder(_Records):
 
     __slots__ = ()
 
-    _growth = -TAG_SIZE
+    def __init__(self, keys, binding, record_size):
+        super().__init__(keys, binding, record_size + TAG_SIZE)
+        self._transform = self._open
 
-    def _transform(self, aead, nonce, ad, data):
+    def _open(self, nonce, data, ad):
         try:
-            return aead.decrypt(nonce, data, ad)
+            return self._aead.decrypt(nonce, data, ad)
         except InvalidTag:
-            self._failed()
-
-    def _transform_into(self, aead, nonce, ad, data, slot):
-        try:
-            aead.decrypt_into(nonce, data, ad, slot)
-        except InvalidTag:
-            self._failed()
-
-    def _failed(self):
-        self._done = True
-        raise CodecError(DECODE_FAILED, "body record failed authentication") from None
+            self._done = True
+            raise CodecError(DECODE_FAILED, "body record failed authentication") from None
 
     def feed(self, data):
-        """Plaintext of every complete authenticated non-final record seen so far."""
-        return self._records(data, self._size + TAG_SIZE)
+        """Plaintext (a list of ``bytes``) of every complete authenticated non-final record seen so far."""
+        return self._records(data)
 
     def finish(self):
-        """Plaintext of the final record; ``CodecError(562)`` if the stream was truncated."""
-        if not self._done and len(self._buffer) < TAG_SIZE:
+        """Plaintext of the final record, as a one-item list; ``CodecError(562)`` if the stream was truncated."""
+        if not self._done and self._pending_size < TAG_SIZE:
             self._done = True
             raise CodecError(DECODE_FAILED, "body truncated: no final record")
         return self._final()
 
     def output_length(self, m):
         """The plaintext size of an ``m``-byte encoded body, or ``CodecError(562)`` if none encodes to ``m``."""
-        return decoded_length(m, self._size)
+        return decoded_length(m, self._step - TAG_SIZE)

@@ -69,6 +69,7 @@ class _PairState:
     prev_s2c: bytes | None = attrs.field(default=None, repr=False)
 
     def _keys(self, c2s_key, s2c_key, counter):
+        """The message's two ``MessageKeys``; each key is a zero-argument callable, run on the direction's first use."""
         context = message_context(self.encode_type, counter, self.pair_id)
         return MessageKeys(c2s_key, C2S, counter, context), MessageKeys(s2c_key, S2C, counter, context)
 
@@ -91,7 +92,9 @@ class _PairState:
             for _ in range(epoch - self.position):
                 prev_c2s, prev_s2c, c2s, s2c = c2s, s2c, _next_epoch(c2s), _next_epoch(s2c)
             state = attrs.evolve(self, position=epoch, c2s=c2s, s2c=s2c, prev_c2s=prev_c2s, prev_s2c=prev_s2c)
-        return (state, *self._keys(_mke_message_key(c2s, counter), _mke_message_key(s2c, counter), counter))
+        # Derived on first use (closures, not partials: a partial's repr would show the epoch key).
+        request, response = (lambda: _mke_message_key(c2s, counter)), (lambda: _mke_message_key(s2c, counter))
+        return (state, *self._keys(request, response, counter))
 
     def _mte(self, counter):
         if counter != self.position:
@@ -101,7 +104,7 @@ class _PairState:
         c2s_message, c2s_next = _mte_step(self.c2s)
         s2c_message, s2c_next = _mte_step(self.s2c)
         state = attrs.evolve(self, position=self.position + 1, c2s=c2s_next, s2c=s2c_next)
-        return (state, *self._keys(c2s_message, s2c_message, counter))
+        return (state, *self._keys(lambda: c2s_message, lambda: s2c_message, counter))
 
     def to_bytes(self):
         """Compact versioned bytes for the registry (``load_state`` reads them back)."""
