@@ -488,7 +488,7 @@ class HeaderTests(CodeAssertions, SynchronousTestCase):
         self.assertEqual(RelayHeader.parse(f" 1, {CLIENT},{PAIR} ,MKE,42,1,1,0,1"), HEADER)
 
     def test_malformed_values_rejected(self):
-        """Each malformed field raises 569, an unknown version or type 568."""
+        """Each malformed field raises 569, an unknown version or type 568, given as text or as header bytes."""
         good = HEADER.format().split(",")
         cases = {
             569: [(4, "042"), (4, "-1"), (4, str(1 << 64)), (4, "x"), (5, "2"), (8, ""), (1, "short"), (2, "a b" * 8)],
@@ -499,8 +499,22 @@ class HeaderTests(CodeAssertions, SynchronousTestCase):
                 fields = list(good)
                 fields[index] = value
                 self.assertCode(code, RelayHeader.parse, ",".join(fields))
+                self.assertCode(code, RelayHeader.parse, ",".join(fields).encode("ascii"))
         for value in ("", ",".join(good[:8]), ",".join(good + ["0"]), "x" * 500, None, "v1," + ",".join(good[1:])):
             self.assertCode(569, RelayHeader.parse, value)
+            if value is not None:
+                self.assertCode(569, RelayHeader.parse, value.encode("ascii"))
+
+    @fast
+    @given(st.binary(max_size=120))
+    def test_bytes_parse_as_their_text(self, value):
+        """A header value given as bytes parses to what its text parses to, or fails with the same code."""
+        try:
+            expected = RelayHeader.parse(value.decode("ascii", "replace"))
+        except CodecError as error:
+            self.assertCode(error.code, RelayHeader.parse, value)
+        else:
+            self.assertEqual(RelayHeader.parse(value), expected)
 
     @fast
     @given(st.text(max_size=120))

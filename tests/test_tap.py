@@ -1,5 +1,6 @@
 """Tests for mterelay.tap: option parsing, one-line configuration errors and service wiring."""
 
+import gc
 import io
 import json
 import os
@@ -16,7 +17,7 @@ from twisted.internet.testing import MemoryReactor
 from twisted.logger import ILogObserver, Logger, LogPublisher, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from mterelay import logs, tap, web
+from mterelay import gctuning, logs, tap, web
 from mterelay.redis_registry import RedisRegistry
 from mterelay.registry import MemoryRegistry
 
@@ -67,12 +68,13 @@ class OptionsTests(SynchronousTestCase):
 
 class MakeServiceTests(SynchronousTestCase):
     def test_wiring(self):
-        """makeService builds a logging service around the registry (memory without REDIS_URL) and a draining service
-        with one listener per endpoint."""
+        """makeService builds a logging service around the collector settings, the registry (memory without
+        REDIS_URL) and a draining service with one listener per endpoint."""
         options, _ = parse(["--listen", "tcp:0", "--listen", "tcp:0"])
         top = tap.makeService(options)
         self.assertIsInstance(top, logs.LoggingService)
-        registry, relay = list(top)
+        collector, registry, relay = list(top)
+        self.assertIsInstance(collector, gctuning.GCTuningService)
         self.assertIsInstance(registry, MemoryRegistry)
         self.assertIsInstance(relay, web.DrainingService)
         listeners = list(relay)
@@ -81,11 +83,26 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertIs(listeners[0].factory, listeners[1].factory)
 
 
+class GCTuningTests(SynchronousTestCase):
+    def test_freezes_start_up_heap_and_restores(self):
+        """Starting the service freezes what exists and raises the thresholds; stopping puts both back."""
+        before = gc.get_threshold()
+        self.addCleanup(gc.set_threshold, *before)
+        self.addCleanup(gc.unfreeze)
+        service = gctuning.GCTuningService((12345, 7, 8))
+        service.startService()
+        self.assertEqual(gc.get_threshold(), (12345, 7, 8))
+        self.assertGreater(gc.get_freeze_count(), 1000)
+        service.stopService()
+        self.assertEqual(gc.get_threshold(), before)
+        self.assertEqual(gc.get_freeze_count(), 0)
+
+
 class RegistryWiringTests(SynchronousTestCase):
     def test_redis_url_selects_redis_registry(self):
         """REDIS_URL selects the Redis registry with the configured timeout and pair limits."""
         options, _ = parse(["--redis-url", "redis://127.0.0.1:9/2", "--redis-timeout", "0.5", "--pair-ttl", "60"])
-        registry, _ = list(tap.makeService(options))
+        _, registry, _ = list(tap.makeService(options))
         self.assertIsInstance(registry, RedisRegistry)
         self.assertEqual((registry.timeout, registry.pair_ttl), (0.5, 60))
 

@@ -24,6 +24,7 @@ from mterelay.upstream import (
     filter_headers,
     stream_response,
     upstream_error,
+    upstream_headers,
 )
 
 
@@ -70,6 +71,38 @@ class HeaderTests(SynchronousTestCase):
             sorted(name.lower() for name, _ in kept.getAllRawHeaders()), [b"content-type", b"set-cookie"]
         )
         self.assertEqual(kept.getRawHeaders(b"set-cookie"), [b"a=1", b"b=2"])
+
+    def test_opened_block_overlays_and_is_filtered(self):
+        """
+        An opened header block replaces the visible headers of its names; its framing, hop-by-hop, Proxy-* and
+        x-mte-* headers (and names its own Connection lists) never go upstream; hidden names are dropped.
+        """
+        request = DummyRequest([b""])
+        request.isSecure = lambda: False
+        for name, value in ((b"Accept", b"visible"), (b"Content-Type", b"application/octet-stream"), (b"X-A", b"v")):
+            request.requestHeaders.addRawHeader(name, value)
+        opened = [
+            (b"Accept", b"sealed"),
+            (b"Content-Length", b"999"),
+            (b"Host", b"evil.example"),
+            (b"Transfer-Encoding", b"chunked"),
+            (b"Connection", b"X-Secret"),
+            (b"X-Secret", b"1"),
+            (b"Proxy-Authorization", b"x"),
+            (b"X-Mte-Relay", b"x"),
+            (b"Content-Type", b"text/plain"),
+            (b"Set-Cookie", b"a=1"),
+            (b"Set-Cookie", b"b=2"),
+        ]
+        headers = upstream_headers(request, [("X-Extra", "e")], opened, hidden=(b"content-type",))
+        self.assertEqual(headers.getRawHeaders(b"accept"), [b"sealed"])
+        self.assertEqual(headers.getRawHeaders(b"content-type"), [b"text/plain"])
+        self.assertEqual(headers.getRawHeaders(b"set-cookie"), [b"a=1", b"b=2"])
+        self.assertEqual(headers.getRawHeaders(b"x-a"), [b"v"])
+        self.assertEqual(headers.getRawHeaders(b"x-extra"), [b"e"])
+        for name in (b"content-length", b"host", b"transfer-encoding", b"connection", b"x-secret", b"x-mte-relay"):
+            self.assertFalse(headers.hasHeader(name), name)
+        self.assertFalse(headers.hasHeader(b"proxy-authorization"))
 
 
 class BodyProducerTests(SynchronousTestCase):

@@ -8,10 +8,10 @@ while they stream upstream. The answer is sealed on the way back: its header blo
 when the client protected its own) and its body records, under the pair's relay-to-client keys bound to the request.
 """
 
+import functools
 import io
 import json
 import re
-from urllib.parse import unquote
 
 from twisted.internet import task
 from twisted.internet.defer import ensureDeferred
@@ -39,7 +39,7 @@ from mterelay.codec.keys import TAG_SIZE
 from mterelay.errors import RelayError
 from mterelay.registry import PairRecord
 from mterelay.upstream import filter_headers, forward, upstream_headers
-from mterelay.web import RELAY_HEADER, compile_routes, send_error
+from mterelay.web import RELAY_HEADER, compile_routes, decoded_path, send_error
 
 log = Logger()
 
@@ -51,6 +51,8 @@ VERSION_HEADER = b"x-mte-relay-version"
 #: MKE counters accepted behind the highest one seen on a pair: enough for thousands of concurrent requests per pair,
 #: while the replay marks stay at 512 bytes per pair.
 REPLAY_WINDOW = 4096
+#: Parsed MKE pair states kept in memory (a few hundred bytes each).
+MKE_STATE_CACHE = 4096
 #: Encoded bodies up to this size are opened into memory in one pass; larger ones are verified, then streamed.
 VERIFY_IN_MEMORY = 1 << 20
 #: Bounds of a pairing request: pairs per request and bytes of JSON (an X-Wing public key is 1216 bytes).
@@ -94,6 +96,8 @@ class Inbound:
         self._cooperator = cooperator
         self._mte_routes = compile_routes(settings.mte_routes)
         self._upstream_base = settings.upstream.encode("ascii")
+        # Parsed states are frozen, so one object can serve every message that finds the same state bytes.
+        self._load_mke_state = functools.lru_cache(maxsize=MKE_STATE_CACHE)(load_state)
 
     def render(self, request):
         path = request.path
@@ -202,7 +206,8 @@ class Inbound:
         record = await registry.get_pair(header.client_id, header.pair_id)
         if record.encode_type != header.encode_type:
             raise CodecError(560, f"pair is not an {header.encode_type} pair")
-        state = load_state(record.state)
+        # An MKE state only changes when its epoch moves: parse it once, not on every message.
+        state = (self._load_mke_state if header.encode_type == "MKE" else load_state)(record.state)
         new_state, request_keys, response_keys = state.keys_for(header.counter)
 
         # Everything is opened before the registry changes: a forged message neither burns a counter nor moves a
@@ -249,9 +254,7 @@ class Inbound:
         else:
             target = request.uri
             binding = request_binding(request.method, target, header.flags)
-        path = unquote(target.split(b"?", 1)[0].decode("latin-1"), errors="replace")
-        if any(segment in (".", "..") for segment in path.split("/")):
-            raise RelayError(400, "dot segments are not allowed in the path")
+        path = decoded_path(target.split(b"?", 1)[0])
         if self._mte_routes is not None and not self._mte_routes.fullmatch(path):
             raise RelayError(404)
         return target, binding
@@ -298,15 +301,9 @@ class Inbound:
 
     def _upstream_request_headers(self, request, opened, header):
         """The visible end-to-end headers, overlaid by the opened header block, for the upstream request."""
-        visible = request.requestHeaders
-        if header.headers:
-            # With a header block the visible content-type only describes the sealed records.
-            visible.removeHeader(b"content-type")
-        for name in {name.lower() for name, _ in opened}:
-            visible.removeHeader(name)
-        for name, value in opened:
-            visible.addRawHeader(name, value)
-        return upstream_headers(request, self._settings.headers)
+        # With a header block the visible content-type only describes the sealed records.
+        hidden = (b"content-type",) if header.headers else ()
+        return upstream_headers(request, self._settings.headers, opened, hidden)
 
     def _seal_response(self, request, response, header, keys):
         """

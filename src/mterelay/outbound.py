@@ -18,7 +18,7 @@ from mterelay.client import Client
 from mterelay.codec import b64decode
 from mterelay.config import normalize_origin
 from mterelay.errors import RelayError
-from mterelay.upstream import abort_client, filter_headers, stream_response
+from mterelay.upstream import abort_client, end_to_end, merge_end_to_end, stream_response
 from mterelay.web import send_error
 
 log = Logger()
@@ -70,6 +70,9 @@ class Outbound:
         self._agent = agent
         self._clock = clock
         self._allowed = frozenset(settings.allowed_peers)
+        self._extra_headers = {
+            name.lower().encode("latin-1"): value.encode("latin-1") for name, value in settings.headers
+        }
         # At most one client per allowed peer: the table is bounded by ALLOWED_PEERS.
         self._clients = {}
         # x-mte-upstream values already found allowed, so the usual request skips parsing its URL.
@@ -134,9 +137,14 @@ class Outbound:
         return server.NOT_DONE_YET
 
     async def _exchange(self, request, client, options):
-        headers = filter_headers(request.requestHeaders, drop=(b"host", b"content-length"))
-        for name, value in self._settings.headers:
-            headers.setRawHeaders(name.encode("latin-1"), [value.encode("latin-1")])
+        # Header pairs straight from the request (no intermediate Headers); HEADERS overrides what the app sent.
+        extra = self._extra_headers
+        headers = [
+            (name, value)
+            for name, values in end_to_end(request.requestHeaders, (b"host", b"content-length", *extra))
+            for value in values
+        ]
+        headers += extra.items()
         content = request.content
         content.seek(0, 2)
         has_body = content.tell() > 0 or request.requestHeaders.hasHeader(b"content-length")
@@ -145,9 +153,7 @@ class Outbound:
             request.method, request.uri, headers=headers, data=content if has_body else None, **options
         )
         request.setResponseCode(response.code, response.phrase)
-        for name, values in filter_headers(response.headers, drop=(b"content-length",)).getAllRawHeaders():
-            if not request.responseHeaders.hasHeader(name):
-                request.responseHeaders.setRawHeaders(name, values)
+        merge_end_to_end(response.headers, request.responseHeaders)
         original = response.original
         if response.decoder is not None:
             if original.length is not UNKNOWN_LENGTH:

@@ -126,16 +126,26 @@ class IRegistry(Interface):
         """Forget the pair, if present. Fire with None."""
 
 
-@attrs.frozen
+@attrs.define
 class _Slot:
-    """What the memory registry holds for one pair besides its record."""
+    """
+    What the memory registry holds for one pair besides its record. Mutable and private: it is updated in place on
+    every message (a new frozen copy per update cost more than the rest of a lookup); callers only ever see records.
+    """
 
     record: PairRecord
     expires: float
+    last_used: float
     next_counter: int = 0
     #: Highest counter marked so far (-1: none), and the marks relative to it: bit i is counter ``highest - i``.
     highest: int = -1
     marks: int = 0
+
+    def current_record(self):
+        """The record with its last use brought up to date (a new frozen record only when it moved)."""
+        if self.record.last_used != self.last_used:
+            self.record = attrs.evolve(self.record, last_used=self.last_used)
+        return self.record
 
 
 def check_mark_args(counter, window):
@@ -231,8 +241,8 @@ class MemoryRegistry(Service):
         now = self._clock.seconds()
         if slot is None or slot.expires <= now:
             raise UnknownPair()
-        slot = attrs.evolve(slot, record=attrs.evolve(slot.record, last_used=now), expires=now + self.pair_ttl)
-        self._slots[key] = slot
+        slot.last_used = now
+        slot.expires = now + self.pair_ttl
         return slot
 
     def create_pair(self, record):
@@ -253,11 +263,11 @@ class MemoryRegistry(Service):
                 raise PairLimitExceeded("too many pairs for this client")
             if len(self._slots) >= self._max_total:
                 raise PairLimitExceeded("too many pairs on this relay")
-        self._slots[key] = _Slot(record=record, expires=now + self.pair_ttl)
+        self._slots[key] = _Slot(record=record, expires=now + self.pair_ttl, last_used=record.last_used)
         self._by_client.setdefault(record.client_id, set()).add(record.pair_id)
 
     def get_pair(self, client_id, pair_id):
-        return defer.maybeDeferred(lambda: self._live(client_id, pair_id).record)
+        return defer.maybeDeferred(lambda: self._live(client_id, pair_id).current_record())
 
     def get_client(self, client_id):
         def count():
@@ -271,16 +281,16 @@ class MemoryRegistry(Service):
         def reserve():
             check_count(count)
             slot = self._live(client_id, pair_id)
-            self._slots[(client_id, pair_id)] = attrs.evolve(slot, next_counter=slot.next_counter + count)
-            return slot.next_counter
+            first = slot.next_counter
+            slot.next_counter += count
+            return first
 
         return defer.maybeDeferred(reserve)
 
     def _mark(self, client_id, pair_id, counter, window):
         check_mark_args(counter, window)
         slot = self._live(client_id, pair_id)
-        fresh, highest, marks = mark_window(slot.highest, slot.marks, counter, window)
-        self._slots[(client_id, pair_id)] = attrs.evolve(slot, highest=highest, marks=marks)
+        fresh, slot.highest, slot.marks = mark_window(slot.highest, slot.marks, counter, window)
         return fresh
 
     def mark_seen(self, client_id, pair_id, counter, window):
@@ -291,8 +301,7 @@ class MemoryRegistry(Service):
             slot = self._live(client_id, pair_id)
             if slot.record.version != expected_version:
                 return False
-            record = attrs.evolve(slot.record, state=new_state, version=expected_version + 1)
-            self._slots[(client_id, pair_id)] = attrs.evolve(slot, record=record)
+            slot.record = attrs.evolve(slot.record, state=new_state, version=expected_version + 1)
             return True
 
         return defer.maybeDeferred(swap)

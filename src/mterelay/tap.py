@@ -11,7 +11,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import HTTPConnectionPool
 
-from mterelay import config, logs, site, upstream, web
+from mterelay import config, gctuning, logs, site, upstream, web
 from mterelay.codec import RelayIdentity
 from mterelay.redis_registry import RedisRegistry
 from mterelay.registry import MemoryRegistry
@@ -113,6 +113,7 @@ def makeService(options):
         log.warn("{text}", text=warning)
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = POOL_PERSISTENT_PER_HOST
+    gctuning.GCTuningService().setServiceParent(top)
     registry = _registry(settings, reactor)
     registry.setServiceParent(top)
     tracker = web.InFlight(reactor)

@@ -94,33 +94,65 @@ def make_agent(reactor, pool):
     return Agent.usingEndpointFactory(reactor, CachedEndpointFactory(reactor), pool=pool)
 
 
-def filter_headers(headers, drop=()):
+def _listed(values):
+    """The lower-case names that Connection header values list (hop-by-hop for this message)."""
+    return {name.strip().lower() for value in values for name in value.split(b",")}
+
+
+def _passes(lower, listed, drop):
+    return not (
+        lower in _HOP_BY_HOP
+        or lower in listed
+        or lower in drop
+        or lower.startswith(b"proxy-")
+        or lower.startswith(b"x-mte-")
+    )
+
+
+def end_to_end(headers, drop=()):
     """
-    A copy of ``headers`` without hop-by-hop headers (Connection and the names it lists, Keep-Alive, TE, Trailer,
-    Transfer-Encoding, Upgrade, Proxy-*), without ``x-mte-*`` headers and without the lower-case names in ``drop``.
+    ``(name, values)`` of the headers to pass on: not hop-by-hop (Connection and the names it lists, Keep-Alive, TE,
+    Trailer, Transfer-Encoding, Upgrade, Proxy-*), not ``x-mte-*``, and not the lower-case names in ``drop``.
     """
-    listed = {name.strip().lower() for value in headers.getRawHeaders(b"connection", []) for name in value.split(b",")}
-    kept = Headers()
+    listed = _listed(headers.getRawHeaders(b"connection", ()))
     for name, values in headers.getAllRawHeaders():
-        lower = name.lower()
-        if (
-            lower in _HOP_BY_HOP
-            or lower in listed
-            or lower in drop
-            or lower.startswith(b"proxy-")
-            or lower.startswith(b"x-mte-")
-        ):
-            continue
+        if _passes(name.lower(), listed, drop):
+            yield name, values
+
+
+def filter_headers(headers, drop=()):
+    """A copy of ``headers`` with only what ``end_to_end`` passes on."""
+    kept = Headers()
+    for name, values in end_to_end(headers, drop):
         kept.setRawHeaders(name, values)
     return kept
 
 
-def upstream_headers(request, extra=()):
+def merge_end_to_end(source, target):
+    """Copy ``source``'s end-to-end headers but Content-Length into ``target``, leaving the names it already has."""
+    for name, values in end_to_end(source, (b"content-length",)):
+        if not target.hasHeader(name):
+            target.setRawHeaders(name, values)
+
+
+def upstream_headers(request, extra=(), opened=(), hidden=()):
     """
-    The headers to send upstream for ``request``: its end-to-end headers, ``X-Forwarded-For/-Proto/-Host``, then the
-    ``extra`` ``(name, value)`` pairs (HEADERS). Host and Content-Length are left to the agent.
+    The headers to send upstream for ``request``: its end-to-end headers (but the ``hidden`` names), overlaid by the
+    ``opened`` ``(name, value)`` pairs of a header block (which replace the visible headers of their names and are
+    filtered alike), then ``X-Forwarded-For/-Proto/-Host``, then the ``extra`` pairs (HEADERS). Host and
+    Content-Length are left to the agent.
     """
-    headers = filter_headers(request.requestHeaders, drop=(b"host", b"content-length"))
+    framing = (b"host", b"content-length")
+    replaced = {name.lower() for name, _ in opened}
+    headers = Headers()
+    for name, values in end_to_end(request.requestHeaders, {*framing, *hidden, *replaced}):
+        headers.setRawHeaders(name, values)
+    if opened:
+        listed = _listed(request.requestHeaders.getRawHeaders(b"connection", ()))
+        listed |= _listed(value for name, value in opened if name.lower() == b"connection")
+        for name, value in opened:
+            if _passes(name.lower(), listed, framing):
+                headers.addRawHeader(name, value)
     peer = request.getClientAddress()
     forwarded_for = headers.getRawHeaders(b"x-forwarded-for", [])
     host = getattr(peer, "host", None)
@@ -341,9 +373,7 @@ def copy_response_head(response, request, transform=None):
     kept, and names the relay already set (CORS, HEADERS, request id) left as the relay set them.
     """
     request.setResponseCode(response.code, response.phrase)
-    for name, values in filter_headers(response.headers, drop=(b"content-length",)).getAllRawHeaders():
-        if not request.responseHeaders.hasHeader(name):
-            request.responseHeaders.setRawHeaders(name, values)
+    merge_end_to_end(response.headers, request.responseHeaders)
     given = response.headers.getRawHeaders(b"content-length")
     if transform is None and given:
         # Copied as given: for HEAD and 304 it describes a body that is not sent.

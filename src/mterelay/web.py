@@ -202,6 +202,19 @@ class RelaySite(server.Site):
         )
 
 
+def decoded_path(raw):
+    """
+    The percent-decoded path of a raw request path; dot segments are refused so that no route pattern can be escaped
+    upstream (a path with neither ``%`` nor ``/.`` has nothing to decode and no dot segment).
+    """
+    if b"%" not in raw and b"/." not in raw:
+        return raw.decode("latin-1")
+    path = unquote(raw.decode("latin-1"), errors="replace")
+    if any(segment in (".", "..") for segment in path.split("/")):
+        raise RelayError(400, "dot segments are not allowed in the path")
+    return path
+
+
 class Router(Resource):
     """The relay's single leaf resource; see the module docstring for the dispatch order."""
 
@@ -222,6 +235,8 @@ class Router(Resource):
             m.encode("ascii") for m in dict.fromkeys(settings.cors_methods + ("OPTIONS", "HEAD"))
         )
         self._upstream_base = settings.upstream.encode("ascii")
+        token = settings.outbound_token
+        self._outbound_token = None if token is None else token.encode("utf-8")
 
     def render(self, request):
         if self._tracker is not None:
@@ -279,18 +294,13 @@ class Router(Resource):
         raise RelayError(404)
 
     def _path(self, request):
-        """The percent-decoded path; dot segments are refused so that no route pattern can be escaped upstream."""
         if not request.uri.startswith(b"/"):
             raise RelayError(400, "the request target must be a path")
-        path = unquote(request.path.decode("latin-1"), errors="replace")
-        if any(segment in (".", "..") for segment in path.split("/")):
-            raise RelayError(400, "dot segments are not allowed in the path")
-        return path
+        return decoded_path(request.path)
 
     def _check_outbound_token(self, request):
-        token = self._settings.outbound_token
         given = request.getHeader(OUTBOUND_TOKEN_HEADER)
-        if token is None or not hmac.compare_digest(given, token.encode("utf-8")):
+        if self._outbound_token is None or not hmac.compare_digest(given, self._outbound_token):
             raise RelayError(401)
 
     def _handle(self, handler, request):

@@ -24,6 +24,12 @@ _COUNTER = re.compile(r"0|[1-9][0-9]{0,19}")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _FORBIDDEN_IN_VALUE = re.compile(r"[\r\n\x00]")
 _FLAGS = {"0": False, "1": True}
+#: A well-formed value of this version in one match (every message carries one); anything else takes the field by
+#: field checks, which name what is wrong.
+_WELL_FORMED = re.compile(
+    rb"%d,([A-Za-z0-9_-]{16,64}),([A-Za-z0-9_-]{16,64}),(MKE|MTE),(0|[1-9][0-9]{0,19}),([01]),([01]),([01]),([01])"
+    % PROTOCOL_VERSION
+)
 
 
 def _flag(value):
@@ -60,6 +66,16 @@ class RelayHeader:
     def parse(cls, value):
         """Parse a header value (str or bytes); malformed values raise ``CodecError`` 569 (568 for version/type)."""
         if isinstance(value, bytes):
+            match = _WELL_FORMED.fullmatch(value)
+            if match is not None and int(match[4]) < 1 << 64:
+                client_id, pair_id, encode_type, counter, *flags = match.groups()
+                return cls(
+                    client_id.decode("ascii"),
+                    pair_id.decode("ascii"),
+                    encode_type.decode("ascii"),
+                    int(counter),
+                    *(flag == b"1" for flag in flags),
+                )
             value = value.decode("ascii", "replace")
         if not isinstance(value, str) or len(value) > MAX_LENGTH:
             raise CodecError(BAD_HEADER, f"{NAME} is missing or too long")
