@@ -8,7 +8,7 @@ no transform; the inbound relay passes the codec's decoder (request) and encoder
 """
 
 from twisted.internet import task
-from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -416,28 +416,23 @@ def upstream_error(failure):
     return RelayError(502)
 
 
-def forward(request, upstream, url, headers, clock, timeout, request_transform=None, prepare_response=None):
-    """
-    Forward ``request`` to ``url`` through ``upstream`` and stream the answer back.
-
-    ``timeout`` seconds (measured on ``clock``) bound the wait for the response headers. ``prepare_response(response,
-    request)``, when given, runs once the headers arrived and returns the response body transform (or None); it may set
-    response headers or raise a ``RelayError``. A client that disconnects cancels the upstream request.
-
-    @return: a Deferred firing with None once the exchange ended, or failing with a ``RelayError`` that the caller must
-        answer when nothing was sent to the client yet.
-    """
-    return ensureDeferred(
-        _forward(request, upstream, url, headers, clock, timeout, request_transform, prepare_response)
-    )
-
-
 def _timed_out(result, timeout):
     # Cancelling an agent request may fail it with a wrapped CancelledError: whatever it failed with, it was late.
     raise RelayError(504)
 
 
-async def _forward(request, upstream, url, headers, clock, timeout, request_transform, prepare_response):
+async def forward(request, upstream, url, headers, clock, timeout, request_transform=None, prepare_response=None):
+    """
+    Forward ``request`` to ``url`` through ``upstream`` and stream the answer back (a coroutine: the inbound role
+    awaits it, the pass-through route wraps it in ``ensureDeferred``).
+
+    ``timeout`` seconds (measured on ``clock``) bound the wait for the response headers. ``prepare_response(response,
+    request)``, when given, runs once the headers arrived and returns the response body transform (or None); it may set
+    response headers or raise a ``RelayError``. A client that disconnects cancels the upstream request.
+
+    Returns None once the exchange ended, or raises a ``RelayError`` that the caller must answer when nothing was
+    sent to the client yet.
+    """
     client_gone = []
     pending = upstream.request(request.method, url, headers, request_body_producer(request, request_transform))
     pending.addTimeout(timeout, clock, onTimeoutCancel=_timed_out)

@@ -16,7 +16,7 @@ import re
 from urllib.parse import unquote
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.logger import Logger, LogLevel
 from twisted.web import server
 from twisted.web.resource import Resource
@@ -311,7 +311,8 @@ class Router(Resource):
     def _proxy(self, request):
         headers = upstream_headers(request, self._settings.headers)
         url = self._upstream_base + request.uri
-        done = forward(request, self._upstream, url, headers, self._clock, self._settings.upstream_timeout)
+        timeout = self._settings.upstream_timeout
+        done = ensureDeferred(forward(request, self._upstream, url, headers, self._clock, timeout))
 
         def failed(failure):
             if not failure.check(RelayError):
