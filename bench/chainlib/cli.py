@@ -30,7 +30,7 @@ from bench.chainlib.upstream import response_body
 
 log = Logger()
 
-CHAINS = ("relay-memory", "relay-redis", "proxy", "control")
+CHAINS = ("relay-memory", "relay-redis", "proxy", "proxy-tuned", "control")
 #: The most of an answer the pre-flight check reads: the upstream's answer is body_bytes long.
 PREFLIGHT_LIMIT = 1 << 20
 PREFLIGHT_TIMEOUT_S = 15
@@ -149,7 +149,12 @@ def start_redis(reactor, supervisor, directory):
 
 def build_chains(names, redis_url):
     """The ``IChain`` of each name."""
-    made = {"control": Control(), "proxy": ProxyChain(), "relay-memory": RelayChain("memory")}
+    made = {
+        "control": Control(),
+        "proxy": ProxyChain(),
+        "proxy-tuned": ProxyChain("proxy-tuned", tuned=True),
+        "relay-memory": RelayChain("memory"),
+    }
     if redis_url:
         made["relay-redis"] = RelayChain("redis", redis_url)
     return [made[name] for name in names]

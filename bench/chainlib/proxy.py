@@ -8,7 +8,11 @@ with in saturation mode.
 The request goes through a bare ``Agent``, as the relay's own upstream client does (``mterelay.upstream``): treq's
 ``HTTPClient`` adds cookie, redirect and gzip agents that a proxy must not have, and whose cost would flatter the relay.
 
-``python -m bench.chainlib.proxy --port P --upstream http://127.0.0.1:U [--timeout 30] [--pool-size 1024]``
+``--tuned`` gives the hop what the relay has beyond plain Twisted: its collector settings (``mterelay.gctuning``) and
+its cached client endpoints (``mterelay.upstream.make_agent``), so that a comparison can leave runtime tuning out of
+the cost of encoding.
+
+``python -m bench.chainlib.proxy --port P --upstream http://127.0.0.1:U [--timeout 30] [--pool-size 1024] [--tuned]``
 """
 
 import argparse
@@ -23,6 +27,8 @@ from twisted.logger import Logger
 
 from bench.chainlib.serving import serve_forever
 from mterelay.errors import error_body
+from mterelay.gctuning import GCTuningService
+from mterelay.upstream import make_agent
 
 log = Logger()
 
@@ -115,14 +121,18 @@ class QuietSite(Site):
         pass
 
 
-def make_site(reactor, upstream, timeout, pool_size):
+def make_site(reactor, upstream, timeout, pool_size, tuned=False):
     """
     The hop's Site: one persistent pool of up to ``pool_size`` connections to the upstream, and no form parsing (as
-    in the relay), so the floor pays for nothing a proxy does not need.
+    in the relay), so the floor pays for nothing a proxy does not need. ``tuned``: the relay's agent and collector.
     """
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = pool_size
-    return QuietSite(ForwardResource(Agent(reactor, pool=pool), upstream, reactor, timeout), parsePOSTFormSubmission=False)
+    agent = Agent(reactor, pool=pool)
+    if tuned:
+        agent = make_agent(reactor, pool)
+        reactor.callWhenRunning(GCTuningService().startService)
+    return QuietSite(ForwardResource(agent, upstream, reactor, timeout), parsePOSTFormSubmission=False)
 
 
 def parse_args(argv):
@@ -131,12 +141,16 @@ def parse_args(argv):
     parser.add_argument("--upstream", required=True)
     parser.add_argument("--timeout", type=float, default=30.0)
     parser.add_argument("--pool-size", type=int, default=1024)
+    parser.add_argument("--tuned", action="store_true", help="the relay's collector settings and cached endpoints")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     options = parse_args(argv)
-    serve_forever(options.port, lambda reactor: make_site(reactor, options.upstream, options.timeout, options.pool_size))
+    serve_forever(
+        options.port,
+        lambda reactor: make_site(reactor, options.upstream, options.timeout, options.pool_size, options.tuned),
+    )
 
 
 if __name__ == "__main__":

@@ -65,19 +65,24 @@ def python_module(module, *arguments):
 @implementer(IChain)
 @attrs.frozen
 class ProxyChain:
-    """Two plain treq proxy hops (``bench.chainlib.proxy``), the second in front of the upstream."""
+    """
+    Two plain treq proxy hops (``bench.chainlib.proxy``), the second in front of the upstream; ``tuned``: with the
+    relay's collector settings and cached endpoints.
+    """
 
     name: str = "proxy"
+    tuned: bool = False
 
     async def start(self, reactor, supervisor, upstream_url):
         target = upstream_url
+        tuning = ["--tuned"] if self.tuned else []
         for hop in ("proxy-2", "proxy-1"):
             listening = await start_listening(
                 reactor,
                 supervisor,
-                hop,
+                f"{self.name}-{hop[-1]}",
                 lambda port, target=target: python_module(
-                    "bench.chainlib.proxy", "--port", str(port), "--upstream", target
+                    "bench.chainlib.proxy", "--port", str(port), "--upstream", target, *tuning
                 ),
             )
             target = listening.url
