@@ -226,25 +226,28 @@ class BodyDecoder(_Records):
 
     def __init__(self, keys, binding, record_size):
         super().__init__(keys, binding, record_size + TAG_SIZE)
-        self._transform = self._open
+        self._transform = self._aead.decrypt
 
-    def _open(self, nonce, data, ad):
-        try:
-            return self._aead.decrypt(nonce, data, ad)
-        except InvalidTag:
-            self._done = True
-            raise CodecError(DECODE_FAILED, "body record failed authentication") from None
+    def _failed(self):
+        self._done = True
+        return CodecError(DECODE_FAILED, "body record failed authentication")
 
     def feed(self, data):
         """Plaintext (a list of ``bytes``) of every complete authenticated non-final record seen so far."""
-        return self._records(data)
+        try:
+            return self._records(data)
+        except InvalidTag:
+            raise self._failed() from None
 
     def finish(self):
         """Plaintext of the final record, as a one-item list; ``CodecError(562)`` if the stream was truncated."""
         if not self._done and self._pending_size < TAG_SIZE:
             self._done = True
             raise CodecError(DECODE_FAILED, "body truncated: no final record")
-        return self._final()
+        try:
+            return self._final()
+        except InvalidTag:
+            raise self._failed() from None
 
     def output_length(self, m):
         """The plaintext size of an ``m``-byte encoded body, or ``CodecError(562)`` if none encodes to ``m``."""
