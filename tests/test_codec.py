@@ -1,6 +1,7 @@
 """Tests for mterelay.codec: pairing, the MKE and MTE encodings, body records, state and the x-mte-relay header."""
 
 import os
+import tracemalloc
 
 import attrs
 from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, generate_private_key
@@ -11,6 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mterelay.codec import (
     HEADERS,
+    RECORD_SIZE,
     URL,
     ClientPairing,
     CodecError,
@@ -332,6 +334,21 @@ class BodyTests(CodeAssertions, SynchronousTestCase):
                 out += transform.feed(memoryview(buffer)[: len(piece)])
                 buffer[:] = bytes(len(buffer))
             self.assertEqual(b"".join(out + transform.finish()), expected)
+
+    def test_small_feeds_hold_little_memory(self):
+        """A body fed a byte at a time keeps about one record in memory, not a piece of bookkeeping per feed."""
+        _, _, creq, _, rreq, _ = message(*PAIRS["MKE"])
+        data = os.urandom(RECORD_SIZE - 1)
+        encoder = creq.body_encoder()
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        out = [piece for i in range(len(data)) for piece in encoder.feed(data[i : i + 1])]
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        self.assertEqual(out, [])
+        self.assertLess(peak, 4 * RECORD_SIZE)
+        decoder = rreq.body_decoder()
+        self.assertEqual(b"".join(decoder.feed(b"".join(encoder.finish())) + decoder.finish()), data)
 
     def test_stream_unusable_after_failure_or_finish(self):
         """A decoder that failed, or an encoder that finished, refuses further input."""

@@ -75,18 +75,25 @@ class HeaderTests(SynchronousTestCase):
     def test_opened_block_overlays_and_is_filtered(self):
         """
         An opened header block replaces the visible headers of its names; its framing, hop-by-hop, Proxy-* and
-        x-mte-* headers (and names its own Connection lists) never go upstream; hidden names are dropped.
+        x-mte-* headers never go upstream, nor any header, visible or sealed, that its own Connection lists; hidden
+        names are dropped.
         """
         request = DummyRequest([b""])
         request.isSecure = lambda: False
-        for name, value in ((b"Accept", b"visible"), (b"Content-Type", b"application/octet-stream"), (b"X-A", b"v")):
+        visible = (
+            (b"Accept", b"visible"),
+            (b"Content-Type", b"application/octet-stream"),
+            (b"X-A", b"v"),
+            (b"X-Hop", b"h"),
+        )
+        for name, value in visible:
             request.requestHeaders.addRawHeader(name, value)
         opened = [
             (b"Accept", b"sealed"),
             (b"Content-Length", b"999"),
             (b"Host", b"evil.example"),
             (b"Transfer-Encoding", b"chunked"),
-            (b"Connection", b"X-Secret"),
+            (b"Connection", b"X-Secret, X-Hop"),
             (b"X-Secret", b"1"),
             (b"Proxy-Authorization", b"x"),
             (b"X-Mte-Relay", b"x"),
@@ -100,9 +107,9 @@ class HeaderTests(SynchronousTestCase):
         self.assertEqual(headers.getRawHeaders(b"set-cookie"), [b"a=1", b"b=2"])
         self.assertEqual(headers.getRawHeaders(b"x-a"), [b"v"])
         self.assertEqual(headers.getRawHeaders(b"x-extra"), [b"e"])
-        for name in (b"content-length", b"host", b"transfer-encoding", b"connection", b"x-secret", b"x-mte-relay"):
+        dropped = (b"content-length", b"host", b"transfer-encoding", b"connection", b"x-mte-relay", b"proxy-authorization")
+        for name in dropped + (b"x-secret", b"x-hop"):
             self.assertFalse(headers.hasHeader(name), name)
-        self.assertFalse(headers.hasHeader(b"proxy-authorization"))
 
 
 class BodyProducerTests(SynchronousTestCase):

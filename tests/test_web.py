@@ -8,8 +8,8 @@ from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
 from mterelay.config import Settings
-from mterelay.errors import error_table
-from mterelay.web import DrainingService, InFlight, build_resource, compile_routes
+from mterelay.errors import RelayError, error_table
+from mterelay.web import DrainingService, InFlight, build_resource, compile_routes, decoded_path
 
 SECRET = "s" * 40
 
@@ -132,6 +132,14 @@ class DispatchTests(RouterTestCase):
         request, body = self.render(b"/public/%2e%2e/secret", pass_through_routes=("/public/*",))
         self.assertEqual(request.responseCode, 400)
         self.assertEqual(json.loads(body)["error"], "bad-request")
+
+    def test_decoded_path(self):
+        """decoded_path decodes percent escapes and refuses dot segments, plain or encoded, slash-led or not."""
+        self.assertEqual(decoded_path(b"/a/b%20c"), "/a/b c")
+        self.assertEqual(decoded_path(b"/a/.b/c"), "/a/.b/c")
+        for raw in (b"/a/../b", b"/a/./b", b"/a/%2E%2e/b", b"..", b"./x", b"/a/.."):
+            with self.assertRaises(RelayError):
+                decoded_path(raw)
 
     def test_absolute_target_refused(self):
         """A proxy-style absolute request target is a bad request, not forwarded."""

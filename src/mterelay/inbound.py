@@ -8,7 +8,6 @@ while they stream upstream. The answer is sealed on the way back: its header blo
 when the client protected its own) and its body records, under the pair's relay-to-client keys bound to the request.
 """
 
-import functools
 import io
 import json
 import re
@@ -51,8 +50,6 @@ VERSION_HEADER = b"x-mte-relay-version"
 #: MKE counters accepted behind the highest one seen on a pair: enough for thousands of concurrent requests per pair,
 #: while the replay marks stay at 512 bytes per pair.
 REPLAY_WINDOW = 4096
-#: Parsed MKE pair states kept in memory (a few hundred bytes each).
-MKE_STATE_CACHE = 4096
 #: Encoded bodies up to this size are opened into memory in one pass; larger ones are verified, then streamed.
 VERIFY_IN_MEMORY = 1 << 20
 #: Bounds of a pairing request: pairs per request and bytes of JSON (an X-Wing public key is 1216 bytes).
@@ -96,8 +93,6 @@ class Inbound:
         self._cooperator = cooperator
         self._mte_routes = compile_routes(settings.mte_routes)
         self._upstream_base = settings.upstream.encode("ascii")
-        # Parsed states are frozen, so one object can serve every message that finds the same state bytes.
-        self._load_mke_state = functools.lru_cache(maxsize=MKE_STATE_CACHE)(load_state)
 
     def render(self, request):
         path = request.path
@@ -206,8 +201,7 @@ class Inbound:
         record = await registry.get_pair(header.client_id, header.pair_id)
         if record.encode_type != header.encode_type:
             raise CodecError(560, f"pair is not an {header.encode_type} pair")
-        # An MKE state only changes when its epoch moves: parse it once, not on every message.
-        state = (self._load_mke_state if header.encode_type == "MKE" else load_state)(record.state)
+        state = load_state(record.state)
         new_state, request_keys, response_keys = state.keys_for(header.counter)
 
         # Everything is opened before the registry changes: a forged message neither burns a counter nor moves a

@@ -143,16 +143,18 @@ def upstream_headers(request, extra=(), opened=(), hidden=()):
     Content-Length are left to the agent.
     """
     framing = (b"host", b"content-length")
-    replaced = {name.lower() for name, _ in opened}
+    visible = request.requestHeaders
+    # A Connection header on either side names headers of this hop, visible or sealed: none of them go on.
+    listed = _listed(visible.getRawHeaders(b"connection", ()))
+    listed |= _listed(value for name, value in opened if name.lower() == b"connection")
+    drop = {*framing, *hidden, *(name.lower() for name, _ in opened)}
     headers = Headers()
-    for name, values in end_to_end(request.requestHeaders, {*framing, *hidden, *replaced}):
-        headers.setRawHeaders(name, values)
-    if opened:
-        listed = _listed(request.requestHeaders.getRawHeaders(b"connection", ()))
-        listed |= _listed(value for name, value in opened if name.lower() == b"connection")
-        for name, value in opened:
-            if _passes(name.lower(), listed, framing):
-                headers.addRawHeader(name, value)
+    for name, values in visible.getAllRawHeaders():
+        if _passes(name.lower(), listed, drop):
+            headers.setRawHeaders(name, values)
+    for name, value in opened:
+        if _passes(name.lower(), listed, framing):
+            headers.addRawHeader(name, value)
     peer = request.getClientAddress()
     forwarded_for = headers.getRawHeaders(b"x-forwarded-for", [])
     host = getattr(peer, "host", None)

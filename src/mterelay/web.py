@@ -205,9 +205,10 @@ class RelaySite(server.Site):
 def decoded_path(raw):
     """
     The percent-decoded path of a raw request path; dot segments are refused so that no route pattern can be escaped
-    upstream (a path with neither ``%`` nor ``/.`` has nothing to decode and no dot segment).
+    upstream (a path that starts with ``/`` and holds neither ``%`` nor ``/.`` has nothing to decode and no dot
+    segment).
     """
-    if b"%" not in raw and b"/." not in raw:
+    if raw.startswith(b"/") and b"%" not in raw and b"/." not in raw:
         return raw.decode("latin-1")
     path = unquote(raw.decode("latin-1"), errors="replace")
     if any(segment in (".", "..") for segment in path.split("/")):

@@ -130,9 +130,8 @@ class _Records:
     Record bookkeeping shared by the encoder and the decoder: the pending input, the next index, finished state.
 
     Output is a list of records, each the AEAD's own ``bytes`` (what Twisted's transports take, with
-    ``writeSequence``), so a record is never copied after it was sealed or opened. Input is never copied either,
-    except to join a record split across feeds: whole records are read from the caller's buffer, and the rest is
-    held by reference until the next feed (copied only when the caller's buffer is mutable or much larger).
+    ``writeSequence``), so a record is never copied after it was sealed or opened. Whole records are read straight
+    from the caller's buffer; only the rest that starts the next record is kept (see ``_hold``) and joined once.
     """
 
     __slots__ = ("_aead", "_transform", "_head", "_tails", "_step", "_pending", "_pending_size", "_index", "_done")
@@ -178,9 +177,19 @@ class _Records:
         return out
 
     def _hold(self, rest, whole):
-        # A reference would keep a large caller buffer alive for a small rest, and a mutable one may be reused.
-        copy = not whole.readonly or 2 * len(rest) < len(whole)
-        self._pending.append(bytes(rest) if copy else rest)
+        """
+        Keep ``rest`` (part of the input ``whole``) for the next record. Only a large rest of an immutable input
+        that arrives first is held by reference; anything else is copied into one growing buffer, so that many small
+        feeds hold at most two pieces (a reference would keep a large caller buffer alive for a small rest, and a
+        mutable buffer may be reused by its caller).
+        """
+        pending = self._pending
+        if not pending and whole.readonly and 2 * len(rest) >= len(whole):
+            pending.append(rest)
+        elif pending and type(pending[-1]) is bytearray:
+            pending[-1] += rest
+        else:
+            pending.append(bytearray(rest))
         self._pending_size += len(rest)
 
     def _record(self, data, final):
