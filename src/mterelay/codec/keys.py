@@ -134,10 +134,11 @@ class _Records:
     from the caller's buffer; only the rest that starts the next record is kept (see ``_hold``) and joined once.
     """
 
-    __slots__ = ("_aead", "_transform", "_head", "_tails", "_step", "_pending", "_pending_size", "_index", "_done")
+    __slots__ = ("_transform", "_head", "_tails", "_step", "_pending", "_pending_size", "_index", "_done")
 
-    def __init__(self, keys, binding, step):
-        self._aead = keys._aead
+    def __init__(self, transform, keys, binding, step):
+        # The AEAD's encrypt or decrypt: (nonce, data, associated data) -> bytes.
+        self._transform = transform
         # AD = head || u64(index) || final || binding; precomputed because a record's Python overhead adds up.
         self._head = keys._prefix + bytes((_BODY,))
         self._tails = (b"\x00" + binding, b"\x01" + binding)
@@ -212,8 +213,7 @@ class BodyEncoder(_Records):
     __slots__ = ()
 
     def __init__(self, keys, binding, record_size):
-        super().__init__(keys, binding, record_size)
-        self._transform = self._aead.encrypt
+        super().__init__(keys._aead.encrypt, keys, binding, record_size)
 
     def feed(self, data):
         """Encoded records (a list of ``bytes``) for every complete ``record_size`` bytes seen so far."""
@@ -234,8 +234,7 @@ class BodyDecoder(_Records):
     __slots__ = ()
 
     def __init__(self, keys, binding, record_size):
-        super().__init__(keys, binding, record_size + TAG_SIZE)
-        self._transform = self._aead.decrypt
+        super().__init__(keys._aead.decrypt, keys, binding, record_size + TAG_SIZE)
 
     def _failed(self):
         self._done = True
