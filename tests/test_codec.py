@@ -241,12 +241,13 @@ class BodyTests(CodeAssertions, SynchronousTestCase):
         self.assertEqual(decode_body(rreq, encoded, out_chunks), data)
 
     def test_default_record_size(self):
-        """A 200 kB body round-trips with the protocol's 64 KiB records and predicted length."""
+        """A 400 kB body (three full records and a final one) round-trips with the protocol's 128 KiB records."""
         _, _, creq, _, rreq, _ = message(*PAIRS["MKE"])
-        data = bytes(range(256)) * 800
-        encoded = encode_body(creq, data, 3, record_size=65536)
+        data = bytes(range(256)) * 1600
+        encoded = encode_body(creq, data, 3, record_size=131072)
         self.assertEqual(len(encoded), encoded_length(len(data)))
-        self.assertEqual(decode_body(rreq, encoded, 5, record_size=65536), data)
+        self.assertEqual(len(encoded), len(data) + 4 * 16)
+        self.assertEqual(decode_body(rreq, encoded, 5, record_size=131072), data)
 
     @fast
     @given(st.binary(min_size=1, max_size=4 * SMALL), st.data())

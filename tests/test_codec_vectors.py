@@ -47,7 +47,7 @@ INPUTS = {
     "status": 200,
     "response_headers": [["set-cookie", "a=1"], ["set-cookie", "b=2"]],
     "response_body": "welcome",
-    "long_body_length": 65541,
+    "long_body_length": 131077,
 }
 
 

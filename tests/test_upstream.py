@@ -1,6 +1,7 @@
 """Unit tests for mterelay.upstream: header filtering, the request body producer and response streaming."""
 
 import io
+import os
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionRefusedError
@@ -15,6 +16,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.test.requesthelper import DummyRequest
 from zope.interface.verify import verifyObject
 
+from mterelay.codec.keys import RECORD_SIZE, TAG_SIZE, MessageKeys
 from mterelay.errors import RelayError
 from mterelay.upstream import (
     AgentUpstreamClient,
@@ -26,6 +28,25 @@ from mterelay.upstream import (
     upstream_error,
     upstream_headers,
 )
+
+
+def message_keys():
+    """One direction's keys of a message under a random key (the body codec needs no pair for this)."""
+    key = os.urandom(32)
+    return MessageKeys(lambda: key, 0, 1, bytes(20))
+
+
+class ReadLog(io.BytesIO):
+    """A body file that notes the size of every piece read from it."""
+
+    def __init__(self, data):
+        super().__init__(data)
+        self.sizes = []
+
+    def read(self, size=-1):
+        data = super().read(size)
+        self.sizes.append(len(data))
+        return data
 
 
 class Upper:
@@ -156,6 +177,20 @@ class BodyProducerTests(SynchronousTestCase):
         self.run_clock()
         self.assertEqual(len(consumer.value()), 1_000_000)
         producer.pauseProducing()  # after the end: harmless
+
+    def test_reads_whole_records_of_a_block_transform(self):
+        """A codec decoder is fed one whole encoded record per read (its read_size), so no record is joined."""
+        keys = message_keys()
+        encoder = keys.body_encoder()
+        plain = os.urandom(2 * RECORD_SIZE + 5)
+        sealed = b"".join(encoder.feed(plain) + encoder.finish())
+        source = ReadLog(sealed)
+        consumer = StringTransport()
+        done = RequestBodyProducer(source, len(sealed), keys.body_decoder(), self.cooperator).startProducing(consumer)
+        self.run_clock()
+        self.assertIsNone(self.successResultOf(done))
+        self.assertEqual(consumer.value(), plain)
+        self.assertEqual(source.sizes, [RECORD_SIZE + TAG_SIZE, RECORD_SIZE + TAG_SIZE, 5 + TAG_SIZE, 0])
 
     def test_small_body_written_at_once(self):
         """A body that fits one read is written when production starts, with no cooperative task to wait for."""

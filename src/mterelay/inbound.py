@@ -20,7 +20,6 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 
 from mterelay.codec import (
     HEADERS,
-    RECORD_SIZE,
     URL,
     CodecError,
     RelayHeader,
@@ -34,7 +33,6 @@ from mterelay.codec import (
     request_binding,
     response_binding,
 )
-from mterelay.codec.keys import TAG_SIZE
 from mterelay.errors import RelayError
 from mterelay.registry import PairRecord
 from mterelay.upstream import filter_headers, forward, upstream_headers
@@ -284,7 +282,7 @@ class Inbound:
 
         def verify():
             # One record per turn of the reactor: other requests go on while a large body is checked.
-            while data := content.read(RECORD_SIZE + TAG_SIZE):
+            while data := content.read(decoder.read_size):
                 decoder.feed(data)
                 yield None
             decoder.finish()

@@ -3,7 +3,8 @@ Forwarding a twisted.web request to an HTTP upstream, streaming both bodies thro
 
 A body transform has ``feed(data: bytes) -> list[bytes]`` and ``finish() -> list[bytes]`` (its output in pieces,
 written one by one, so that none is copied) and may raise a ``RelayError``; when it can tell its output size from its
-input size it also has ``output_length(n: int) -> int``. The pass-through route uses
+input size it also has ``output_length(n: int) -> int``, and when it works in blocks, ``read_size`` (the input size
+of one block: a file is read in such pieces so that no block has to be joined from two reads). The pass-through route uses
 no transform; the inbound relay passes the codec's decoder (request) and encoder (response).
 """
 
@@ -24,7 +25,7 @@ from mterelay.errors import RelayError
 
 log = Logger()
 
-#: Bytes read from the spooled request body per cooperative step.
+#: Bytes read from the spooled request body per cooperative step (unless the transform asks for its ``read_size``).
 READ_SIZE = 64 * 1024
 
 _HOP_BY_HOP = frozenset(
@@ -196,7 +197,8 @@ class RequestBodyProducer:
         self._transform = transform
         self._cooperator = cooperator
         self._task = None
-        self._small = input_length is not UNKNOWN_LENGTH and input_length <= READ_SIZE
+        self._read_size = getattr(transform, "read_size", READ_SIZE)
+        self._small = input_length is not UNKNOWN_LENGTH and input_length <= self._read_size
         self.length = _output_length(transform, input_length)
 
     def startProducing(self, consumer):
@@ -221,7 +223,7 @@ class RequestBodyProducer:
     def _produce(self, consumer):
         transform = self._transform
         while True:
-            chunk = self._source.read(READ_SIZE)
+            chunk = self._source.read(self._read_size)
             if not chunk:
                 break
             for piece in _feed(transform, chunk):

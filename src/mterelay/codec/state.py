@@ -29,10 +29,12 @@ MAX_STEPS = 1 << 32
 _STATE_FORMAT = 1
 _ROLES = {"client": 1, "relay": 2}
 _KEY = 32
+#: Hash algorithm objects are immutable descriptions: one serves every derivation (a message pays for each object).
+_SHA256 = hashes.SHA256()
 
 
 def _expand(key, info, length=_KEY):
-    return HKDFExpand(hashes.SHA256(), length, info).derive(key)
+    return HKDFExpand(_SHA256, length, info).derive(key)
 
 
 def _next_epoch(key):
