@@ -2,8 +2,9 @@
 Codec benchmark (a plain script, not a test): ``.venv/bin/python bench/codec.py``.
 
 For 1 KiB and 1 MiB bodies, prints encode and decode MB/s and microseconds per message for MKE and MTE beside raw
-AES-256-GCM (one cached AESGCM object, one call over the whole item) from the same run, as ratios; then pairings per
-second. A message's cost includes its per-message key derivation on each side (``keys_for`` / ``advance``).
+AES-256-GCM (one cached AESGCM object, one call over the whole item) from the same run, as ratios (raw and codec
+runs alternate, best of 7 rounds each); then pairings per second. A message's cost includes its per-message key
+derivation on each side (``keys_for`` / ``advance``).
 
 "1 MiB one feed" hands the whole body to ``feed`` at once; "1 MiB streamed" feeds it in 64 KiB chunks, as the relay
 does with network reads (a 128 KiB record then spans two or three chunks, so it is joined once before its AEAD call).
@@ -36,13 +37,22 @@ CASES = {"1 KiB": (1024, 1024), "1 MiB one feed": (1 << 20, 1 << 20), "1 MiB str
 
 def best(function, count, repeat=5):
     """Best seconds per call of ``function()`` over ``repeat`` runs of ``count`` calls."""
-    times = []
+    return interleaved([function], count, repeat)[0]
+
+
+def interleaved(functions, count, repeat=7):
+    """
+    Best seconds per call of each function, over ``repeat`` rounds in which every function runs ``count`` calls in
+    turn: a baseline and what is compared with it see the same moments of a shared, noisy machine.
+    """
+    times = [[] for _ in functions]
     for _ in range(repeat):
-        start = time.perf_counter()
-        for _ in range(count):
-            function()
-        times.append((time.perf_counter() - start) / count)
-    return min(times)
+        for function, log in zip(functions, times):
+            start = time.perf_counter()
+            for _ in range(count):
+                function()
+            log.append((time.perf_counter() - start) / count)
+    return [min(log) for log in times]
 
 
 def pair(encode_type, identity):
@@ -125,11 +135,12 @@ def main():
         data = os.urandom(size)
         count = 20000 if size < 65536 else 40
         raw_encode, raw_decode, raw_fresh = raw_case(data)
-        raw = best(raw_encode, count), best(raw_decode, count)
-        rows = {"raw AES-GCM": raw}
+        functions = [raw_encode, raw_decode]
         for encode_type in ("MKE", "MTE"):
-            encode, decode = codec_case(encode_type, data, chunk, identity)
-            rows[encode_type] = best(encode, count), best(decode, count)
+            functions += codec_case(encode_type, data, chunk, identity)
+        results = interleaved(functions, count)
+        rows = {name: results[2 * i : 2 * i + 2] for i, name in enumerate(("raw AES-GCM", "MKE", "MTE"))}
+        raw = rows["raw AES-GCM"]
         for name, (enc, dec) in rows.items():
             print(
                 f"{name + ' ' + label:<26}{size / enc / 1e6:>10.0f}{size / dec / 1e6:>10.0f}"
