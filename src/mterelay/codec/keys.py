@@ -152,7 +152,7 @@ class _Records:
 
     @property
     def read_size(self):
-        """The input size that makes exactly one record per ``feed`` (a reader that can choose should read this much)."""
+        """The input size that makes exactly one record per ``feed`` (what a reader that can choose should read)."""
         return self._step
 
     def _check_open(self):
