@@ -4,8 +4,8 @@ Forwarding a twisted.web request to an HTTP upstream, streaming both bodies thro
 A body transform has ``feed(data: bytes) -> list[bytes]`` and ``finish() -> list[bytes]`` (its output in pieces,
 written one by one, so that none is copied) and may raise a ``RelayError``; when it can tell its output size from its
 input size it also has ``output_length(n: int) -> int``, and when it works in blocks, ``read_size`` (the input
-size of one block: a file is read in such pieces so that no block has to be joined from two reads). The pass-through route uses
-no transform; the inbound relay passes the codec's decoder (request) and encoder (response).
+size of one block: a file is read in such pieces so that no block has to be joined from two reads). The
+pass-through route uses no transform; the inbound relay passes the codec's decoder (request) and encoder (response).
 """
 
 from twisted.internet import task
