@@ -137,6 +137,23 @@ class RegistryContractMixin:
             [await r.mark_seen("client-a", "pair-1", c, 8) for c in [993, 992, 1000, 7]], [True, False, False, False]
         )
 
+    async def test_mark_seen_gap_inside_window(self):
+        """
+        Counters skipped by a jump shorter than the window are fresh again (their bits held marks from a window ago,
+        wrapping around the bitmap and starting mid-byte), while marks still inside the window stay.
+        """
+        r = await self.make_registry()
+        await r.create_pair(pair())
+        for c in range(64):
+            self.assertTrue(await r.mark_seen("client-a", "pair-1", c, 64))
+        self.assertTrue(await r.mark_seen("client-a", "pair-1", 100, 64))
+        seen = [await r.mark_seen("client-a", "pair-1", c, 64) for c in [99, 64, 80, 50, 63, 37, 36]]
+        self.assertEqual(seen, [True, True, True, False, False, False, False])
+        self.assertTrue(await r.mark_seen("client-a", "pair-1", 130, 64))
+        # 128's bit is the one 64 set; 101 and 102 sit mid-byte.
+        seen = [await r.mark_seen("client-a", "pair-1", c, 64) for c in [128, 129, 101, 102, 99, 80, 67, 66]]
+        self.assertEqual(seen, [True, True, True, True, False, False, True, False])
+
     async def test_bad_counter_arguments(self):
         """Negative counters, empty or huge windows and empty reservations are refused with 400."""
         r = await self.make_registry()

@@ -57,9 +57,20 @@ local function touch()
 end
 """
 
+# Zero the bits lo..hi of the replay bitmap: whole bytes with one SETRANGE, at most 14 edge bits one by one (a bit a
+# time would cost up to a window of commands, all of which block Redis).
+_CLEAR = """
+local function clear(lo, hi)
+  while lo <= hi and lo % 8 ~= 0 do redis.call('SETBIT', KEYS[2], lo, 0); lo = lo + 1 end
+  while hi >= lo and hi % 8 ~= 7 do redis.call('SETBIT', KEYS[2], hi, 0); hi = hi - 1 end
+  if lo <= hi then redis.call('SETRANGE', KEYS[2], lo / 8, string.rep('\\0', (hi - lo + 1) / 8)) end
+end
+"""
+
 # ARGV[3] = counter or '' (no mark), ARGV[4] = window. Returns nil, or {enc, state, ver, created, fresh}.
 _LOAD = (
     _TOUCH
+    + _CLEAR
     + """
 local f = redis.call('HMGET', KEYS[1], 'enc', 'state', 'ver', 'created', 'hi')
 if not f[1] then return false end
@@ -69,9 +80,15 @@ if ARGV[3] ~= '' then
   if c > hi then
     if c - hi >= w then
       redis.call('DEL', KEYS[2])
-    else
+    elseif c - hi > 1 then
       -- the bits of the counters skipped over still hold marks from a window ago
-      for i = hi + 1, c - 1 do redis.call('SETBIT', KEYS[2], i % w, 0) end
+      local first, last = (hi + 1) % w, (c - 1) % w
+      if first <= last then
+        clear(first, last)
+      else
+        clear(first, w - 1)
+        clear(0, last)
+      end
     end
     redis.call('SETBIT', KEYS[2], c % w, 1)
     redis.call('HSET', KEYS[1], 'hi', ARGV[3])
