@@ -143,9 +143,19 @@ class _Slot:
 
     def current_record(self):
         """The record with its last use brought up to date (a new frozen record only when it moved)."""
-        if self.record.last_used != self.last_used:
-            self.record = attrs.evolve(self.record, last_used=self.last_used)
-        return self.record
+        record = self.record
+        if record.last_used != self.last_used:
+            # Built directly: attrs.evolve introspects the class's fields on every call, at twice the cost.
+            record = self.record = PairRecord(
+                record.client_id,
+                record.pair_id,
+                record.encode_type,
+                record.state,
+                record.version,
+                record.created,
+                self.last_used,
+            )
+        return record
 
 
 def check_mark_args(counter, window):

@@ -95,14 +95,16 @@ class RelayHeader:
         return cls(client_id, pair_id, encode_type, int(counter), *map(_flag, flags))
 
 
+#: One compact encoder for every header block (``json.dumps`` with separators builds a new encoder per call).
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+
+
 def encode_header_block(pairs):
     """
     The plain header-block item: a JSON array of ``[name, value]`` strings, bytes mapped one-to-one by Latin-1 so
     every header byte survives; repeated names (several Set-Cookie) stay separate pairs, in order.
     """
-    return json.dumps(
-        [[name.decode("latin-1"), value.decode("latin-1")] for name, value in pairs], separators=(",", ":")
-    ).encode("ascii")
+    return _COMPACT.encode([[name.decode("latin-1"), value.decode("latin-1")] for name, value in pairs]).encode("ascii")
 
 
 def decode_header_block(data):
