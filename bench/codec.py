@@ -29,9 +29,9 @@ from mterelay.codec import RECORD_SIZE, ClientPairing, RelayIdentity, relay_pair
 
 CLIENT = "bench-client-0123456789"
 PAIR = "bench-pair-0123456789"
-#: label -> (body size, feed chunk size)
 #: Bytes per network read (Twisted reads up to 64 KiB at a time).
 READ = 65536
+#: label -> (body size, feed chunk size)
 CASES = {"1 KiB": (1024, 1024), "1 MiB one feed": (1 << 20, 1 << 20), "1 MiB streamed": (1 << 20, READ)}
 
 
@@ -43,15 +43,17 @@ def best(function, count, repeat=5):
 def interleaved(functions, count, repeat=7):
     """
     Best seconds per call of each function, over ``repeat`` rounds in which every function runs ``count`` calls in
-    turn: a baseline and what is compared with it see the same moments of a shared, noisy machine.
+    turn: a baseline and what is compared with it see the same moments of a shared, noisy machine. Each round starts
+    one function later, so that no function always runs first (or always right after the same one).
     """
     times = [[] for _ in functions]
-    for _ in range(repeat):
-        for function, log in zip(functions, times):
+    for round_ in range(repeat):
+        for i in range(len(functions)):
+            j = (round_ + i) % len(functions)
             start = time.perf_counter()
             for _ in range(count):
-                function()
-            log.append((time.perf_counter() - start) / count)
+                functions[j]()
+            times[j].append((time.perf_counter() - start) / count)
     return [min(log) for log in times]
 
 
@@ -138,19 +140,20 @@ def main():
         functions = [raw_encode, raw_decode]
         for encode_type in ("MKE", "MTE"):
             functions += codec_case(encode_type, data, chunk, identity)
+        # The two reference lines (fresh output, one call per record) run in the same rounds as everything else.
+        functions += [raw_fresh, raw_records(data)]
         results = interleaved(functions, count)
         rows = {name: results[2 * i : 2 * i + 2] for i, name in enumerate(("raw AES-GCM", "MKE", "MTE"))}
         raw = rows["raw AES-GCM"]
+        fresh, per_record = results[6] / 2, results[7]
         for name, (enc, dec) in rows.items():
             print(
                 f"{name + ' ' + label:<26}{size / enc / 1e6:>10.0f}{size / dec / 1e6:>10.0f}"
                 f"{(enc + dec) * 1e6:>12.1f}{raw[0] / enc:>9.2f}{raw[1] / dec:>9.2f}"
             )
         if size > RECORD_SIZE and chunk == size:
-            fresh = best(raw_fresh, count) / 2
             print(f"{'raw, fresh output ' + label:<26}{size / fresh / 1e6:>10.0f}{'':>10}{'':>12}{raw[0] / fresh:>9.2f}")
         if size > RECORD_SIZE:
-            per_record = best(raw_records(data), count)
             print(f"{'raw, one call per record':<26}{size / per_record / 1e6:>10.0f}{'':>10}{'':>12}"
                   f"{raw[0] / per_record:>9.2f}")
     count = 300

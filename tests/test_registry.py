@@ -154,6 +154,18 @@ class RegistryContractMixin:
         seen = [await r.mark_seen("client-a", "pair-1", c, 64) for c in [128, 129, 101, 102, 99, 80, 67, 66]]
         self.assertEqual(seen, [True, True, True, True, False, False, True, False])
 
+    async def test_mark_seen_gap_odd_window(self):
+        """With a window that is no multiple of 8, a gap clears exactly the skipped counters' bits, the last byte too."""
+        r = await self.make_registry()
+        await r.create_pair(pair())
+        for c in range(13):
+            self.assertTrue(await r.mark_seen("client-a", "pair-1", c, 13))
+        # Skips 13..23: bits 0..10 (a whole first byte and three bits of the second). Bit 12 keeps 12's mark; 11 is
+        # now below the window (its bit is 24's).
+        self.assertTrue(await r.mark_seen("client-a", "pair-1", 24, 13))
+        seen = [await r.mark_seen("client-a", "pair-1", c, 13) for c in [23, 13, 20, 12, 11, 24]]
+        self.assertEqual(seen, [True, True, True, False, False, False])
+
     async def test_bad_counter_arguments(self):
         """Negative counters, empty or huge windows and empty reservations are refused with 400."""
         r = await self.make_registry()

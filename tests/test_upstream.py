@@ -192,6 +192,25 @@ class BodyProducerTests(SynchronousTestCase):
         self.assertEqual(consumer.value(), plain)
         self.assertEqual(source.sizes, [RECORD_SIZE + TAG_SIZE, RECORD_SIZE + TAG_SIZE, 5 + TAG_SIZE, 0])
 
+    def test_encoder_reads_whole_records(self):
+        """A codec encoder is fed one record of plaintext per read; a body of exactly one read is written at once."""
+        keys = message_keys()
+        plain = os.urandom(2 * RECORD_SIZE + 5)
+        source = ReadLog(plain)
+        consumer = StringTransport()
+        done = RequestBodyProducer(source, len(plain), keys.body_encoder(), self.cooperator).startProducing(consumer)
+        self.run_clock()
+        self.assertIsNone(self.successResultOf(done))
+        self.assertEqual(source.sizes, [RECORD_SIZE, RECORD_SIZE, 5, 0])
+        decoder = keys.body_decoder()
+        self.assertEqual(b"".join(decoder.feed(consumer.value()) + decoder.finish()), plain)
+        for size, at_once in ((RECORD_SIZE, True), (RECORD_SIZE + 1, False)):
+            producer = RequestBodyProducer(io.BytesIO(bytes(size)), size, keys.body_encoder(), self.cooperator)
+            done = producer.startProducing(StringTransport())
+            self.assertEqual(done.called, at_once)
+            self.run_clock()
+            self.assertIsNone(self.successResultOf(done))
+
     def test_small_body_written_at_once(self):
         """A body that fits one read is written when production starts, with no cooperative task to wait for."""
         producer = RequestBodyProducer(io.BytesIO(b"abc"), 3, Upper(), self.cooperator)

@@ -147,13 +147,13 @@ class _Slot:
         if record.last_used != self.last_used:
             # Built directly: attrs.evolve introspects the class's fields on every call, at twice the cost.
             record = self.record = PairRecord(
-                record.client_id,
-                record.pair_id,
-                record.encode_type,
-                record.state,
-                record.version,
-                record.created,
-                self.last_used,
+                client_id=record.client_id,
+                pair_id=record.pair_id,
+                encode_type=record.encode_type,
+                state=record.state,
+                version=record.version,
+                created=record.created,
+                last_used=self.last_used,
             )
         return record
 

@@ -29,7 +29,7 @@ MAX_STEPS = 1 << 32
 _STATE_FORMAT = 1
 _ROLES = {"client": 1, "relay": 2}
 _KEY = 32
-#: Hash algorithm objects are immutable descriptions: one serves every derivation (a message pays for each object).
+#: Hash algorithm objects are immutable descriptions: one serves every derivation instead of one built per call.
 _SHA256 = hashes.SHA256()
 
 
