@@ -5,7 +5,8 @@ and the Redis round trips each relayed request costs.
     .venv/bin/python bench/registry.py [--requests N] [--concurrency N]
 
 Per-request paths measured:
-    MKE inbound   get_pair, then mark_seen once the message opened (a forged message must not burn a counter)
+    MKE inbound   get_pair (answered from the Redis registry's short-lived copy when it has one), then mark_seen
+                  once the message opened (a forged message must not burn a counter), checking the pair's creation
     MKE outbound  get_pair + reserve_counters
     MTE           get_pair + swap_state (the ratchet advance)
 Round trips are the EVAL/EVALSHA commands Redis counted (``INFO commandstats``), per request: the registry sends no
@@ -37,8 +38,8 @@ def pair_ids(i):
 def mke_inbound(registry, counters):
     async def request(i):
         client_id, pair_id = pair_ids(i)
-        await registry.get_pair(client_id, pair_id)
-        if not await registry.mark_seen(client_id, pair_id, next(counters), WINDOW):
+        record = await registry.get_pair(client_id, pair_id)
+        if not await registry.mark_seen(client_id, pair_id, next(counters), WINDOW, created=record.created):
             raise RuntimeError("a fresh counter was taken for a replay")
 
     return request

@@ -8,6 +8,7 @@ import json
 import os
 import tempfile
 
+from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
 from twisted.trial.unittest import TestCase
 
@@ -19,7 +20,10 @@ from mterelay.codec import (
     encode_header_block,
     request_binding,
 )
+from mterelay import client as client_module
+from mterelay.client import RepairNeeded
 from mterelay.errors import RelayError
+from mterelay.redis_registry import RedisRegistry
 from tests.relay_harness import SECRET, RelayHarness, rss_kib
 from tests.upstream_server import pattern, pattern_sha256
 
@@ -491,6 +495,66 @@ class ContinuityTests(RelayHarness, TestCase):
                 await client.request("GET", "/echo/x")
             self.assertEqual(ctx.exception.code, 565)
             self.assertEqual(upstream.received, [])
+
+        return ensureDeferred(run())
+
+
+class ReplacedPairTests(RelayHarness, TestCase):
+    """
+    Two relays on one Redis, the first answering MKE pairs from its short-lived copies: a pair created again through
+    the other relay (same ids, new keys) is served at once, and a message under the replaced pair's keys is refused.
+    """
+
+    registry_kind = "redis"
+
+    def setUp(self):
+        return ensureDeferred(self._setUp())
+
+    async def _setUp(self):
+        self.upstream = await self.start_upstream()
+        self.redis = self.start_redis()
+        # Copies kept for a minute, so that the test does not race their expiry.
+        first = RedisRegistry.from_url(self.redis.url, reactor, pair_cache_seconds=60)
+        first.startService()
+        self.addCleanup(first.stopService)
+        self.url, _, identity = await self.start_relay(self.upstream.url, registry=first)
+        self.other, _, _ = await self.start_relay(self.upstream.url, identity=identity)
+        self.client = self.client(self.url)
+        response = await self.client.request("POST", "/echo/a", data=b"1")
+        self.assertEqual(response.code, 200)
+        await response.content()
+        self.old = self.client._pools["MKE"]._shared
+
+    async def _recreate(self):
+        """Pair again through the other relay with the same pair id; the new pair's client side."""
+        self.patch(client_module, "_pair_id", lambda: self.old.pair_id)
+        self.client.relay = self.other
+        try:
+            return await self.client.pair("MKE")
+        finally:
+            self.client.relay = self.url
+
+    def test_recreated_pair_served(self):
+        """A message under the new pair's keys opens, though the first relay's copy still holds the old ones."""
+
+        async def run():
+            self.client._pools["MKE"]._shared = await self._recreate()
+            response = await self.client.request("POST", "/echo/b", data=b"22")
+            self.assertEqual(response.code, 200)
+            self.assertEqual(json.loads(await response.content())["body_length"], 2)
+
+        return ensureDeferred(run())
+
+    def test_replaced_pair_refused(self):
+        """A message under the replaced pair's keys is answered 560 (pair again) and never reaches the upstream."""
+
+        async def run():
+            await self._recreate()
+            received = len(self.upstream.received)
+            with self.assertRaises(RepairNeeded) as caught:
+                await self.client._send(b"POST", b"/echo/c", [], None, 0, "MKE", True, True)
+            self.assertEqual(caught.exception.code, 560)
+            self.assertEqual(len(self.upstream.received), received)
 
         return ensureDeferred(run())
 

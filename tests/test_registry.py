@@ -166,6 +166,28 @@ class RegistryContractMixin:
         seen = [await r.mark_seen("client-a", "pair-1", c, 13) for c in [23, 13, 20, 12, 11, 24]]
         self.assertEqual(seen, [True, True, True, False, False, False])
 
+    async def test_mark_seen_refuses_replaced_pair(self):
+        """
+        A mark for the pair as it was created before (its creation time) fails with UnknownPair once the pair was
+        created again with the same ids, and marks nothing: the new pair still takes that counter.
+        """
+        r = await self.make_registry()
+        await r.create_pair(pair(now=1.0))
+        old = await r.get_pair("client-a", "pair-1")
+        self.assertTrue(await r.mark_seen("client-a", "pair-1", 3, 64, created=old.created))
+        await r.create_pair(pair(now=2.0))
+        await self.failure(r.mark_seen("client-a", "pair-1", 4, 64, created=old.created), UnknownPair)
+        self.assertTrue(await r.mark_seen("client-a", "pair-1", 4, 64, created=2.0))
+        self.assertTrue(await r.mark_seen("client-a", "pair-1", 3, 64))
+
+    async def test_forget_without_copy(self):
+        """Forgetting a pair the process keeps no copy of says so, and the pair itself stays."""
+        r = await self.make_registry()
+        await r.create_pair(pair(encode_type="MTE"))
+        self.assertFalse(r.forget("client-a", "pair-1"))
+        self.assertFalse(r.forget("client-a", "pair-2"))
+        self.assertEqual((await r.get_pair("client-a", "pair-1")).state, STATE)
+
     async def test_bad_counter_arguments(self):
         """Negative counters, empty or huge windows and empty reservations are refused with 400."""
         r = await self.make_registry()

@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from mterelay.redis_registry import RedisAddress, RedisRegistry
 from mterelay.registry import RegistryUnavailable, UnknownPair
 from tests.redis_server import RedisServerMixin
-from tests.test_registry import RegistryContractMixin, pair
+from tests.test_registry import STATE, RegistryContractMixin, pair
 
 
 class RedisTestMixin(RedisServerMixin):
@@ -92,6 +92,73 @@ class RedisSharingTests(RedisTestMixin, TestCase):
         )
         self.assertEqual(sum(ok for ok, _ in results), 5)
         self.assertEqual((await one.get_client("client-a")).pair_count, 5)
+
+
+class RedisPairCopyTests(RedisTestMixin, TestCase):
+    """An MKE pair's record answered from this process's short-lived copy: what it spares, and what it never hides."""
+
+    async def test_mke_record_answered_from_copy(self):
+        """
+        Within pair_cache_seconds an MKE record is answered without Redis (a change made through another instance
+        is not seen); after forget, or once the copy is older than that, the stored record is read again.
+        """
+        one, two = await self.connect(pair_cache_seconds=60), await self.connect()
+        await one.create_pair(pair())
+        await one.get_pair("client-a", "pair-1")
+        self.assertTrue(await two.swap_state("client-a", "pair-1", 0, b"epoch-2"))
+        self.assertEqual((await one.get_pair("client-a", "pair-1")).state, STATE)
+        self.assertTrue(one.forget("client-a", "pair-1"))
+        self.assertFalse(one.forget("client-a", "pair-1"))
+        self.assertEqual((await one.get_pair("client-a", "pair-1")).state, b"epoch-2")
+
+        brief = await self.connect(pair_cache_seconds=0.2)
+        await brief.get_pair("client-a", "pair-1")
+        self.assertTrue(await two.swap_state("client-a", "pair-1", 1, b"epoch-3"))
+        await task.deferLater(reactor, 0.3)
+        self.assertEqual((await brief.get_pair("client-a", "pair-1")).state, b"epoch-3")
+
+    async def test_mte_records_never_copied(self):
+        """An MTE record (a new state every message) is always read from Redis."""
+        one, two = await self.connect(pair_cache_seconds=60), await self.connect()
+        await one.create_pair(pair(encode_type="MTE"))
+        await one.get_pair("client-a", "pair-1")
+        self.assertTrue(await two.swap_state("client-a", "pair-1", 0, b"step-1"))
+        self.assertEqual((await one.get_pair("client-a", "pair-1")).state, b"step-1")
+        self.assertFalse(one.forget("client-a", "pair-1"))
+
+    async def test_own_changes_drop_the_copy(self):
+        """This instance's own swap, re-creation or deletion of a pair is seen by its next read."""
+        r = await self.connect(pair_cache_seconds=60)
+        await r.create_pair(pair())
+        await r.get_pair("client-a", "pair-1")
+        self.assertTrue(await r.swap_state("client-a", "pair-1", 0, b"epoch-2"))
+        self.assertEqual((await r.get_pair("client-a", "pair-1")).state, b"epoch-2")
+        await r.create_pair(pair(state=b"again", now=5.0))
+        self.assertEqual((await r.get_pair("client-a", "pair-1")).state, b"again")
+        await r.delete_pair("client-a", "pair-1")
+        with self.assertRaises(UnknownPair):
+            await r.get_pair("client-a", "pair-1")
+
+    async def test_replaced_pair_found_out(self):
+        """A copy of a pair another instance deleted and created again fails the mark (560) and is dropped."""
+        one, two = await self.connect(pair_cache_seconds=60), await self.connect()
+        await one.create_pair(pair(now=1.0))
+        copy = await one.get_pair("client-a", "pair-1")
+        await two.delete_pair("client-a", "pair-1")
+        await two.create_pair(pair(now=2.0))
+        self.assertEqual((await one.get_pair("client-a", "pair-1")).created, copy.created)
+        with self.assertRaises(UnknownPair):
+            await one.mark_seen("client-a", "pair-1", 1, 64, created=copy.created)
+        self.assertFalse(one.forget("client-a", "pair-1"))
+        self.assertEqual((await one.get_pair("client-a", "pair-1")).created, 2.0)
+
+    async def test_copies_bounded(self):
+        """No more than pair_cache_size copies are kept; the oldest goes first."""
+        r = await self.connect(pair_cache_seconds=60, pair_cache_size=2)
+        for n in range(3):
+            await r.create_pair(pair(pair_id=f"pair-{n}"))
+            await r.get_pair("client-a", f"pair-{n}")
+        self.assertEqual([r.forget("client-a", f"pair-{n}") for n in range(3)], [False, True, True])
 
 
 class RedisFailureTests(RedisTestMixin, TestCase):

@@ -197,19 +197,24 @@ class Inbound:
             raise RelayError(566, "x-mte-client-id does not match x-mte-relay")
         registry = self._registry
         record = await registry.get_pair(header.client_id, header.pair_id)
-        if record.encode_type != header.encode_type:
-            raise CodecError(560, f"pair is not an {header.encode_type} pair")
-        state = load_state(record.state)
-        new_state, request_keys, response_keys = state.keys_for(header.counter)
-
         # Everything is opened before the registry changes: a forged message neither burns a counter nor moves a
         # ratchet, and nothing unauthenticated goes upstream.
-        target, binding = self._open_target(request, header, request_keys)
-        headers = self._open_headers(request, request_keys, binding)
-        body_transform = await self._open_body(request, header, request_keys, binding)
+        try:
+            opened = await self._open(request, header, record)
+        except CodecError as e:
+            if e.code != 562 or not registry.forget(header.client_id, header.pair_id):
+                raise
+            # The registry answered from a copy that may be older than the pair (re-created through another relay):
+            # once more with the stored record.
+            record = await registry.get_pair(header.client_id, header.pair_id)
+            opened = await self._open(request, header, record)
+        state, new_state, response_keys, target, headers, body_transform = opened
 
         if header.encode_type == "MKE":
-            if not await registry.mark_seen(header.client_id, header.pair_id, header.counter, REPLAY_WINDOW):
+            seen = registry.mark_seen(
+                header.client_id, header.pair_id, header.counter, REPLAY_WINDOW, created=record.created
+            )
+            if not await seen:
                 raise CodecError(563, "message counter was already used or is outside the window")
             if new_state != state:
                 # Best effort: another instance that moved the window first stored the same or a later one.
@@ -232,6 +237,20 @@ class Inbound:
             request_transform=body_transform,
             prepare_response=seal_response,
         )
+
+    async def _open(self, request, header, record):
+        """
+        Open the request with the pair ``record``: ``(state, new_state, response_keys, target, headers,
+        body_transform)``, or a ``CodecError`` (562 when an item does not open).
+        """
+        if record.encode_type != header.encode_type:
+            raise CodecError(560, f"pair is not an {header.encode_type} pair")
+        state = load_state(record.state)
+        new_state, request_keys, response_keys = state.keys_for(header.counter)
+        target, binding = self._open_target(request, header, request_keys)
+        headers = self._open_headers(request, request_keys, binding)
+        body_transform = await self._open_body(request, header, request_keys, binding)
+        return state, new_state, response_keys, target, headers, body_transform
 
     def _open_target(self, request, header, keys):
         """The upstream path and query, and the binding every item of this request is sealed with."""

@@ -16,6 +16,11 @@ id, each percent-encoded, joined by ``:``, so that no two pairs share a tag):
 Every per-request operation is one Lua script over the two keys of one pair (one round trip, atomic, and valid in a
 cluster). Only ``create_pair``, ``delete_pair`` and ``get_client`` touch the shared sets: they need a single Redis (or
 a cluster where these keys live together), which is what the relay supports.
+
+An MKE pair's record is kept in the process for ``pair_cache_seconds`` (0.5 s) after ``get_pair`` fetched it, so that
+a relayed MKE message costs one round trip (its ``mark_seen``) instead of two. ``mark_seen`` checks in the same script
+that the stored pair is the one the copy came from (its creation time), and the relay opens a message again with a
+fresh record when the copy could not open it (``forget``): a copy can be out of date, never trusted over Redis.
 """
 
 from urllib.parse import parse_qs, quote, unquote, urlsplit
@@ -45,6 +50,9 @@ from mterelay.registry import (
 
 DEFAULT_TIMEOUT = 2.0
 DEFAULT_PREFIX = "mterelay:"
+#: How long an MKE pair's record fetched from Redis answers ``get_pair`` in this process, and how many are kept.
+DEFAULT_PAIR_CACHE_SECONDS = 0.5
+DEFAULT_PAIR_CACHE_SIZE = 4096
 #: How many stale limit-set members one pair creation re-checks at most, so that the script stays short.
 PRUNE_BATCH = 100
 
@@ -67,13 +75,15 @@ local function clear(lo, hi)
 end
 """
 
-# ARGV[3] = counter or '' (no mark), ARGV[4] = window. Returns nil, or {enc, state, ver, created, fresh}.
+# ARGV[3] = counter or '' (no mark), ARGV[4] = window, ARGV[5] = the creation time the caller expects, or ''.
+# Returns nil, 0 (the pair was created at another time: nothing marked), or {enc, state, ver, created, fresh}.
 _LOAD = (
     _TOUCH
     + _CLEAR
     + """
 local f = redis.call('HMGET', KEYS[1], 'enc', 'state', 'ver', 'created', 'hi')
 if not f[1] then return false end
+if ARGV[5] ~= '' and f[4] ~= ARGV[5] then return 0 end
 local fresh = 1
 if ARGV[3] ~= '' then
   local c, w, hi = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(f[5])
@@ -274,6 +284,8 @@ class RedisRegistry(Service):
         max_pairs_per_client=DEFAULT_MAX_PAIRS_PER_CLIENT,
         max_pairs_total=DEFAULT_MAX_PAIRS_TOTAL,
         key_prefix=DEFAULT_PREFIX,
+        pair_cache_seconds=DEFAULT_PAIR_CACHE_SECONDS,
+        pair_cache_size=DEFAULT_PAIR_CACHE_SIZE,
     ):
         self.pair_ttl = pair_ttl
         self.timeout = timeout
@@ -283,6 +295,10 @@ class RedisRegistry(Service):
         self._max_per_client = max_pairs_per_client
         self._max_total = max_pairs_total
         self._prefix = key_prefix
+        # (client id, pair id) -> (fetched at, PairRecord) for MKE pairs: see get_pair.
+        self._cache = {}
+        self._cache_seconds = min(pair_cache_seconds, pair_ttl / 2)
+        self._cache_size = pair_cache_size
         self._connected_once = False
         self._waiting = []
         #: Where ``startService`` connects (set by ``from_url``).
@@ -397,6 +413,7 @@ class RedisRegistry(Service):
         return max(1, int(self.pair_ttl * 1000))
 
     def create_pair(self, record):
+        self.forget(record.client_id, record.pair_id)
         d = self._limit_script(
             _CREATE,
             record.client_id,
@@ -424,10 +441,13 @@ class RedisRegistry(Service):
         d = self._limit_script(_COUNT, client_id, None)
         return d.addCallback(lambda count: ClientRecord(client_id, count))
 
-    def _load(self, client_id, pair_id, counter="", window=""):
-        d = self._pair_script(_LOAD, client_id, pair_id, counter, window)
+    def _load(self, client_id, pair_id, counter="", window="", created=""):
+        d = self._pair_script(_LOAD, client_id, pair_id, counter, window, created)
 
         def record(result):
+            if result == 0:
+                self.forget(client_id, pair_id)
+                raise UnknownPair("the pair was replaced")
             enc, state, version, created, fresh = result
             return (
                 PairRecord(
@@ -445,12 +465,38 @@ class RedisRegistry(Service):
         return d.addCallback(record)
 
     def get_pair(self, client_id, pair_id):
-        return self._load(client_id, pair_id).addCallback(lambda loaded: loaded[0])
+        """
+        The pair's record. An MKE pair is answered from the copy fetched less than ``pair_cache_seconds`` ago, when
+        there is one: the relay's ``mark_seen`` goes to Redis anyway, so a relayed MKE message costs one round trip,
+        not two. The copy holds the state (its keys) in this process no longer than that.
+        """
+        key = (client_id, pair_id)
+        now = self._clock.seconds()
+        cached = self._cache.get(key)
+        if cached is not None:
+            fetched, record = cached
+            if now - fetched < self._cache_seconds:
+                return defer.succeed(attrs.evolve(record, last_used=now))
+            del self._cache[key]
 
-    def mark_seen(self, client_id, pair_id, counter, window):
+        def keep(loaded):
+            record = loaded[0]
+            if record.encode_type == "MKE" and self._cache_seconds > 0:
+                if len(self._cache) >= self._cache_size:
+                    del self._cache[next(iter(self._cache))]
+                self._cache[key] = (now, record)
+            return record
+
+        return self._load(client_id, pair_id).addCallback(keep)
+
+    def forget(self, client_id, pair_id):
+        return self._cache.pop((client_id, pair_id), None) is not None
+
+    def mark_seen(self, client_id, pair_id, counter, window, created=None):
+        expected = "" if created is None else repr(created)
         return (
             defer.maybeDeferred(check_mark_args, counter, window)
-            .addCallback(lambda _: self._load(client_id, pair_id, counter, window))
+            .addCallback(lambda _: self._load(client_id, pair_id, counter, window, expected))
             .addCallback(lambda loaded: loaded[1])
         )
 
@@ -460,9 +506,12 @@ class RedisRegistry(Service):
         )
 
     def swap_state(self, client_id, pair_id, expected_version, new_state):
+        # Whoever wins, the state changes: the next get_pair fetches it.
+        self.forget(client_id, pair_id)
         d = self._pair_script(_SWAP, client_id, pair_id, int(expected_version), new_state)
         return d.addCallback(lambda swapped: swapped == 1)
 
     def delete_pair(self, client_id, pair_id):
+        self.forget(client_id, pair_id)
         d = self._limit_script(_DELETE, client_id, pair_id, _tag(client_id, pair_id))
         return d.addCallback(lambda _: None)

@@ -97,7 +97,13 @@ class IRegistry(Interface):
         """
 
     def get_pair(client_id, pair_id):
-        """Fire with the ``PairRecord``, its ``last_used`` set to now."""
+        """
+        Fire with the ``PairRecord``, its ``last_used`` set to now.
+
+        A shared registry may answer an MKE pair from a copy it fetched shortly before (an MKE state changes once per
+        epoch), without refreshing the pair's lifetime: ``mark_seen`` with the record's ``created`` then proves the
+        pair still stands, and ``forget`` drops the copy when it may be out of date.
+        """
 
     def get_client(client_id):
         """Fire with the ``ClientRecord`` (live pair count; 0 for a client without pairs)."""
@@ -109,11 +115,18 @@ class IRegistry(Interface):
         The first counter of a fresh pair is 0.
         """
 
-    def mark_seen(client_id, pair_id, counter, window):
+    def mark_seen(client_id, pair_id, counter, window, created=None):
         """
         Fire with True the first time ``counter`` is marked; False for a repeat, or for a counter ``window`` or more
         below the highest counter marked so far.
+
+        With ``created`` (the ``created`` of the record the message was opened with), fail with ``UnknownPair`` and
+        mark nothing when the pair now stored was created at another time: the pair was replaced, and the message
+        belongs to one that no longer exists.
         """
+
+    def forget(client_id, pair_id):
+        """Drop any copy of the pair this process keeps; return True if there was one (not a Deferred)."""
 
     def swap_state(client_id, pair_id, expected_version, new_state):
         """
@@ -297,14 +310,20 @@ class MemoryRegistry(Service):
 
         return defer.maybeDeferred(reserve)
 
-    def _mark(self, client_id, pair_id, counter, window):
+    def _mark(self, client_id, pair_id, counter, window, created):
         check_mark_args(counter, window)
         slot = self._live(client_id, pair_id)
+        if created is not None and slot.record.created != created:
+            raise UnknownPair("the pair was replaced")
         fresh, slot.highest, slot.marks = mark_window(slot.highest, slot.marks, counter, window)
         return fresh
 
-    def mark_seen(self, client_id, pair_id, counter, window):
-        return defer.maybeDeferred(self._mark, client_id, pair_id, counter, window)
+    def mark_seen(self, client_id, pair_id, counter, window, created=None):
+        return defer.maybeDeferred(self._mark, client_id, pair_id, counter, window, created)
+
+    def forget(self, client_id, pair_id):
+        # The slots are the pairs themselves: there is no copy to drop.
+        return False
 
     def swap_state(self, client_id, pair_id, expected_version, new_state):
         def swap():
