@@ -499,6 +499,12 @@ class ContinuityTests(RelayHarness, TestCase):
         return ensureDeferred(run())
 
 
+class RedisRefusalTests(RefusalTests):
+    """The same refusals with the Redis registry, whose copies of MKE pairs add a second way to open a message."""
+
+    registry_kind = "redis"
+
+
 class ReplacedPairTests(RelayHarness, TestCase):
     """
     Two relays on one Redis, the first answering MKE pairs from its short-lived copies: a pair created again through
@@ -538,10 +544,12 @@ class ReplacedPairTests(RelayHarness, TestCase):
         """A message under the new pair's keys opens, though the first relay's copy still holds the old ones."""
 
         async def run():
-            self.client._pools["MKE"]._shared = await self._recreate()
+            new = self.client._pools["MKE"]._shared = await self._recreate()
             response = await self.client.request("POST", "/echo/b", data=b"22")
             self.assertEqual(response.code, 200)
             self.assertEqual(json.loads(await response.content())["body_length"], 2)
+            # Served as it was sent: the client did not have to pair again.
+            self.assertIs(self.client._pools["MKE"]._shared, new)
 
         return ensureDeferred(run())
 

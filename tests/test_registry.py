@@ -155,7 +155,7 @@ class RegistryContractMixin:
         self.assertEqual(seen, [True, True, True, True, False, False, True, False])
 
     async def test_mark_seen_gap_odd_window(self):
-        """With a window that is no multiple of 8, a gap clears exactly the skipped counters' bits, the last byte too."""
+        """With a window no multiple of 8, a gap clears exactly the skipped counters' bits, the last byte too."""
         r = await self.make_registry()
         await r.create_pair(pair())
         for c in range(13):
@@ -179,6 +179,16 @@ class RegistryContractMixin:
         await self.failure(r.mark_seen("client-a", "pair-1", 4, 64, created=old.created), UnknownPair)
         self.assertTrue(await r.mark_seen("client-a", "pair-1", 4, 64, created=2.0))
         self.assertTrue(await r.mark_seen("client-a", "pair-1", 3, 64))
+
+    async def test_swap_refuses_replaced_pair(self):
+        """A swap for the pair as it was created before fails with UnknownPair and leaves the new pair's state."""
+        r = await self.make_registry()
+        await r.create_pair(pair(now=1.0))
+        await r.create_pair(pair(state=b"new", now=2.0))
+        await self.failure(r.swap_state("client-a", "pair-1", 0, b"old keys", created=1.0), UnknownPair)
+        got = await r.get_pair("client-a", "pair-1")
+        self.assertEqual((got.state, got.version), (b"new", 0))
+        self.assertTrue(await r.swap_state("client-a", "pair-1", 0, b"next", created=2.0))
 
     async def test_forget_without_copy(self):
         """Forgetting a pair the process keeps no copy of says so, and the pair itself stays."""

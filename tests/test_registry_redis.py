@@ -152,6 +152,38 @@ class RedisPairCopyTests(RedisTestMixin, TestCase):
         self.assertFalse(one.forget("client-a", "pair-1"))
         self.assertEqual((await one.get_pair("client-a", "pair-1")).created, 2.0)
 
+    async def test_copies_expire_unread(self):
+        """A copy is dropped pair_cache_seconds after it was fetched even if nothing reads the pair again."""
+        clock = task.Clock()
+        r = RedisRegistry.from_url(self.server.url, clock, reactor, pair_cache_seconds=0.5)
+        r.startService()
+        self.addCleanup(r.stopService)
+        await r.whenConnected()
+        for n in (1, 2):
+            await r.create_pair(pair(pair_id=f"pair-{n}"))
+            await r.get_pair("client-a", f"pair-{n}")
+        clock.advance(0.3)
+        self.assertTrue(r.forget("client-a", "pair-1"))
+        clock.advance(0.3)
+        self.assertFalse(r.forget("client-a", "pair-2"))
+
+    async def test_copy_of_deleted_pair_dropped(self):
+        """When the mark finds the pair gone (deleted through another instance), the copy goes with it."""
+        one, two = await self.connect(pair_cache_seconds=60), await self.connect()
+        await one.create_pair(pair())
+        await one.get_pair("client-a", "pair-1")
+        await two.delete_pair("client-a", "pair-1")
+        with self.assertRaises(UnknownPair):
+            await one.mark_seen("client-a", "pair-1", 1, 64, created=0.0)
+        self.assertFalse(one.forget("client-a", "pair-1"))
+
+    async def test_no_copies(self):
+        """With pair_cache_size 0 nothing is kept and every read goes to Redis."""
+        r = await self.connect(pair_cache_size=0)
+        await r.create_pair(pair())
+        self.assertEqual((await r.get_pair("client-a", "pair-1")).state, STATE)
+        self.assertFalse(r.forget("client-a", "pair-1"))
+
     async def test_copies_bounded(self):
         """No more than pair_cache_size copies are kept; the oldest goes first."""
         r = await self.connect(pair_cache_seconds=60, pair_cache_size=2)

@@ -204,9 +204,12 @@ class Inbound:
         except CodecError as e:
             if e.code != 562 or not registry.forget(header.client_id, header.pair_id):
                 raise
-            # The registry answered from a copy that may be older than the pair (re-created through another relay):
-            # once more with the stored record.
-            record = await registry.get_pair(header.client_id, header.pair_id)
+            # The registry answered from a copy. Only a pair created again since (through another relay, same ids,
+            # new keys) can open what the copy could not: epoch keys only ever derive forward.
+            stored = await registry.get_pair(header.client_id, header.pair_id)
+            if stored.created == record.created:
+                raise
+            record = stored
             opened = await self._open(request, header, record)
         state, new_state, response_keys, target, headers, body_transform = opened
 
@@ -218,8 +221,12 @@ class Inbound:
                 raise CodecError(563, "message counter was already used or is outside the window")
             if new_state != state:
                 # Best effort: another instance that moved the window first stored the same or a later one.
-                await registry.swap_state(header.client_id, header.pair_id, record.version, new_state.to_bytes())
-        elif not await registry.swap_state(header.client_id, header.pair_id, record.version, new_state.to_bytes()):
+                await registry.swap_state(
+                    header.client_id, header.pair_id, record.version, new_state.to_bytes(), created=record.created
+                )
+        elif not await registry.swap_state(
+            header.client_id, header.pair_id, record.version, new_state.to_bytes(), created=record.created
+        ):
             raise CodecError(563, "this MTE step was already used")
         if gone:
             return

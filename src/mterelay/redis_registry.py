@@ -18,17 +18,19 @@ cluster). Only ``create_pair``, ``delete_pair`` and ``get_client`` touch the sha
 a cluster where these keys live together), which is what the relay supports.
 
 An MKE pair's record is kept in the process for ``pair_cache_seconds`` (0.5 s) after ``get_pair`` fetched it, so that
-a relayed MKE message costs one round trip (its ``mark_seen``) instead of two. ``mark_seen`` checks in the same script
-that the stored pair is the one the copy came from (its creation time), and the relay opens a message again with a
-fresh record when the copy could not open it (``forget``): a copy can be out of date, never trusted over Redis.
+a relayed MKE message costs one round trip (its ``mark_seen``) instead of two; a sweep drops copies nobody reads.
+``mark_seen`` and ``swap_state`` check in the same script that the stored pair is the one the copy came from (its
+creation time), and the relay opens a message again with the stored record when a copy could not open it and the pair
+was created again since (``forget``): a copy can be out of date, never trusted over Redis.
 """
 
+from collections import OrderedDict
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import attrs
 import txredisapi
 from twisted.application.service import Service
-from twisted.internet import defer, error
+from twisted.internet import defer, error, task
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
@@ -124,12 +126,14 @@ return last - tonumber(ARGV[3])
 """
 )
 
-# ARGV[3] = expected version, ARGV[4] = new state. Returns nil, 0 (lost) or 1 (swapped).
+# ARGV[3] = expected version, ARGV[4] = new state, ARGV[5] = the creation time the caller expects, or ''.
+# Returns nil, -1 (the pair was created at another time), 0 (lost) or 1 (swapped).
 _SWAP = (
     _TOUCH
     + """
 local v = redis.call('HGET', KEYS[1], 'ver')
 if not v then return false end
+if ARGV[5] ~= '' and redis.call('HGET', KEYS[1], 'created') ~= ARGV[5] then return -1 end
 if v ~= ARGV[3] then return 0 end
 redis.call('HSET', KEYS[1], 'state', ARGV[4])
 redis.call('HINCRBY', KEYS[1], 'ver', 1)
@@ -259,6 +263,11 @@ class RedisAddress:
         return endpoint
 
 
+def _stamp(created):
+    """A pair's creation time as stored and compared in Redis (one spelling for an int and its float)."""
+    return repr(float(created))
+
+
 def _tag(client_id, pair_id):
     return f"{quote(client_id, safe='')}:{quote(pair_id, safe='')}"
 
@@ -296,9 +305,12 @@ class RedisRegistry(Service):
         self._max_total = max_pairs_total
         self._prefix = key_prefix
         # (client id, pair id) -> (fetched at, PairRecord) for MKE pairs: see get_pair.
-        self._cache = {}
+        self._cache = OrderedDict()
         self._cache_seconds = min(pair_cache_seconds, pair_ttl / 2)
         self._cache_size = pair_cache_size
+        # Copies also expire while no request reads them.
+        self._sweep = task.LoopingCall(lambda: self._expire(clock.seconds()))
+        self._sweep.clock = clock
         self._connected_once = False
         self._waiting = []
         #: Where ``startService`` connects (set by ``from_url``).
@@ -368,10 +380,15 @@ class RedisRegistry(Service):
 
     def startService(self):
         super().startService()
+        if self._cache_seconds > 0:
+            self._sweep.start(self._cache_seconds, now=False)
         self._factory.startConnecting(self.endpoint)
 
     def stopService(self):
         super().stopService()
+        if self._sweep.running:
+            self._sweep.stop()
+        self._cache.clear()
         return self._factory.disconnect()
 
     def _unavailable(self, failure):
@@ -389,13 +406,14 @@ class RedisRegistry(Service):
         return d.addErrback(self._unavailable)
 
     def _pair_script(self, script, client_id, pair_id, *args):
-        """Run a per-pair script; UnknownPair when the pair is absent."""
+        """Run a per-pair script; UnknownPair when the pair is absent (any copy of it is dropped)."""
         tag = _tag(client_id, pair_id)
         keys = [f"{self._prefix}pair:{{{tag}}}", f"{self._prefix}seen:{{{tag}}}"]
         d = self._eval(script, keys, [repr(self._clock.seconds()), self._ttl_ms(), *args])
 
         def check(result):
             if result is None:
+                self.forget(client_id, pair_id)
                 raise UnknownPair()
             return result
 
@@ -425,7 +443,7 @@ class RedisRegistry(Service):
             record.encode_type,
             record.state,
             record.version,
-            repr(record.created),
+            _stamp(record.created),
             repr(record.last_used),
         )
 
@@ -468,32 +486,40 @@ class RedisRegistry(Service):
         """
         The pair's record. An MKE pair is answered from the copy fetched less than ``pair_cache_seconds`` ago, when
         there is one: the relay's ``mark_seen`` goes to Redis anyway, so a relayed MKE message costs one round trip,
-        not two. The copy holds the state (its keys) in this process no longer than that.
+        not two. The copy holds the state (its keys) in this process no longer than that (a sweep drops unread ones).
         """
         key = (client_id, pair_id)
         now = self._clock.seconds()
+        self._expire(now)
         cached = self._cache.get(key)
         if cached is not None:
-            fetched, record = cached
-            if now - fetched < self._cache_seconds:
-                return defer.succeed(attrs.evolve(record, last_used=now))
+            if 0 <= now - cached[0] < self._cache_seconds:
+                return defer.succeed(attrs.evolve(cached[1], last_used=now))
+            # Only a step back of the clock leaves a copy from the "future" behind the sweep.
             del self._cache[key]
 
         def keep(loaded):
             record = loaded[0]
-            if record.encode_type == "MKE" and self._cache_seconds > 0:
-                if len(self._cache) >= self._cache_size:
-                    del self._cache[next(iter(self._cache))]
-                self._cache[key] = (now, record)
+            if record.encode_type == "MKE" and self._cache_seconds > 0 and self._cache_size > 0:
+                self._cache.pop(key, None)
+                while len(self._cache) >= self._cache_size:
+                    self._cache.popitem(last=False)
+                self._cache[key] = (self._clock.seconds(), record)
             return record
 
         return self._load(client_id, pair_id).addCallback(keep)
+
+    def _expire(self, now):
+        """Drop the copies fetched ``pair_cache_seconds`` ago or more: kept in fetch order, the oldest go first."""
+        cache = self._cache
+        while cache and not 0 <= now - next(iter(cache.values()))[0] < self._cache_seconds:
+            cache.popitem(last=False)
 
     def forget(self, client_id, pair_id):
         return self._cache.pop((client_id, pair_id), None) is not None
 
     def mark_seen(self, client_id, pair_id, counter, window, created=None):
-        expected = "" if created is None else repr(created)
+        expected = "" if created is None else _stamp(created)
         return (
             defer.maybeDeferred(check_mark_args, counter, window)
             .addCallback(lambda _: self._load(client_id, pair_id, counter, window, expected))
@@ -505,11 +531,18 @@ class RedisRegistry(Service):
             lambda _: self._pair_script(_RESERVE, client_id, pair_id, count)
         )
 
-    def swap_state(self, client_id, pair_id, expected_version, new_state):
+    def swap_state(self, client_id, pair_id, expected_version, new_state, created=None):
         # Whoever wins, the state changes: the next get_pair fetches it.
         self.forget(client_id, pair_id)
-        d = self._pair_script(_SWAP, client_id, pair_id, int(expected_version), new_state)
-        return d.addCallback(lambda swapped: swapped == 1)
+        expected = "" if created is None else _stamp(created)
+        d = self._pair_script(_SWAP, client_id, pair_id, int(expected_version), new_state, expected)
+
+        def check(result):
+            if result == -1:
+                raise UnknownPair("the pair was replaced")
+            return result == 1
+
+        return d.addCallback(check)
 
     def delete_pair(self, client_id, pair_id):
         self.forget(client_id, pair_id)

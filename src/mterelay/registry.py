@@ -81,9 +81,10 @@ class IRegistry(Interface):
     """
     Stores pairs, keyed by (client id, pair id), for one or many relay processes.
 
-    Every method returns a Deferred. Failures are ``RelayError`` subclasses: ``UnknownPair`` (560) when the pair is
-    absent or expired, ``PairLimitExceeded`` (567), ``RegistryUnavailable`` (503) when the store cannot be reached in
-    time. Every operation on a pair refreshes its idle lifetime (``pair_ttl``).
+    Every method but ``forget`` returns a Deferred. Failures are ``RelayError`` subclasses: ``UnknownPair`` (560) when
+    the pair is absent or expired, ``PairLimitExceeded`` (567), ``RegistryUnavailable`` (503) when the store cannot be
+    reached in time. Every operation on a pair in the store refreshes its idle lifetime (``pair_ttl``); a ``get_pair``
+    answered from a copy (see there) does not.
     """
 
     pair_ttl = Attribute("Idle lifetime of a pair, in seconds.")
@@ -102,7 +103,7 @@ class IRegistry(Interface):
 
         A shared registry may answer an MKE pair from a copy it fetched shortly before (an MKE state changes once per
         epoch), without refreshing the pair's lifetime: ``mark_seen`` with the record's ``created`` then proves the
-        pair still stands, and ``forget`` drops the copy when it may be out of date.
+        pair still stands (and refreshes it), and ``forget`` drops the copy when it may be out of date.
         """
 
     def get_client(client_id):
@@ -128,9 +129,10 @@ class IRegistry(Interface):
     def forget(client_id, pair_id):
         """Drop any copy of the pair this process keeps; return True if there was one (not a Deferred)."""
 
-    def swap_state(client_id, pair_id, expected_version, new_state):
+    def swap_state(client_id, pair_id, expected_version, new_state, created=None):
         """
-        Replace the state by ``new_state`` if the pair's version is still ``expected_version``.
+        Replace the state by ``new_state`` if the pair's version is still ``expected_version`` (and, with ``created``,
+        if the pair is still the one created then: else ``UnknownPair``, and nothing changes).
 
         Fire with True (the version is now one more) or False (someone else advanced it first; nothing changed).
         """
@@ -325,9 +327,11 @@ class MemoryRegistry(Service):
         # The slots are the pairs themselves: there is no copy to drop.
         return False
 
-    def swap_state(self, client_id, pair_id, expected_version, new_state):
+    def swap_state(self, client_id, pair_id, expected_version, new_state, created=None):
         def swap():
             slot = self._live(client_id, pair_id)
+            if created is not None and slot.record.created != created:
+                raise UnknownPair("the pair was replaced")
             if slot.record.version != expected_version:
                 return False
             slot.record = attrs.evolve(slot.record, state=new_state, version=expected_version + 1)
