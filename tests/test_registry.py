@@ -44,6 +44,10 @@ class RegistryContractMixin:
             return e
         self.fail(f"expected {kind.__name__}, got {result!r}")
 
+    async def marks(self, r, counters, window):
+        """``mark_seen`` of each counter in turn on client-a's pair-1: the list of answers."""
+        return [await r.mark_seen("client-a", "pair-1", c, window) for c in counters]
+
     async def test_provides_interface(self):
         """The registry provides every method and attribute of IRegistry."""
         self.assertTrue(verifyObject(IRegistry, await self.make_registry()))
@@ -123,19 +127,15 @@ class RegistryContractMixin:
         """Late counters inside the window are accepted once; counters a window below the highest are refused."""
         r = await self.make_registry()
         await r.create_pair(pair())
-        seen = [await r.mark_seen("client-a", "pair-1", c, 8) for c in [10, 4, 3, 2, 9, 9, 12, 4, 5]]
+        seen = await self.marks(r, [10, 4, 3, 2, 9, 9, 12, 4, 5], 8)
         self.assertEqual(seen, [True, True, True, False, True, False, True, False, True])
 
     async def test_mark_seen_long_jump(self):
         """A counter far ahead forgets the old marks without refusing anything new inside the window."""
         r = await self.make_registry()
         await r.create_pair(pair())
-        for c in range(8):
-            self.assertTrue(await r.mark_seen("client-a", "pair-1", c, 8))
-        self.assertTrue(await r.mark_seen("client-a", "pair-1", 1000, 8))
-        self.assertEqual(
-            [await r.mark_seen("client-a", "pair-1", c, 8) for c in [993, 992, 1000, 7]], [True, False, False, False]
-        )
+        self.assertEqual(await self.marks(r, [*range(8), 1000], 8), [True] * 9)
+        self.assertEqual(await self.marks(r, [993, 992, 1000, 7], 8), [True, False, False, False])
 
     async def test_mark_seen_gap_inside_window(self):
         """
@@ -144,27 +144,21 @@ class RegistryContractMixin:
         """
         r = await self.make_registry()
         await r.create_pair(pair())
-        for c in range(64):
-            self.assertTrue(await r.mark_seen("client-a", "pair-1", c, 64))
-        self.assertTrue(await r.mark_seen("client-a", "pair-1", 100, 64))
-        seen = [await r.mark_seen("client-a", "pair-1", c, 64) for c in [99, 64, 80, 50, 63, 37, 36]]
+        self.assertEqual(await self.marks(r, [*range(64), 100], 64), [True] * 65)
+        seen = await self.marks(r, [99, 64, 80, 50, 63, 37, 36], 64)
         self.assertEqual(seen, [True, True, True, False, False, False, False])
-        self.assertTrue(await r.mark_seen("client-a", "pair-1", 130, 64))
         # 128's bit is the one 64 set; 101 and 102 sit mid-byte.
-        seen = [await r.mark_seen("client-a", "pair-1", c, 64) for c in [128, 129, 101, 102, 99, 80, 67, 66]]
-        self.assertEqual(seen, [True, True, True, True, False, False, True, False])
+        seen = await self.marks(r, [130, 128, 129, 101, 102, 99, 80, 67, 66], 64)
+        self.assertEqual(seen, [True, True, True, True, True, False, False, True, False])
 
     async def test_mark_seen_gap_odd_window(self):
         """With a window no multiple of 8, a gap clears exactly the skipped counters' bits, the last byte too."""
         r = await self.make_registry()
         await r.create_pair(pair())
-        for c in range(13):
-            self.assertTrue(await r.mark_seen("client-a", "pair-1", c, 13))
-        # Skips 13..23: bits 0..10 (a whole first byte and three bits of the second). Bit 12 keeps 12's mark; 11 is
-        # now below the window (its bit is 24's).
-        self.assertTrue(await r.mark_seen("client-a", "pair-1", 24, 13))
-        seen = [await r.mark_seen("client-a", "pair-1", c, 13) for c in [23, 13, 20, 12, 11, 24]]
-        self.assertEqual(seen, [True, True, True, False, False, False])
+        # 24 skips 13..23: bits 0..10 (a whole first byte and three bits of the second). Bit 12 keeps 12's mark; 11
+        # is now below the window (its bit is 24's).
+        self.assertEqual(await self.marks(r, [*range(13), 24], 13), [True] * 14)
+        self.assertEqual(await self.marks(r, [23, 13, 20, 12, 11, 24], 13), [True, True, True, False, False, False])
 
     async def test_mark_seen_refuses_replaced_pair(self):
         """

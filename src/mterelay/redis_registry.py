@@ -18,7 +18,7 @@ cluster). Only ``create_pair``, ``delete_pair`` and ``get_client`` touch the sha
 a cluster where these keys live together), which is what the relay supports.
 
 An MKE pair's record is kept in the process for ``pair_cache_seconds`` (0.5 s) after ``get_pair`` fetched it, so that
-a relayed MKE message costs one round trip (its ``mark_seen``) instead of two; a sweep drops copies nobody reads.
+a relayed MKE message costs one round trip (its ``mark_seen``) instead of two; a sweep drops expired copies.
 ``mark_seen`` and ``swap_state`` check in the same script that the stored pair is the one the copy came from (its
 creation time), and the relay opens a message again with the stored record when a copy could not open it and the pair
 was created again since (``forget``): a copy can be out of date, never trusted over Redis.
@@ -67,8 +67,8 @@ local function touch()
 end
 """
 
-# Zero the bits lo..hi of the replay bitmap: whole bytes with one SETRANGE, at most 14 edge bits one by one (a bit a
-# time would cost up to a window of commands, all of which block Redis).
+# Zero the bits lo..hi of the replay bitmap: whole bytes with one SETRANGE, only the edge bits one by one (at most 14
+# with a window that is a multiple of 8; a bit a time would cost up to a window of commands, all blocking Redis).
 _CLEAR = """
 local function clear(lo, hi)
   while lo <= hi and lo % 8 ~= 0 do redis.call('SETBIT', KEYS[2], lo, 0); lo = lo + 1 end
@@ -264,8 +264,11 @@ class RedisAddress:
 
 
 def _stamp(created):
-    """A pair's creation time as stored and compared in Redis (one spelling for an int and its float)."""
-    return repr(float(created))
+    """
+    A pair's creation time as stored and compared in Redis (one spelling for an int and its float); ``''`` (no check)
+    for None.
+    """
+    return "" if created is None else repr(float(created))
 
 
 def _tag(client_id, pair_id):
@@ -306,7 +309,7 @@ class RedisRegistry(Service):
         self._prefix = key_prefix
         # (client id, pair id) -> (fetched at, PairRecord) for MKE pairs: see get_pair.
         self._cache = OrderedDict()
-        self._cache_seconds = min(pair_cache_seconds, pair_ttl / 2)
+        self._cache_seconds = min(pair_cache_seconds, pair_ttl / 2) if pair_cache_size > 0 else 0
         self._cache_size = pair_cache_size
         # Copies also expire while no request reads them.
         self._sweep = task.LoopingCall(lambda: self._expire(clock.seconds()))
@@ -486,21 +489,20 @@ class RedisRegistry(Service):
         """
         The pair's record. An MKE pair is answered from the copy fetched less than ``pair_cache_seconds`` ago, when
         there is one: the relay's ``mark_seen`` goes to Redis anyway, so a relayed MKE message costs one round trip,
-        not two. The copy holds the state (its keys) in this process no longer than that (a sweep drops unread ones).
+        not two. A sweep every ``pair_cache_seconds`` drops the expired copies, so none holds the state (its keys) in
+        this process for more than twice that.
         """
         key = (client_id, pair_id)
         now = self._clock.seconds()
-        self._expire(now)
         cached = self._cache.get(key)
         if cached is not None:
             if 0 <= now - cached[0] < self._cache_seconds:
-                return defer.succeed(attrs.evolve(cached[1], last_used=now))
-            # Only a step back of the clock leaves a copy from the "future" behind the sweep.
+                return defer.succeed(cached[1].used_at(now))
             del self._cache[key]
 
         def keep(loaded):
             record = loaded[0]
-            if record.encode_type == "MKE" and self._cache_seconds > 0 and self._cache_size > 0:
+            if record.encode_type == "MKE" and self._cache_seconds > 0:
                 self._cache.pop(key, None)
                 while len(self._cache) >= self._cache_size:
                     self._cache.popitem(last=False)
@@ -519,10 +521,9 @@ class RedisRegistry(Service):
         return self._cache.pop((client_id, pair_id), None) is not None
 
     def mark_seen(self, client_id, pair_id, counter, window, created=None):
-        expected = "" if created is None else _stamp(created)
         return (
             defer.maybeDeferred(check_mark_args, counter, window)
-            .addCallback(lambda _: self._load(client_id, pair_id, counter, window, expected))
+            .addCallback(lambda _: self._load(client_id, pair_id, counter, window, _stamp(created)))
             .addCallback(lambda loaded: loaded[1])
         )
 
@@ -534,8 +535,7 @@ class RedisRegistry(Service):
     def swap_state(self, client_id, pair_id, expected_version, new_state, created=None):
         # Whoever wins, the state changes: the next get_pair fetches it.
         self.forget(client_id, pair_id)
-        expected = "" if created is None else _stamp(created)
-        d = self._pair_script(_SWAP, client_id, pair_id, int(expected_version), new_state, expected)
+        d = self._pair_script(_SWAP, client_id, pair_id, int(expected_version), new_state, _stamp(created))
 
         def check(result):
             if result == -1:
