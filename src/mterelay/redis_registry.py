@@ -17,8 +17,9 @@ Every per-request operation is one Lua script over the two keys of one pair (one
 cluster). Only ``create_pair``, ``delete_pair`` and ``get_client`` touch the shared sets: they need a single Redis (or
 a cluster where these keys live together), which is what the relay supports.
 
-An MKE pair's record is kept in the process for ``pair_cache_seconds`` (0.5 s) after ``get_pair`` fetched it, so that
-a relayed MKE message costs one round trip (its ``mark_seen``) instead of two; a sweep drops expired copies.
+An MKE pair's record answers ``get_pair`` from the process for ``pair_cache_seconds`` (0.5 s) after it was fetched,
+so that a relayed MKE message costs one round trip (its ``mark_seen``) instead of two; a sweep drops expired copies
+(none is kept more than twice that).
 ``mark_seen`` and ``swap_state`` check in the same script that the stored pair is the one the copy came from (its
 creation time), and the relay opens a message again with the stored record when a copy could not open it and the pair
 was created again since (``forget``): a copy can be out of date, never trusted over Redis.
