@@ -18,6 +18,7 @@ from twisted.web.client import HTTPConnectionPool
 from mterelay.client import Client
 from mterelay.codec import RelayIdentity
 from mterelay.config import Settings
+from mterelay.eager import EagerTCPReactor
 from mterelay.redis_registry import RedisRegistry
 from mterelay.registry import MemoryRegistry
 from mterelay.site import build_site
@@ -26,12 +27,14 @@ from tests.redis_server import RedisServerMixin
 from tests.upstream_server import UpstreamServer
 
 SECRET = "an-example-client-id-secret-of-32+chars"
+#: What the relays, clients and upstreams of these tests listen and connect through, as ``makeService`` wires it.
+NETWORK = EagerTCPReactor(reactor)
 
 
 async def serve(case, factory):
     """Listen with ``factory`` on 127.0.0.1 port 0; at cleanup stop listening and abort the connections still open."""
     wrapper = WrappingFactory(factory)
-    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(wrapper)
+    port = await TCP4ServerEndpoint(NETWORK, 0, interface="127.0.0.1").listen(wrapper)
 
     def stop():
         for protocol in list(wrapper.protocols):
@@ -46,7 +49,7 @@ def agent(case):
     """An Agent as the relay makes it, over its own persistent pool, closed at cleanup."""
     pool = HTTPConnectionPool(reactor, persistent=True)
     case.addCleanup(pool.closeCachedConnections)
-    return make_agent(reactor, pool)
+    return make_agent(NETWORK, pool)
 
 
 class RelayHarness(RedisServerMixin):

@@ -236,6 +236,7 @@ def serve_relay(reactor, settings):
     from twisted.web.client import HTTPConnectionPool
 
     from mterelay.codec import RelayIdentity
+    from mterelay.eager import EagerTCPReactor
     from mterelay.registry import MemoryRegistry
     from mterelay.site import build_site
     from mterelay.upstream import make_agent
@@ -243,10 +244,11 @@ def serve_relay(reactor, settings):
 
     pool = HTTPConnectionPool(reactor, persistent=True)
     tracker = InFlight(reactor)
+    network = EagerTCPReactor(reactor)
     site = build_site(
-        settings, reactor, make_agent(reactor, pool), MemoryRegistry(reactor), RelayIdentity.generate(), tracker
+        settings, reactor, make_agent(network, pool), MemoryRegistry(reactor), RelayIdentity.generate(), tracker
     )
-    d = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
+    d = TCP4ServerEndpoint(network, 0, interface="127.0.0.1").listen(site)
     return d.addCallback(
         lambda port: RelayUnderTest(f"http://127.0.0.1:{port.getHost().port}", tracker, port, pool)
     )

@@ -8,9 +8,9 @@ with in saturation mode.
 The request goes through a bare ``Agent``, as the relay's own upstream client does (``mterelay.upstream``): treq's
 ``HTTPClient`` adds cookie, redirect and gzip agents that a proxy must not have, and whose cost would flatter the relay.
 
-``--tuned`` gives the hop what the relay has beyond plain Twisted: its collector settings (``mterelay.gctuning``) and
-its cached client endpoints (``mterelay.upstream.make_agent``), so that a comparison can leave runtime tuning out of
-the cost of encoding.
+``--tuned`` gives the hop what the relay has beyond plain Twisted: its collector settings (``mterelay.gctuning``), its
+cached client endpoints (``mterelay.upstream.make_agent``) and its eager-sending TCP connections (``mterelay.eager``),
+so that a comparison can leave runtime tuning out of the cost of encoding.
 
 ``python -m bench.chainlib.proxy --port P --upstream http://127.0.0.1:U [--timeout 30] [--pool-size 1024] [--tuned]``
 """
@@ -141,7 +141,9 @@ def parse_args(argv):
     parser.add_argument("--upstream", required=True)
     parser.add_argument("--timeout", type=float, default=30.0)
     parser.add_argument("--pool-size", type=int, default=1024)
-    parser.add_argument("--tuned", action="store_true", help="the relay's collector settings and cached endpoints")
+    parser.add_argument(
+        "--tuned", action="store_true", help="the relay's collector settings, cached endpoints and eager sending"
+    )
     return parser.parse_args(argv)
 
 
@@ -150,6 +152,7 @@ def main(argv=None):
     serve_forever(
         options.port,
         lambda reactor: make_site(reactor, options.upstream, options.timeout, options.pool_size, options.tuned),
+        eager=options.tuned,
     )
 
 

@@ -13,13 +13,16 @@ from twisted.logger import (
     textFileLogObserver,
 )
 
+from mterelay.eager import EagerTCPReactor
+
 #: Listen backlog: wrk opens all its connections at once and the kernel's default queue of 50 would drop SYNs.
 BACKLOG = 1024
 
 
-def serve_forever(port, make_factory):
+def serve_forever(port, make_factory, eager=False):
     """
-    Listen on 127.0.0.1:``port`` with ``make_factory(reactor)`` and run until signalled (the guard's TERM).
+    Listen on 127.0.0.1:``port`` with ``make_factory(reactor)`` and run until signalled (the guard's TERM); with
+    ``eager``, through the relay's eager-sending TCP (``mterelay.eager``), which ``make_factory`` then gets too.
 
     Only warnings and errors are logged (to stderr, which the harness sends to a file): per-request logging would be
     a cost the measured chains do not all pay.
@@ -28,8 +31,9 @@ def serve_forever(port, make_factory):
     globalLogBeginner.beginLoggingTo([FilteringLogObserver(textFileLogObserver(sys.stderr), [predicate])])
 
     def run(reactor):
-        endpoint = TCP4ServerEndpoint(reactor, port, backlog=BACKLOG, interface="127.0.0.1")
-        listening = endpoint.listen(make_factory(reactor))
+        network = EagerTCPReactor(reactor) if eager else reactor
+        endpoint = TCP4ServerEndpoint(network, port, backlog=BACKLOG, interface="127.0.0.1")
+        listening = endpoint.listen(make_factory(network))
         # Never fires: the process ends when the reactor is stopped by a signal.
         return listening.addCallback(lambda _: Deferred())
 

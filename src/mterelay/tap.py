@@ -11,7 +11,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import HTTPConnectionPool
 
-from mterelay import config, gctuning, logs, site, upstream, web
+from mterelay import config, eager, gctuning, logs, site, upstream, web
 from mterelay.codec import RelayIdentity
 from mterelay.redis_registry import RedisRegistry
 from mterelay.registry import MemoryRegistry
@@ -45,6 +45,7 @@ class Options(usage.Options):
         self._environ = os.environ if environ is None else environ
         self._stderr = sys.stderr if stderr is None else stderr
         self._reactor = reactor
+        self._network = None
         self.settings = None
         self.endpoints = None
         self.warnings = []
@@ -61,6 +62,13 @@ class Options(usage.Options):
 
             self._reactor = reactor
         return self._reactor
+
+    @property
+    def network(self):
+        """The reactor the relay listens and connects through: ``reactor`` with eager-sending TCP connections."""
+        if self._network is None:
+            self._network = eager.EagerTCPReactor(self.reactor)
+        return self._network
 
     def postOptions(self):
         flags = {option.field: self.get(option.flag) for option in config.OPTIONS}
@@ -87,7 +95,7 @@ class Options(usage.Options):
 
     def _endpoint(self, description):
         try:
-            return serverFromString(self.reactor, description)
+            return serverFromString(self.network, description)
         except Exception as e:  # endpoint parsers raise anything from ValueError to OpenSSL errors
             raise config.ConfigError(f"--listen/LISTEN: invalid endpoint {description!r}: {e}") from None
 
@@ -117,7 +125,9 @@ def makeService(options):
     registry = _registry(settings, reactor)
     registry.setServiceParent(top)
     tracker = web.InFlight(reactor)
-    relay_site = site.build_site(settings, reactor, upstream.make_agent(reactor, pool), registry, options.identity, tracker)
+    # Upstream and peer connections share the listening side's eager sending (see mterelay.eager).
+    agent = upstream.make_agent(options.network, pool)
+    relay_site = site.build_site(settings, reactor, agent, registry, options.identity, tracker)
     relay = web.DrainingService(tracker, settings.drain_timeout, on_stopped=pool.closeCachedConnections)
     for endpoint in options.endpoints:
         StreamServerEndpointService(endpoint, relay_site).setServiceParent(relay)

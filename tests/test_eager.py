@@ -1,0 +1,153 @@
+"""
+``mterelay.eager``: what a read event writes is on the wire when the event ends, and the reactor still handles what
+it must (closing connections, full socket buffers). Real sockets on 127.0.0.1; a test calls a connection's
+``doRead`` itself, as the reactor would, and then looks at the peer's socket before the reactor runs again.
+"""
+
+import socket
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTCP
+from twisted.internet.protocol import ClientFactory, Protocol, ServerFactory
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+from zope.interface import providedBy
+from zope.interface.verify import verifyObject
+
+from mterelay.eager import EagerTCPReactor
+
+
+class _Scripted(Protocol):
+    """Runs ``script(transport, data)`` on every read; ``made`` and ``lost`` fire with the protocol."""
+
+    def __init__(self, script=None):
+        self.script = script
+        self.made = Deferred()
+        self.lost = Deferred()
+
+    def connectionMade(self):
+        self.made.callback(self)
+
+    def dataReceived(self, data):
+        self.script(self.transport, data)
+
+    def connectionLost(self, reason):
+        self.lost.callback(self)
+
+
+def _factory(kind, protocol):
+    factory = kind()
+    factory.buildProtocol = lambda addr: protocol
+    return factory
+
+
+def _waiting(sock):
+    """The bytes ``sock`` has received so far, without blocking (b"" when none)."""
+    try:
+        return sock.recv(1 << 20, socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return b""
+
+
+class EagerTCPTests(TestCase):
+    def setUp(self):
+        self.network = EagerTCPReactor(reactor)
+
+    async def serve(self, script):
+        """An eager server connection running ``script`` and the raw socket at its other end."""
+        protocol = _Scripted(script)
+        port = self.network.listenTCP(0, _factory(ServerFactory, protocol), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        raw = socket.create_connection(("127.0.0.1", port.getHost().port))
+        self.addCleanup(raw.close)
+        await protocol.made
+        self.addCleanup(lambda: protocol.lost)
+        self.addCleanup(protocol.transport.abortConnection)
+        return protocol, raw
+
+    async def until(self, condition, what):
+        """Let the reactor run until ``condition()`` holds (2 s at most)."""
+        for _ in range(2000):
+            if condition():
+                return
+            await deferLater(reactor, 0.001, lambda: None)
+        self.fail(f"the reactor never {what}")
+
+    async def test_answer_is_sent_when_the_read_event_ends(self):
+        """
+        An answer written while handling a read is in the peer's socket when doRead returns, before any poll, and
+        the poller was never asked to watch for writability (two epoll_ctl calls saved per answer).
+        """
+        server, raw = await self.serve(lambda transport, data: transport.write(b"pong:" + data))
+        watched = []
+        self.patch(reactor, "addWriter", lambda writer: watched.append(writer))
+        raw.sendall(b"ping")
+        server.transport.doRead()
+        self.assertEqual(_waiting(raw), b"pong:ping")
+        self.assertEqual(watched, [])
+
+    async def test_writes_to_other_connections_are_sent_too(self):
+        """What a read on one connection writes to another eager connection (an upstream) is sent as it ends."""
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+        upstream = _Scripted()
+        self.network.connectTCP("127.0.0.1", listener.getsockname()[1], _factory(ClientFactory, upstream))
+        await upstream.made
+        peer, _ = listener.accept()
+        self.addCleanup(peer.close)
+        self.addCleanup(lambda: upstream.lost)
+        self.addCleanup(upstream.transport.abortConnection)
+        server, raw = await self.serve(lambda transport, data: upstream.transport.writeSequence([b"to ", data]))
+        raw.sendall(b"upstream")
+        server.transport.doRead()
+        self.assertEqual(_waiting(peer), b"to upstream")
+        self.assertEqual(_waiting(raw), b"")
+
+    async def test_closing_connection_still_closes(self):
+        """A connection closed after writing during a read gets its data and then its end, by the reactor."""
+
+        def answer_and_close(transport, data):
+            transport.write(b"bye")
+            transport.loseConnection()
+
+        server, raw = await self.serve(answer_and_close)
+        raw.sendall(b"x")
+        server.transport.doRead()
+        await server.lost.addTimeout(5, reactor)
+        self.assertEqual(raw.recv(100), b"bye")
+        self.assertEqual(raw.recv(100), b"")
+
+    async def test_close_without_writing_after_an_earlier_write(self):
+        """
+        A connection written to outside any read (listed for the next flush, sent by the reactor) and then closed
+        during a read without writing still closes: the pending flush must not swallow the close.
+        """
+        server, raw = await self.serve(lambda transport, data: transport.loseConnection())
+        server.transport.write(b"early")
+        received = []
+        await self.until(lambda: received.append(_waiting(raw)) or b"early" in b"".join(received), "sent it")
+        raw.sendall(b"x")
+        server.transport.doRead()
+        await server.lost.addTimeout(5, reactor)
+        self.assertEqual(raw.recv(100), b"")
+
+    async def test_what_does_not_fit_is_left_to_the_reactor(self):
+        """A write larger than the socket takes at once is partly sent, and the reactor sends the rest."""
+        size = 8 << 20
+        server, raw = await self.serve(lambda transport, data: transport.write(b"z" * size))
+        raw.sendall(b"x")
+        server.transport.doRead()
+        self.assertIn(server.transport, reactor.getWriters())
+        received = []
+        await self.until(lambda: received.append(len(_waiting(raw))) or sum(received) == size, "sent the rest")
+        self.assertEqual(sum(received), size)
+
+
+class EagerTCPReactorTests(TestCase):
+    def test_it_is_the_reactor_in_every_other_respect(self):
+        """It provides IReactorTCP and every interface of the reactor it wraps, whose methods it hands out."""
+        network = EagerTCPReactor(reactor)
+        self.assertTrue(verifyObject(IReactorTCP, network))
+        self.assertLessEqual(set(providedBy(reactor)), set(providedBy(network)))
+        self.assertEqual(network.callLater, reactor.callLater)
