@@ -4,18 +4,23 @@ it must (closing connections, full socket buffers). Real sockets on 127.0.0.1; a
 ``doRead`` itself, as the reactor would, and then looks at the peer's socket before the reactor runs again.
 """
 
+import os
 import socket
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IReactorTCP
-from twisted.internet.protocol import ClientFactory, Protocol, ServerFactory
+from twisted.internet.protocol import ClientFactory, Factory, Protocol, ServerFactory
+from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
 from twisted.internet.task import deferLater
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import TestCase
 from zope.interface import providedBy
 from zope.interface.verify import verifyObject
 
 from mterelay.eager import EagerTCPReactor
+from tests.redis_server import self_signed_certificate
 
 
 class _Scripted(Protocol):
@@ -142,6 +147,33 @@ class EagerTCPTests(TestCase):
         received = []
         await self.until(lambda: received.append(len(_waiting(raw))) or sum(received) == size, "sent the rest")
         self.assertEqual(sum(received), size)
+
+
+    async def test_tls_over_eager_connections(self):
+        """TLS (an https upstream or peer) runs over these connections: handshake, request and answer both ways."""
+        directory = self.mktemp()
+        os.makedirs(directory)
+        key_path, certificate_path = self_signed_certificate(directory)
+        with open(key_path, "rb") as key, open(certificate_path, "rb") as certificate:
+            pem = certificate.read()
+            server_options = PrivateCertificate.loadPEM(key.read() + pem).options()
+        server = _Scripted(lambda transport, data: transport.write(b"pong:" + data))
+        tls_factory = TLSMemoryBIOFactory(server_options, False, _factory(ServerFactory, server))
+        port = self.network.listenTCP(0, tls_factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        answers = []
+        client = _Scripted()
+        client.dataReceived = answers.append
+        endpoint = wrapClientTLS(
+            optionsForClientTLS("127.0.0.1", trustRoot=Certificate.loadPEM(pem)),
+            TCP4ClientEndpoint(self.network, "127.0.0.1", port.getHost().port),
+        )
+        await endpoint.connect(Factory.forProtocol(lambda: client))
+        self.addCleanup(lambda: server.lost)
+        self.addCleanup(lambda: client.lost)
+        self.addCleanup(client.transport.loseConnection)
+        client.transport.write(b"hello")
+        await self.until(lambda: b"".join(answers) == b"pong:hello", "carried the answer")
 
 
 class EagerTCPReactorTests(TestCase):
