@@ -79,35 +79,56 @@ class EagerTCPTests(TestCase):
             await deferLater(reactor, 0.001, lambda: None)
         self.fail(f"the reactor never {what}")
 
-    async def test_answer_is_sent_when_the_read_event_ends(self):
+    async def test_answer_is_sent_after_the_batch_without_polling_for_it(self):
         """
-        An answer written while handling a read is in the peer's socket when doRead returns, before any poll, and
-        the poller was never asked to watch for writability (two epoll_ctl calls saved per answer).
+        An answer written while handling a read goes out once the reactor is done with the batch (here, one read),
+        and the poller was never asked to watch for writability: two epoll_ctl calls and a dispatch saved per answer.
         """
         server, raw = await self.serve(lambda transport, data: transport.write(b"pong:" + data))
         watched = []
-        self.patch(reactor, "addWriter", lambda writer: watched.append(writer))
+        self.patch(reactor, "addWriter", watched.append)
         raw.sendall(b"ping")
         server.transport.doRead()
-        self.assertEqual(_waiting(raw), b"pong:ping")
+        await self.until(lambda: _waiting(raw) == b"pong:ping", "sent the answer")
         self.assertEqual(watched, [])
 
-    async def test_writes_to_other_connections_are_sent_too(self):
-        """What a read on one connection writes to another eager connection (an upstream) is sent as it ends."""
+    async def upstreams(self, count):
+        """``count`` eager client connections and the raw sockets at their other ends."""
         listener = socket.create_server(("127.0.0.1", 0))
         self.addCleanup(listener.close)
-        upstream = _Scripted()
-        self.network.connectTCP("127.0.0.1", listener.getsockname()[1], _factory(ClientFactory, upstream))
-        await upstream.made
-        peer, _ = listener.accept()
-        self.addCleanup(peer.close)
-        self.addCleanup(lambda: upstream.lost)
-        self.addCleanup(upstream.transport.abortConnection)
-        server, raw = await self.serve(lambda transport, data: upstream.transport.writeSequence([b"to ", data]))
-        raw.sendall(b"upstream")
+        connections = []
+        for _ in range(count):
+            upstream = _Scripted()
+            self.network.connectTCP("127.0.0.1", listener.getsockname()[1], _factory(ClientFactory, upstream))
+            await upstream.made
+            peer, _ = listener.accept()
+            self.addCleanup(peer.close)
+            self.addCleanup(lambda upstream=upstream: upstream.lost)
+            self.addCleanup(upstream.transport.abortConnection)
+            connections.append((upstream.transport, peer))
+        return connections
+
+    async def test_a_full_batch_is_sent_when_its_read_ends(self):
+        """
+        Once ``batch`` connections have data to send, the read event that made them so sends it all as it ends,
+        whichever connections they are (here two upstreams written while reading from a client).
+        """
+        self.network = EagerTCPReactor(reactor, batch=2)
+        (first, first_peer), (second, second_peer) = await self.upstreams(2)
+
+        def forward(transport, data):
+            first.writeSequence([b"to ", data])
+            if data == b"both":
+                second.write(b"and " + data)
+
+        server, raw = await self.serve(forward)
+        raw.sendall(b"one")
         server.transport.doRead()
-        self.assertEqual(_waiting(peer), b"to upstream")
-        self.assertEqual(_waiting(raw), b"")
+        self.assertEqual(_waiting(first_peer), b"")
+        raw.sendall(b"both")
+        server.transport.doRead()
+        self.assertEqual(_waiting(first_peer), b"to oneto both")
+        self.assertEqual(_waiting(second_peer), b"and both")
 
     async def test_closing_connection_still_closes(self):
         """A connection closed after writing during a read gets its data and then its end, by the reactor."""
@@ -139,6 +160,7 @@ class EagerTCPTests(TestCase):
 
     async def test_what_does_not_fit_is_left_to_the_reactor(self):
         """A write larger than the socket takes at once is partly sent, and the reactor sends the rest."""
+        self.network = EagerTCPReactor(reactor, batch=1)
         size = 8 << 20
         server, raw = await self.serve(lambda transport, data: transport.write(b"z" * size))
         raw.sendall(b"x")
