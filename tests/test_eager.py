@@ -9,6 +9,7 @@ import socket
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IReactorTCP
 from twisted.internet.protocol import ClientFactory, Factory, Protocol, ServerFactory
@@ -38,6 +39,7 @@ class _Scripted(Protocol):
         self.script(self.transport, data)
 
     def connectionLost(self, reason):
+        self.reason = reason
         self.lost.callback(self)
 
 
@@ -157,6 +159,70 @@ class EagerTCPTests(TestCase):
         server.transport.doRead()
         await server.lost.addTimeout(5, reactor)
         self.assertEqual(raw.recv(100), b"")
+
+    async def test_half_closed_connection_reads_to_the_end(self):
+        """
+        A client that sent its request and half-closed (outside any read) reads the whole answer: the read events
+        that bring it must not flush the half-closed connection again (a send after the half-close fails with EPIPE
+        and would end the connection).
+        """
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+        received = []
+
+        class HalfClosing(_Scripted):
+            def connectionMade(self):
+                self.transport.write(b"request")
+                self.transport.loseWriteConnection()
+                super().connectionMade()
+
+        client = HalfClosing(lambda transport, data: received.append(data))
+        self.network.connectTCP("127.0.0.1", listener.getsockname()[1], _factory(ClientFactory, client))
+        await client.made
+        peer, _ = listener.accept()
+        self.addCleanup(peer.close)
+        request = []
+
+        def request_ended():
+            try:
+                data = peer.recv(100, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return False
+            request.append(data)
+            return data == b""
+
+        await self.until(request_ended, "sent the request and its end")
+        self.assertEqual(b"".join(request), b"request")
+        peer.sendall(b"part 1, ")
+        await self.until(lambda: b"".join(received) == b"part 1, ", "delivered part 1")
+        peer.sendall(b"part 2")
+        peer.close()
+        await client.lost.addTimeout(5, reactor)
+        self.assertEqual(b"".join(received), b"part 1, part 2")
+        self.assertTrue(client.reason.check(ConnectionDone))
+
+    async def test_a_failing_connection_does_not_strand_the_others(self):
+        """
+        When sending one connection's data raises, the other connections of the flush still send theirs, and the
+        failing one goes back to the reactor (which sends it here, the failure having been a one-off).
+        """
+        self.network = EagerTCPReactor(reactor, batch=2)
+        (first, first_peer), (second, second_peer) = await self.upstreams(2)
+        send = first.doWrite
+
+        def fail_once():
+            del first.doWrite
+            raise RuntimeError("one-off failure")
+
+        first.doWrite = fail_once
+        server, raw = await self.serve(lambda transport, data: [first.write(b"1:" + data), second.write(b"2:" + data)])
+        raw.sendall(b"x")
+        server.transport.doRead()
+        self.assertEqual(_waiting(second_peer), b"2:x")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertIn(first, reactor.getWriters())
+        await self.until(lambda: _waiting(first_peer) == b"1:x", "sent the failed connection's data")
+        self.assertEqual(first.doWrite, send)
 
     async def test_what_does_not_fit_is_left_to_the_reactor(self):
         """A write larger than the socket takes at once is partly sent, and the reactor sends the rest."""

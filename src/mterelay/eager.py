@@ -20,7 +20,10 @@ the wrapped reactor's; TLS from ``wrapClientTLS`` or ``TLSMemoryBIOFactory`` rid
 
 from twisted.internet import tcp
 from twisted.internet.interfaces import IReactorTCP
+from twisted.logger import Logger
 from zope.interface import directlyProvides, implementer, providedBy
+
+log = Logger()
 
 #: Connections with data to send that make a read event flush at once instead of at the end of the poll batch. At
 #: saturation with 100 connections (relay A, B and the upstream on two cores, memory registry) the relay chain
@@ -32,8 +35,8 @@ BATCH = 64
 
 class _Flusher:
     """
-    The connections written to during read events whose data is not sent yet (each listed once, so the list is
-    bounded by the open connections), and whether a read event is being handled now.
+    The connections written to since the last flush, each listed once (a connection that closes meanwhile stays
+    listed until that flush, which skips it), and whether a read event is being handled now.
     """
 
     def __init__(self, clock, batch):
@@ -57,7 +60,13 @@ class _Flusher:
     def flush(self):
         pending, self.pending = self.pending, []
         for connection in pending:
-            connection.sendQueued()
+            try:
+                connection.sendQueued()
+            except Exception:
+                # One connection's failure must not strand the others' data: this one goes back to the reactor,
+                # whose own doWrite meets the same failure and ends the connection there.
+                log.failure("sending a connection's queued data failed; the reactor takes it back")
+                connection.startWriting()
 
 
 class _EagerWrites:
@@ -75,7 +84,8 @@ class _EagerWrites:
         super().writeSequence(iovec)
 
     def _list(self):
-        if not self._listed:
+        # A write to a closed or half-closed connection is dropped by Twisted: nothing to send later.
+        if not self._listed and self.connected and not self._writeDisconnected:
             self._listed = True
             self._flusher.pending.append(self)
 
@@ -102,7 +112,8 @@ class _EagerWrites:
         error when it polls.
         """
         self._listed = False
-        if not self.connected:
+        if not self.connected or self._writeDisconnected:
+            # Gone, or half-closed already (a write would fail with EPIPE and end the reading half too).
             return
         if self.disconnecting or self._writeDisconnecting:
             self.startWriting()
