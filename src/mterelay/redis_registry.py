@@ -497,7 +497,7 @@ class RedisRegistry(Service):
         now = self._clock.seconds()
         cached = self._cache.get(key)
         if cached is not None:
-            if 0 <= now - cached[0] < self._cache_seconds:
+            if self._fresh(cached[0], now):
                 return defer.succeed(cached[1].used_at(now))
             del self._cache[key]
 
@@ -512,10 +512,14 @@ class RedisRegistry(Service):
 
         return self._load(client_id, pair_id).addCallback(keep)
 
+    def _fresh(self, fetched, now):
+        # A clock that went back also ends a copy's life: its age is then unknown.
+        return 0 <= now - fetched < self._cache_seconds
+
     def _expire(self, now):
         """Drop the copies fetched ``pair_cache_seconds`` ago or more: kept in fetch order, the oldest go first."""
         cache = self._cache
-        while cache and not 0 <= now - next(iter(cache.values()))[0] < self._cache_seconds:
+        while cache and not self._fresh(next(iter(cache.values()))[0], now):
             cache.popitem(last=False)
 
     def forget(self, client_id, pair_id):
