@@ -351,6 +351,24 @@ class BodyTests(CodeAssertions, SynchronousTestCase):
         decoder = rreq.body_decoder()
         self.assertEqual(b"".join(decoder.feed(b"".join(encoder.finish())) + decoder.finish()), data)
 
+    def test_network_reads_are_not_copied_while_held(self):
+        """Immutable reads of a sizeable part of a record are held as they are: only the record's join copies them."""
+        _, _, creq, _, rreq, _ = message(*PAIRS["MKE"])
+        data = os.urandom(RECORD_SIZE + 5)
+        reads = [data[i : i + RECORD_SIZE // 4] for i in range(0, len(data), RECORD_SIZE // 4)]
+        encoder = creq.body_encoder()
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        held = [encoder.feed(read) for read in reads[:3]]
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        self.assertEqual(held, [[], [], []])
+        self.assertLess(peak, RECORD_SIZE // 8)
+        sealed = b"".join(encoder.feed(reads[3]) + encoder.feed(reads[4]) + encoder.finish())
+        self.assertEqual(sealed, encode_body(creq, data, 1, RECORD_SIZE))
+        decoder = rreq.body_decoder()
+        self.assertEqual(b"".join(decoder.feed(sealed) + decoder.finish()), data)
+
     def test_stream_unusable_after_failure_or_finish(self):
         """A decoder that failed, or an encoder that finished, refuses further input."""
         _, _, creq, _, rreq, _ = message(*PAIRS["MKE"])
