@@ -178,8 +178,14 @@ class _Records:
             self._pending.clear()
             self._pending_size = 0
         end = pos + (size - pos) // step * step
-        for start in range(pos, end, step):
-            out.append(self._record(view[start : start + step], False))
+        if end > pos:
+            # _record inlined: a call per record is a measurable share of a record's cost at AES-GCM's speed.
+            transform, head, tail, index = self._transform, self._head, self._tails[False], self._index
+            for start in range(pos, end, step):
+                nonce_index = index.to_bytes(8, "big")
+                out.append(transform(_BODY_NONCE + nonce_index, view[start : start + step], head + nonce_index + tail))
+                index += 1
+            self._index = index
         if end < size:
             self._hold(view[end:], view)
         return out
