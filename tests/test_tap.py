@@ -13,6 +13,7 @@ import urllib.request
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import Application
+from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactor
 from twisted.logger import ILogObserver, Logger, LogPublisher, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
@@ -41,7 +42,6 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(options.settings.listen, ("tcp:0", "tcp:1"))
         self.assertTrue(options.settings.debug)
         self.assertEqual(options.settings.mte_routes, ("/api/*",))
-        self.assertEqual(len(options.endpoints), 2)
 
     def test_bad_value_exits_with_one_line(self):
         """An invalid setting exits with status 2 and a single 'mterelay: error:' line naming the source."""
@@ -68,19 +68,35 @@ class OptionsTests(SynchronousTestCase):
 
 class MakeServiceTests(SynchronousTestCase):
     def test_wiring(self):
-        """makeService builds a logging service around the collector settings, the registry (memory without
-        REDIS_URL) and a draining service with one listener per endpoint."""
+        """makeService builds a logging service around the collector settings, then the registry (memory without
+        REDIS_URL) and a draining service with one listener per endpoint, stopped in that order."""
         options, _ = parse(["--listen", "tcp:0", "--listen", "tcp:0"])
         top = tap.makeService(options)
         self.assertIsInstance(top, logs.LoggingService)
-        collector, registry, relay = list(top)
+        collector, lifetime = list(top)
         self.assertIsInstance(collector, gctuning.GCTuningService)
+        self.assertIsInstance(lifetime, web.StopInOrder)
+        registry, relay = list(lifetime)
         self.assertIsInstance(registry, MemoryRegistry)
         self.assertIsInstance(relay, web.DrainingService)
         listeners = list(relay)
         self.assertEqual(len(listeners), 2)
         self.assertTrue(all(isinstance(s, StreamServerEndpointService) for s in listeners))
         self.assertIs(listeners[0].factory, listeners[1].factory)
+
+
+    def test_taken_port_fails_the_start(self):
+        """A listening endpoint that cannot listen makes starting fail (twistd exits), rather than running portless."""
+        probe = socket.socket()
+        self.addCleanup(probe.close)
+        probe.bind(("127.0.0.1", 0))
+        probe.listen()
+        stderr = io.StringIO()
+        options = tap.Options(environ=ENV, stderr=stderr)  # the real reactor: a real bind that fails
+        options.parseOptions(["--listen", f"tcp:{probe.getsockname()[1]}:interface=127.0.0.1"])
+        _, lifetime = list(tap.makeService(options))
+        _, relay = list(lifetime)
+        self.assertRaises(CannotListenError, relay.privilegedStartService)
 
 
 class GCTuningTests(SynchronousTestCase):
@@ -102,7 +118,7 @@ class RegistryWiringTests(SynchronousTestCase):
     def test_redis_url_selects_redis_registry(self):
         """REDIS_URL selects the Redis registry with the configured timeout and pair limits."""
         options, _ = parse(["--redis-url", "redis://127.0.0.1:9/2", "--redis-timeout", "0.5", "--pair-ttl", "60"])
-        _, registry, _ = list(tap.makeService(options))
+        registry, _ = list(list(tap.makeService(options))[1])
         self.assertIsInstance(registry, RedisRegistry)
         self.assertEqual((registry.timeout, registry.pair_ttl), (0.5, 60))
 

@@ -2,6 +2,7 @@
 
 import json
 
+from twisted.application.service import Service
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import NOT_DONE_YET
@@ -9,7 +10,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from mterelay.config import Settings
 from mterelay.errors import RelayError, error_table
-from mterelay.web import DrainingService, InFlight, build_resource, compile_routes, decoded_path
+from mterelay.web import DrainingService, InFlight, StopInOrder, build_resource, compile_routes, decoded_path
 
 SECRET = "s" * 40
 
@@ -254,6 +255,34 @@ class DrainingServiceTests(SynchronousTestCase):
         self.request.finish()
         self.successResultOf(stopping)
         self.assertEqual(self.closed, [True])
+
+    def test_stop_in_order_waits_for_the_drain(self):
+        """Under StopInOrder, a service added before the relay (the registry) stops only after the drain."""
+        stopped = []
+        registry = Service()
+        registry.stopService = lambda: stopped.append("registry")
+        lifetime = StopInOrder()
+        registry.setServiceParent(lifetime)
+        self.service.setServiceParent(lifetime)
+        stopping = lifetime.stopService()
+        self.clock.advance(5)
+        self.assertEqual((stopped, self.closed), ([], []))
+        self.request.finish()
+        self.successResultOf(stopping)
+        self.assertEqual((stopped, self.closed), (["registry"], [True]))
+
+    def test_stop_in_order_goes_on_after_a_failure(self):
+        """A child that fails to stop is logged and the ones before it still stop."""
+        stopped = []
+        first, second = Service(), Service()
+        first.stopService = lambda: stopped.append("first")
+        second.stopService = lambda: 1 / 0
+        lifetime = StopInOrder()
+        first.setServiceParent(lifetime)
+        second.setServiceParent(lifetime)
+        self.successResultOf(lifetime.stopService())
+        self.assertEqual(stopped, ["first"])
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
 
     def test_stop_bounded_by_drain_timeout(self):
         """A request that never finishes delays stopping by DRAIN_TIMEOUT only."""

@@ -5,7 +5,7 @@ The twistd plugin's ``Options`` and ``makeService``: parse the settings once, th
 import os
 import sys
 
-from twisted.application.internet import StreamServerEndpointService
+from twisted.application import strports
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
@@ -47,7 +47,6 @@ class Options(usage.Options):
         self._reactor = reactor
         self._network = None
         self.settings = None
-        self.endpoints = None
         self.warnings = []
 
     def opt_listen(self, endpoint):
@@ -75,7 +74,8 @@ class Options(usage.Options):
         flags["debug"] = True if self["debug"] else None
         try:
             self.settings, warnings = config.load(flags, self._environ, self["config"])
-            self.endpoints = [self._endpoint(description) for description in self.settings.listen]
+            for description in self.settings.listen:
+                self._check_endpoint(description)
             self.identity = self._identity()
         except config.ConfigError as e:
             # twistd would print the whole usage text for a UsageError; the operator needs one line.
@@ -93,9 +93,9 @@ class Options(usage.Options):
         except (OSError, ValueError) as e:
             raise config.ConfigError(f"--identity-key/IDENTITY_KEY: cannot load {path!r}: {e}") from None
 
-    def _endpoint(self, description):
+    def _check_endpoint(self, description):
         try:
-            return serverFromString(self.network, description)
+            serverFromString(self.network, description)
         except Exception as e:  # endpoint parsers raise anything from ValueError to OpenSSL errors
             raise config.ConfigError(f"--listen/LISTEN: invalid endpoint {description!r}: {e}") from None
 
@@ -122,16 +122,21 @@ def makeService(options):
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = POOL_PERSISTENT_PER_HOST
     gctuning.GCTuningService().setServiceParent(top)
+    # The registry stops only once the relay has drained: in-flight requests still read and write it.
+    lifetime = web.StopInOrder()
+    lifetime.setServiceParent(top)
     registry = _registry(settings, reactor)
-    registry.setServiceParent(top)
+    registry.setServiceParent(lifetime)
     tracker = web.InFlight(reactor)
     # Upstream and peer connections share the listening side's eager sending (see mterelay.eager).
     agent = upstream.make_agent(options.network, pool)
     relay_site = site.build_site(settings, reactor, agent, registry, options.identity, tracker)
     relay = web.DrainingService(tracker, settings.drain_timeout, on_stopped=pool.closeCachedConnections)
-    for endpoint in options.endpoints:
-        StreamServerEndpointService(endpoint, relay_site).setServiceParent(relay)
-    relay.setServiceParent(top)
+    for description in settings.listen:
+        # strports services raise when they cannot listen, so twistd exits (and systemd restarts it) instead of
+        # running on without the port.
+        strports.service(description, relay_site, reactor=options.network).setServiceParent(relay)
+    relay.setServiceParent(lifetime)
     log.info(
         "mterelay serving {listen} for upstream {upstream}",
         listen=",".join(settings.listen),

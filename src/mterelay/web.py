@@ -15,7 +15,7 @@ import json
 import re
 from urllib.parse import unquote
 
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.logger import Logger, LogLevel
 from twisted.web import server
@@ -126,6 +126,21 @@ class DrainingService(MultiService):
                 return self._on_stopped()
 
         return stopping.addCallback(drain).addCallback(drained)
+
+
+class StopInOrder(MultiService):
+    """
+    Starts its children in the order they were added and stops them one at a time in reverse, each once the one added
+    after it has stopped: the relay drains its in-flight requests before the registry they use disconnects.
+    """
+
+    def stopService(self):
+        Service.stopService(self)
+        stopping = succeed(None)
+        for child in reversed(list(self)):
+            stopping.addCallback(lambda _, child=child: child.stopService())
+            stopping.addErrback(lambda failure, child=child: log.failure("{child} failed to stop", failure, child=child))
+        return stopping
 
 
 class RelayRequest(server.Request):
