@@ -6,10 +6,12 @@ import stat
 import sys
 
 from twisted.internet import reactor
-from twisted.internet.defer import gatherResults, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, gatherResults
+from twisted.internet.task import Clock
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from mterelay.client import _Pool
 from mterelay.codec import RelayIdentity
 from mterelay.errors import RelayError
 from mterelay.keygen import main as keygen
@@ -110,6 +112,51 @@ class ClientTests(RelayHarness, TestCase):
             self.assertEqual((await self.registry.get_client(client._token.split(".")[0])).pair_count, 1)
 
         return ensureDeferred(run())
+
+
+class SharedPairingTests(SynchronousTestCase):
+    """Concurrent requests share one discovery or MKE pairing; one of them going away does not fail the others."""
+
+    def setUp(self):
+        self.pairings = []
+        self.pool = _Pool("MKE", 1, self._make_pair, Clock(), 5)
+
+    def _make_pair(self):
+        self.pairings.append(Deferred())
+        return self.pairings[-1]
+
+    def test_cancelled_caller_leaves_the_others_their_pair(self):
+        """The first caller is cancelled during the pairing: the second still gets the pair, and it is kept."""
+        first, second = ensureDeferred(self.pool.acquire()), ensureDeferred(self.pool.acquire())
+        first.cancel()
+        self.failureResultOf(first, CancelledError)
+        self.assertNoResult(second)
+        pair = object()
+        self.pairings[0].callback(pair)
+        self.assertIs(self.successResultOf(second), pair)
+        self.assertIs(self.successResultOf(ensureDeferred(self.pool.acquire())), pair)
+        self.assertEqual(len(self.pairings), 1)
+
+    def test_pair_kept_when_every_caller_went_away(self):
+        """A pairing whose callers were all cancelled still completes and serves the next request."""
+        only = ensureDeferred(self.pool.acquire())
+        only.cancel()
+        self.failureResultOf(only, CancelledError)
+        pair = object()
+        self.pairings[0].callback(pair)
+        self.assertIs(self.successResultOf(ensureDeferred(self.pool.acquire())), pair)
+        self.assertEqual(len(self.pairings), 1)
+
+    def test_failure_reaches_every_waiting_caller(self):
+        """A failed pairing fails every caller still waiting, and the next request pairs again."""
+        callers = [ensureDeferred(self.pool.acquire()) for _ in range(3)]
+        callers[1].cancel()
+        self.pairings[0].errback(RelayError(565, "pairing failed"))
+        for caller in (callers[0], callers[2]):
+            self.assertEqual(self.failureResultOf(caller, RelayError).value.code, 565)
+        self.failureResultOf(callers[1], CancelledError)
+        ensureDeferred(self.pool.acquire())
+        self.assertEqual(len(self.pairings), 2)
 
 
 class KeygenTests(SynchronousTestCase):

@@ -89,32 +89,33 @@ class _Pair:
 
 
 class _Shared:
-    """Runs one async operation on behalf of every concurrent caller; each caller gets its outcome."""
+    """
+    Runs one async operation on behalf of every concurrent caller; each caller gets its outcome. Each caller waits
+    on a Deferred of its own, so one that is cancelled (its application went away) stops waiting alone: the
+    operation goes on for the others.
+    """
 
     def __init__(self, operation):
         self._operation = operation
         self._waiters = None
 
-    async def __call__(self):
+    def __call__(self):
+        waiter = Deferred()
         if self._waiters is not None:
-            waiter = Deferred()
             self._waiters.append(waiter)
-            return await waiter
-        self._waiters = []
-        try:
-            result = await self._operation()
-        except BaseException:
-            failure = Failure()
-            waiters, self._waiters = self._waiters, None
-            for waiter in waiters:
-                if not waiter.called:
-                    waiter.errback(failure)
-            raise
+        else:
+            self._waiters = [waiter]
+            ensureDeferred(self._operation()).addBoth(self._settle)
+        return waiter
+
+    def _settle(self, outcome):
         waiters, self._waiters = self._waiters, None
         for waiter in waiters:
-            if not waiter.called:  # a caller that was cancelled meanwhile
-                waiter.callback(result)
-        return result
+            if not waiter.called:  # not cancelled meanwhile
+                if isinstance(outcome, Failure):
+                    waiter.errback(outcome)
+                else:
+                    waiter.callback(outcome)
 
 
 class _Pool:
@@ -128,7 +129,7 @@ class _Pool:
         self._type = encode_type
         self._size = size
         self._make_pair = make_pair
-        self._pair_shared = _Shared(make_pair)
+        self._pair_shared = _Shared(self._new_shared_pair)
         self._clock = clock
         self._timeout = timeout
         self._shared = None
@@ -140,9 +141,7 @@ class _Pool:
 
     async def acquire(self):
         if self._type == "MKE":
-            if self._shared is None:
-                self._shared = await self._pair_shared()
-            return self._shared
+            return self._shared if self._shared is not None else await self._pair_shared()
         if self._idle:
             return self._idle.popleft()
         if self._count < self._size:
@@ -157,6 +156,14 @@ class _Pool:
     def _forget_waiter(self, waiter):
         if waiter in self._waiting:
             self._waiting.remove(waiter)
+
+    async def _new_shared_pair(self):
+        # Kept here rather than by the callers, who may all have gone by the time it is made.
+        generation = self._generation
+        pair = await self._make_pair()
+        if generation == self._generation:
+            self._shared = pair
+        return pair
 
     async def _new_pair(self):
         generation = self._generation
