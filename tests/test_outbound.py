@@ -14,7 +14,10 @@ from treq.client import HTTPClient
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.web.client import FileBodyProducer
+from twisted.logger import Logger
 from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
 from twisted.trial.unittest import TestCase
 
 from mterelay.codec import RelayIdentity
@@ -273,6 +276,64 @@ class _Tamperer(WireRecorder):
 
     def rewrite(self, direction, data):
         return data.replace(self.old, self.new) if direction == "<" else data
+
+
+class _FailingBalancer(Resource):
+    """
+    A load balancer in front of relay B that passes the pairing endpoints (``/api/...``) through and answers every
+    other request itself with a chunked 502 (no content-length), as balancers do when their backend fails.
+    """
+
+    isLeaf = True
+
+    def __init__(self, backend, case):
+        super().__init__()
+        self._backend = backend
+        self._http = HTTPClient(agent(case))
+
+    def render(self, request):
+        if not request.path.startswith(b"/api/"):
+            request.setResponseCode(502)
+            request.write(b"<html>backend failed</html>")
+            request.finish()
+            return NOT_DONE_YET
+
+        async def forward():
+            headers = Headers(dict(request.requestHeaders.getAllRawHeaders()))
+            headers.removeHeader(b"content-length")
+            response = await self._http.request(
+                request.method.decode(), self._backend + request.uri.decode(), headers=headers,
+                data=request.content.read(),
+            )
+            request.setResponseCode(response.code)
+            for name, values in response.headers.getAllRawHeaders():
+                request.responseHeaders.setRawHeaders(name, values)
+            body = await response.content()
+            if request.method != b"HEAD":
+                request.write(body)
+            request.finish()
+
+        # A failure here is logged, which fails the test (trial reports logged errors).
+        ensureDeferred(forward()).addErrback(lambda failure: Logger().failure("balancer failed", failure))
+        return NOT_DONE_YET
+
+
+class BalancerTests(RelayHarness, TestCase):
+    def test_chunked_error_from_a_balancer_between_the_relays(self):
+        """A balancer's own chunked 502 between A and B reaches the application as that 502 and its body."""
+
+        async def run():
+            upstream = await self.start_upstream()
+            b_url, _, _ = await self.start_relay(upstream.url)
+            peer = f"http://127.0.0.1:{await serve(self, Site(_FailingBalancer(b_url, self)))}"
+            a_url, _, _ = await self.start_relay(upstream.url, outbound_token=TOKEN, allowed_peers=(peer,))
+            code, body = await self.raw_request(
+                a_url, "GET", "/echo/x", {"x-mte-outbound-token": TOKEN, "x-mte-upstream": peer}
+            )
+            self.assertEqual((code, body), (502, b"<html>backend failed</html>"))
+            self.assertEqual(upstream.received, [])
+
+        return ensureDeferred(run())
 
 
 class ManInTheMiddleTests(RelayHarness, TestCase):

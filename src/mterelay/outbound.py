@@ -155,11 +155,13 @@ class Outbound:
         request.setResponseCode(response.code, response.phrase)
         merge_end_to_end(response.headers, request.responseHeaders)
         original = response.original
-        if response.decoder is not None:
-            if original.length is not UNKNOWN_LENGTH:
-                request.setHeader(b"content-length", b"%d" % response.decoder.output_length(original.length))
-        elif response.relay_error:
-            request.setHeader(b"content-length", b"%d" % original.length)
+        if response.decoder is not None or response.relay_error:
+            # A relay's own error has a length; a balancer's error page between the relays may be chunked.
+            length = original.length
+            if length is not UNKNOWN_LENGTH:
+                if response.decoder is not None:
+                    length = response.decoder.output_length(length)
+                request.setHeader(b"content-length", b"%d" % length)
         else:
             # No body (HEAD, 204, 304): the length the upstream declared travelled in the sealed block.
             for value in response.headers.getRawHeaders(b"content-length", [])[-1:]:
