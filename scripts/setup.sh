@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv with mterelay installed (editable) and its test extras; install redis-server when tests need it.
-# Sourced by run.sh and test.sh so both commands work on a fresh Debian machine.
+# Run by run.sh and test.sh so both commands work on a fresh Debian machine; exits non-zero when anything fails.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -19,8 +19,13 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.mterelay-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    .venv/bin/pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
-    .venv/bin/python -c 'import mterelay' && touch "$stamp"
+    if ! .venv/bin/pip install -q --disable-pip-version-check -e '.[test]' >.venv/pip.log 2>&1; then
+        cat .venv/pip.log >&2
+        echo "setup: pip install failed (log above)" >&2
+        exit 1
+    fi
+    .venv/bin/python -c 'import mterelay'
+    touch "$stamp"
 fi
 if [ "${MTERELAY_NEED_REDIS:-0}" = 1 ] && ! command -v redis-server >/dev/null; then
     apt_install redis-server
