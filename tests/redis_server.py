@@ -28,6 +28,11 @@ from twisted.trial.unittest import SkipTest
 
 EXECUTABLE = shutil.which("redis-server") or "/usr/bin/redis-server"
 START_TIMEOUT = 10.0
+START_ATTEMPTS = 5
+
+
+class _PortTaken(Exception):
+    """Another process listens on the port chosen for a redis-server."""
 
 
 def free_port():
@@ -115,9 +120,15 @@ class RedisServer:
         TLS only (``rediss://``) with a self-signed certificate, ``certificate_path``.
         """
         directory = directory or tempfile.mkdtemp(prefix="mterelay-redis-")
-        server = cls(directory, free_port(), password, persistent, unix_socket, tls)
-        server._launch()
-        return server
+        # A free port can be taken by someone else before redis-server binds it: then try another.
+        for attempt in range(START_ATTEMPTS):
+            server = cls(directory, free_port(), password, persistent, unix_socket, tls)
+            try:
+                server._launch()
+                return server
+            except _PortTaken:
+                if attempt == START_ATTEMPTS - 1:
+                    raise RuntimeError(f"redis-server found no free port in {START_ATTEMPTS} attempts") from None
 
     @property
     def url(self):
@@ -156,15 +167,26 @@ class RedisServer:
             args += ["--requirepass", self.password]
         if self.socket_path:
             args += ["--unixsocket", self.socket_path, "--unixsocketperm", "700"]
+        with open(os.path.join(self.directory, "redis.log"), "w"):
+            pass  # this launch's log only: a failed launch before it must not decide why this one fails
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             try:
-                if self.command("PING") == b"PONG":
+                # Only our own process counts: whatever else answers on the port must never be used (or flushed).
+                if self.info("server").get("process_id") == str(self.process.pid):
                     return
+                self.stop()
+                raise _PortTaken()
             except (OSError, RuntimeError):
                 pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
+            if self.process.poll() is not None:
+                self.stop()
+                with open(os.path.join(self.directory, "redis.log"), errors="replace") as log:
+                    if "Address already in use" in log.read():
+                        raise _PortTaken()
+                raise RuntimeError(f"redis-server exited; see {self.directory}/redis.log")
+            if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"redis-server did not start; see {self.directory}/redis.log")
             time.sleep(0.02)
