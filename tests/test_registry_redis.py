@@ -32,7 +32,7 @@ class RedisTestMixin(RedisServerMixin):
 class RedisRegistryContractTests(RedisTestMixin, RegistryContractMixin, TestCase):
     """The contract against Redis, over TCP."""
 
-    short_ttl = 1.0
+    short_ttl = 1.5
 
     async def make_registry(self, **kwargs):
         return await self.connect(**kwargs)
