@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 from treq.client import HTTPClient
-from twisted.internet import reactor
+from twisted.internet import reactor, task
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.task import deferLater
 from twisted.protocols.policies import WrappingFactory
@@ -72,12 +72,12 @@ class RelayHarness(RedisServerMixin):
         self.addCleanup(registry.stopService)
         return registry
 
-    async def start_relay(self, upstream_url, registry=None, identity=None, **settings):
+    async def start_relay(self, upstream_url, registry=None, identity=None, cooperator=task, **settings):
         """Serve a relay for ``upstream_url``; returns ``(url, registry, identity)``."""
         settings = Settings(upstream=upstream_url, client_id_secrets=settings.pop("secrets", (SECRET,)), **settings)
         registry = self.make_registry() if registry is None else registry
         identity = RelayIdentity.generate() if identity is None else identity
-        site = build_site(settings, reactor, agent(self), registry, identity)
+        site = build_site(settings, reactor, agent(self), registry, identity, cooperator=cooperator)
         return f"http://127.0.0.1:{await serve(self, site)}", registry, identity
 
     def client(self, relay_url, **kwargs):

@@ -10,6 +10,7 @@ import tempfile
 
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
+from twisted.internet.task import Clock, Cooperator, deferLater
 from twisted.trial.unittest import TestCase
 
 from mterelay.codec import (
@@ -413,6 +414,43 @@ class RefusalTests(RelayHarness, TestCase):
             code, body = await self._raw("GET", "/echo/x", {"x-mte-client-id": "forged.token"})
             self.assertEqual(code, 569)
             self.assertNotIn(SECRET.encode(), body)
+
+        return ensureDeferred(run())
+
+
+class AbandonedVerificationTests(RelayHarness, TestCase):
+    def test_client_leaving_stops_the_verification(self):
+        """
+        A client that goes away while the relay verifies its large body stops the verification at the next record
+        (Twisted closes the spooled body when the connection is lost): the rest is never decrypted and nothing
+        reaches the upstream.
+        """
+
+        async def run():
+            clock = Clock()
+            # One record per turn of this clock, so the test acts between records.
+            cooperator = Cooperator(
+                terminationPredicateFactory=lambda: lambda: True, scheduler=lambda step: clock.callLater(1, step)
+            )
+            upstream = await self.start_upstream()
+            url, _, _ = await self.start_relay(upstream.url, cooperator=cooperator)
+            sending = self.client(url).request("POST", "/echo/x", data=os.urandom(4 << 20))  # 32 records
+            sending.addErrback(lambda _: None)  # cancelled below
+            for _ in range(500):
+                if clock.getDelayedCalls():
+                    break
+                await deferLater(reactor, 0.01)
+            clock.advance(1)
+            clock.advance(1)
+            sending.cancel()  # the connection is aborted
+            await deferLater(reactor, 0.2)  # the relay sees it go
+            turns = 0
+            while clock.getDelayedCalls():
+                clock.advance(1)
+                turns += 1
+            self.assertEqual(turns, 1)
+            await deferLater(reactor, 0.1)
+            self.assertEqual(upstream.received, [])
 
         return ensureDeferred(run())
 

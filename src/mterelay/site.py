@@ -3,6 +3,8 @@ The relay's site: the router with the roles that the settings switch on. ``makeS
 build it the same way.
 """
 
+from twisted.internet import task
+
 from mterelay.clientid import ClientIdSigner
 from mterelay.codec import RelayIdentity
 from mterelay.inbound import Inbound
@@ -17,14 +19,15 @@ def load_identity(path):
         return RelayIdentity.from_pem(f.read())
 
 
-def build_site(settings, reactor, agent, registry, identity, tracker=None):
+def build_site(settings, reactor, agent, registry, identity, tracker=None, cooperator=task):
     """
     The relay's ``Site`` for ``settings``: the inbound role always, the outbound role when OUTBOUND_TOKEN is set.
     ``agent`` is the shared ``IAgent`` (one persistent pool) that reaches UPSTREAM and peer relays, ``registry`` an
-    ``IRegistry``, ``identity`` a ``RelayIdentity``.
+    ``IRegistry``, ``identity`` a ``RelayIdentity``; ``cooperator`` runs the inbound role's body verification.
     """
     upstream = AgentUpstreamClient(agent)
-    inbound = Inbound(settings, identity, registry, upstream, reactor, ClientIdSigner(settings.client_id_secrets))
+    signer = ClientIdSigner(settings.client_id_secrets)
+    inbound = Inbound(settings, identity, registry, upstream, reactor, signer, cooperator)
     outbound = None if settings.outbound_token is None else Outbound(settings, agent, reactor)
     resource = build_resource(settings, upstream, reactor, inbound=inbound, outbound=outbound, tracker=tracker)
     return RelaySite(resource, settings)
