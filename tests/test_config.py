@@ -5,6 +5,7 @@ import os
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from mterelay.clientid import ClientIdSigner
 from mterelay.config import ConfigError, Settings, load, normalize_origin, port_endpoint
 
 SECRET = "s" * 40
@@ -98,7 +99,8 @@ class PrecedenceTests(ConfigTestCase):
         """A comma-separated CLIENT_ID_SECRET gives several secrets; the first one signs."""
         settings, _ = load({}, dict(BASE_ENV, CLIENT_ID_SECRET=f"{SECRET}, {'t' * 40}"))
         self.assertEqual(settings.client_id_secrets, (SECRET, "t" * 40))
-        self.assertEqual(settings.client_id_secret, SECRET)
+        token = ClientIdSigner(settings.client_id_secrets).issue().token
+        self.assertFalse(ClientIdSigner((SECRET,)).verify(token).resigned)
 
     def test_peer_pins(self):
         """PEER_PINS maps normalized origins to base64url Ed25519 public keys."""

@@ -79,11 +79,6 @@ class Settings:
     peer_pins: tuple = attrs.field(default=(), converter=tuple)
     drain_timeout: float = 10.0
 
-    @property
-    def client_id_secret(self):
-        """The secret that signs new client ids."""
-        return self.client_id_secrets[0]
-
     def peer_pin(self, origin):
         """The pinned public key (base64url) of the peer relay at ``origin``, or None."""
         return dict(self.peer_pins).get(origin)
