@@ -30,8 +30,11 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from mterelay.codec import (
+    CLIENT_ID_HEADER,
     ENCODE_TYPES,
+    ENCODED_HEADERS,
     HEADERS,
+    RELAY_HEADER,
     URL,
     ClientPairing,
     CodecError,
@@ -44,7 +47,6 @@ from mterelay.codec import (
     response_binding,
 )
 from mterelay.errors import CODES, RelayError
-from mterelay.inbound import CLIENT_ID_HEADER, ENCODED_HEADERS, RELAY_HEADER
 from mterelay.upstream import RequestBodyProducer, filter_headers
 
 log = Logger()

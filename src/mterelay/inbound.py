@@ -19,8 +19,13 @@ from twisted.web import server
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from mterelay.codec import (
+    CLIENT_ID_HEADER,
+    ENCODED_HEADERS,
     HEADERS,
+    IDENTITY_HEADER,
+    RELAY_HEADER,
     URL,
+    VERSION_HEADER,
     CodecError,
     RelayHeader,
     b64decode,
@@ -36,14 +41,9 @@ from mterelay.codec import (
 from mterelay.errors import RelayError
 from mterelay.registry import PairRecord
 from mterelay.upstream import filter_headers, forward, upstream_headers
-from mterelay.web import RELAY_HEADER, compile_routes, decoded_path, send_error
+from mterelay.web import compile_routes, decoded_path, send_error
 
 log = Logger()
-
-ENCODED_HEADERS = b"x-mte-relay-eh"
-CLIENT_ID_HEADER = b"x-mte-client-id"
-IDENTITY_HEADER = b"x-mte-relay-identity"
-VERSION_HEADER = b"x-mte-relay-version"
 
 #: MKE counters accepted behind the highest one seen on a pair: enough for thousands of concurrent requests per pair,
 #: while the replay marks stay at 512 bytes per pair.

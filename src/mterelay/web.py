@@ -22,6 +22,7 @@ from twisted.web import server
 from twisted.web.resource import Resource
 
 from mterelay import logs
+from mterelay.codec import CLIENT_ID_HEADER, ENCODED_HEADERS, IDENTITY_HEADER, RELAY_HEADER
 from mterelay.errors import RelayError, error_table
 from mterelay.upstream import forward, upstream_headers
 
@@ -31,12 +32,11 @@ ECHO = "/api/mte-echo"
 ERRORS = "/api/mte-errors"
 INBOUND_PATHS = ("/api/mte-relay", "/api/mte-pair")
 OUTBOUND_TOKEN_HEADER = b"x-mte-outbound-token"
-RELAY_HEADER = b"x-mte-relay"
 #: Seconds a client connection may stay silent while the relay reads from it (Twisted's default is 12 hours); the
 #: clock stops while the relay works on a request.
 CLIENT_IDLE_TIMEOUT = 60
 #: Relay headers a browser client must be able to send and read.
-MTE_HEADERS = (b"x-mte-relay", b"x-mte-relay-eh", b"x-mte-client-id", b"x-mte-relay-identity")
+MTE_HEADERS = (RELAY_HEADER, ENCODED_HEADERS, CLIENT_ID_HEADER, IDENTITY_HEADER)
 CORS_ALLOW_HEADERS = b", ".join(
     (b"content-type", b"accept", b"authorization", b"x-requested-with", logs.REQUEST_ID_HEADER) + MTE_HEADERS
 )

@@ -4,7 +4,17 @@ records, serializable pair state and the ``x-mte-relay`` header. Pure: no I/O, n
 """
 
 from mterelay.codec.errors import CodecError
-from mterelay.codec.header import MAX_HEADER_PAIRS, RelayHeader, decode_header_block, encode_header_block
+from mterelay.codec.header import (
+    CLIENT_ID_HEADER,
+    ENCODED_HEADERS,
+    IDENTITY_HEADER,
+    MAX_HEADER_PAIRS,
+    RELAY_HEADER,
+    VERSION_HEADER,
+    RelayHeader,
+    decode_header_block,
+    encode_header_block,
+)
 from mterelay.codec.identity import RelayIdentity, fingerprint
 from mterelay.codec.keys import (
     HEADERS,
@@ -26,6 +36,11 @@ __all__ = [
     "encode_header_block",
     "decode_header_block",
     "MAX_HEADER_PAIRS",
+    "RELAY_HEADER",
+    "ENCODED_HEADERS",
+    "CLIENT_ID_HEADER",
+    "IDENTITY_HEADER",
+    "VERSION_HEADER",
     "RelayIdentity",
     "fingerprint",
     "MessageKeys",

@@ -15,6 +15,12 @@ from mterelay.codec.errors import BAD_HEADER, BAD_VERSION, DECODE_FAILED, CodecE
 from mterelay.codec.wire import PROTOCOL_VERSION, check_id, check_type
 
 NAME = "x-mte-relay"
+#: The protocol's HTTP header names, for everything that reads or writes them (relay roles and clients alike).
+RELAY_HEADER = NAME.encode("ascii")
+ENCODED_HEADERS = b"x-mte-relay-eh"
+CLIENT_ID_HEADER = b"x-mte-client-id"
+IDENTITY_HEADER = b"x-mte-relay-identity"
+VERSION_HEADER = b"x-mte-relay-version"
 #: Longest accepted x-mte-relay value (ids are at most 64 characters, the counter 20 digits).
 MAX_LENGTH = 200
 #: Most [name, value] pairs in one header block.
