@@ -1,9 +1,11 @@
 """The client's command line, pools under concurrency, and the identity key generator."""
 
+import gc
 import json
 import os
 import stat
 import sys
+from types import SimpleNamespace
 
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, gatherResults
@@ -157,6 +159,54 @@ class SharedPairingTests(SynchronousTestCase):
         self.failureResultOf(callers[1], CancelledError)
         ensureDeferred(self.pool.acquire())
         self.assertEqual(len(self.pairings), 2)
+
+
+class MTEPoolTests(SynchronousTestCase):
+    """An MTE pool keeps its size through discards, timeouts and cancellations."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.pairings = []
+        self.pool = _Pool("MTE", 1, self._make_pair, self.clock, 5)
+
+    def _make_pair(self):
+        self.pairings.append(Deferred())
+        return self.pairings[-1]
+
+    def _paired(self):
+        pair = SimpleNamespace()
+        self.pairings[-1].callback(pair)
+        return pair
+
+    def test_replacement_outlives_the_waiter_it_was_for(self):
+        """A pair made to replace a discarded one, for a waiter that timed out meanwhile, serves the next request."""
+        first = ensureDeferred(self.pool.acquire())
+        pair = self._paired()
+        self.assertIs(self.successResultOf(first), pair)
+        waiting = ensureDeferred(self.pool.acquire())
+        self.pool.discard(pair)  # a replacement is being paired for the waiter
+        self.clock.advance(5)
+        self.assertEqual(self.failureResultOf(waiting, RelayError).value.code, 503)
+        replacement = self._paired()
+        self.assertIs(self.successResultOf(ensureDeferred(self.pool.acquire())), replacement)
+        self.assertEqual(len(self.pairings), 2)
+
+    def test_replacement_failure_after_the_waiter_left(self):
+        """A replacement that fails after its waiter left frees the slot for a new pairing, and logs nothing."""
+        first = ensureDeferred(self.pool.acquire())
+        pair = self._paired()
+        self.successResultOf(first)
+        waiting = ensureDeferred(self.pool.acquire())
+        self.pool.discard(pair)
+        waiting.cancel()
+        self.failureResultOf(waiting, CancelledError)
+        self.pairings[-1].errback(RelayError(565, "pairing failed"))
+        gc.collect()  # a Deferred left failed would log its unhandled error now
+        self.assertEqual(self.flushLoggedErrors(), [])
+        later = ensureDeferred(self.pool.acquire())
+        self.assertEqual(len(self.pairings), 3)
+        replacement = self._paired()
+        self.assertIs(self.successResultOf(later), replacement)
 
 
 class KeygenTests(SynchronousTestCase):

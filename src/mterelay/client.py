@@ -198,9 +198,17 @@ class _Pool:
             return
         self._count -= 1
         if self._waiting:
-            # Someone waits for a pair: pair a replacement for them.
+            # Someone waits for a pair: pair a replacement for them (or for whoever waits next, if they give up).
             waiter = self._waiting.popleft()
-            ensureDeferred(self._new_pair()).addCallbacks(waiter.callback, waiter.errback)
+
+            def paired(pair):
+                self.release(pair) if waiter.called else waiter.callback(pair)
+
+            def failed(failure):
+                if not waiter.called:
+                    waiter.errback(failure)
+
+            ensureDeferred(self._new_pair()).addCallbacks(paired, failed)
 
     def clear(self):
         self._generation += 1
