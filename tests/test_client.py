@@ -9,15 +9,17 @@ from types import SimpleNamespace
 
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, gatherResults
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
 
 from mterelay.client import _Pool
-from mterelay.codec import RelayIdentity
+from mterelay.codec import CLIENT_ID_HEADER, RelayIdentity
 from mterelay.errors import RelayError
 from mterelay.keygen import main as keygen
-from tests.relay_harness import RelayHarness
+from tests.relay_harness import RelayHarness, serve
 
 
 def run_cli(*args):
@@ -112,6 +114,59 @@ class ClientTests(RelayHarness, TestCase):
                 self.assertEqual(response.code, 200)
                 await response.content()
             self.assertEqual((await self.registry.get_client(client._token.split(".")[0])).pair_count, 1)
+
+        return ensureDeferred(run())
+
+
+class _StallingRelay(Resource):
+    """A relay that hands out a client id, then answers pairing with the head and one byte of a 100-byte body, or
+    (``big``) with 100 KB of body."""
+
+    isLeaf = True
+
+    def __init__(self, big=False):
+        super().__init__()
+        self._big = big
+
+    def render_HEAD(self, request):
+        request.setHeader(CLIENT_ID_HEADER, b"stalling-client-0123456789.signature")
+        return b""
+
+    def render_POST(self, request):
+        if self._big:
+            return b"x" * 100_000
+        request.setHeader(b"content-length", b"100")
+        request.write(b"{")
+        return NOT_DONE_YET
+
+
+class SmallAnswerTests(RelayHarness, TestCase):
+    def test_stalled_pairing_answer_times_out_every_time(self):
+        """A pairing answer that stalls mid-body fails each request within the client's timeout (504)."""
+
+        async def run():
+            port = await serve(self, Site(_StallingRelay()))
+            client = self.client(f"http://127.0.0.1:{port}", timeout=0.5)
+            for encode_type in ("MKE", "MKE", "MTE"):
+                started = reactor.seconds()
+                with self.assertRaises(RelayError) as ctx:
+                    await client.request("GET", "/x", encode_type=encode_type)
+                self.assertEqual(ctx.exception.code, 504)
+                self.assertLess(reactor.seconds() - started, 5)
+
+        return ensureDeferred(run())
+
+    def test_oversized_pairing_answer_refused(self):
+        """A pairing answer longer than MAX_SMALL_ANSWER is refused (502) without being read whole."""
+
+        async def run():
+            port = await serve(self, Site(_StallingRelay(big=True)))
+            client = self.client(f"http://127.0.0.1:{port}", timeout=5)
+            with self.assertRaises(RelayError) as ctx:
+                await client.pair("MKE")
+            self.assertEqual(ctx.exception.code, 502)
+            self.assertIn("longer than", ctx.exception.detail)
+            await deferLater(reactor, 0.1)  # the dropped connection settles before the pool is closed
 
         return ensureDeferred(run())
 

@@ -25,8 +25,11 @@ import attrs
 import treq
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 
 from mterelay.codec import (
@@ -51,6 +54,8 @@ from mterelay.upstream import RequestBodyProducer, filter_headers
 
 log = Logger()
 
+#: Longest answer the client reads whole: discovery, pairing, and refused answers read off for connection reuse.
+MAX_SMALL_ANSWER = 1 << 16
 #: Headers that describe the encoded message itself, never protected or sent as they were.
 _FRAMING = (b"content-length", b"transfer-encoding", b"host")
 
@@ -347,9 +352,21 @@ class Client:
             await self._discover_shared()
         return self._token
 
+    async def _exchange(self, sending):
+        """The response to ``sending`` and its whole body (a small one: see _SmallBody), both within the timeout."""
+
+        async def both():
+            response = await sending
+            return response, await _read_small(response)
+
+        return await self._bounded(ensureDeferred(both()))
+
+    def _read_off(self, response):
+        """Read a refused answer's small body off so its connection can serve again; never fails."""
+        return self._bounded(_read_small(response)).addErrback(lambda _: None)
+
     async def _discover(self):
-        response = await self._bounded(self._http.head(self.relay + "/api/mte-relay"))
-        await response.content()
+        response, _ = await self._exchange(self._http.head(self.relay + "/api/mte-relay"))
         if response.code != 200 or not response.headers.hasHeader(CLIENT_ID_HEADER):
             raise RelayError(
                 502, f"{self.relay} is not an mterelay relay (HEAD /api/mte-relay answered {response.code})"
@@ -363,14 +380,13 @@ class Client:
         body = json.dumps(
             [{"pairId": pairing.pair_id, "type": encode_type, "publicKey": b64encode(pairing.public_key)}]
         ).encode("ascii")
-        response = await self._bounded(
+        response, answer = await self._exchange(
             self._http.post(
                 self.relay + "/api/mte-pair",
                 data=body,
                 headers={CLIENT_ID_HEADER: [token.encode("ascii")], b"content-type": [b"application/json"]},
             )
         )
-        answer = await response.content()
         self._note_token(response)
         if response.code != 200:
             raise _answered_error(response.code, answer)
@@ -481,7 +497,7 @@ class Client:
             # The relay moved its side of the pair: the pair may carry the next request.
             pool.release(pair)
         elif entry is not None and entry.repair:
-            await treq.content(response)
+            await self._read_off(response)
             pool.discard(pair)
             if response.code == 566:
                 self._forget_client()
@@ -494,7 +510,7 @@ class Client:
         try:
             opened = self._open_response(response, method, relay, response_keys)
         except CodecError:
-            await treq.content(response)  # read off, so the connection goes back to the pool
+            await self._read_off(response)
             raise
         # Only a genuine answer may hand us a re-signed client id.
         self._note_token(response)
@@ -538,6 +554,46 @@ def _split_headers(pairs, encode_headers):
             continue
         (protected if names is None or lower in names else visible).append((name, value))
     return protected, visible
+
+
+class _SmallBody(Protocol):
+    """
+    Reads a whole body of at most ``MAX_SMALL_ANSWER`` bytes into ``done``. A longer body, or cancelling ``done``
+    (a timeout), drops the connection rather than reading on.
+    """
+
+    def __init__(self):
+        self.done = Deferred(lambda _: self._drop())
+        self._chunks = []
+        self._size = 0
+
+    def _drop(self):
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def dataReceived(self, data):
+        if self.done.called:
+            return
+        self._size += len(data)
+        if self._size > MAX_SMALL_ANSWER:
+            self._drop()
+            self.done.errback(RelayError(502, f"the relay's answer is longer than {MAX_SMALL_ANSWER} bytes"))
+        else:
+            self._chunks.append(data)
+
+    def connectionLost(self, reason):
+        if self.done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(b"".join(self._chunks))
+        else:
+            self.done.errback(reason)
+
+
+def _read_small(response):
+    body = _SmallBody()
+    response.deliverBody(body)
+    return body.done
 
 
 def _answered_error(code, body):
