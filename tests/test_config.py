@@ -132,6 +132,22 @@ class ErrorTests(ConfigTestCase):
             self.error(environ=BASE_ENV, path=path), f"allowedPeers (file {path}): an origin has no path: 'https://peer/path'"
         )
 
+    def test_url_errors_quote_no_credentials(self):
+        """A refused URL is quoted without its user, password, query or fragment: they may hold credentials."""
+        for name, value in (
+            ("UPSTREAM", "https://svc:hunter2@api.internal?key=k3y#fr4gment"),
+            ("ALLOWED_PEERS", "https://relay:tok3n@peer:99999"),
+            ("UPSTREAM", "gopher://svc:hunter2@api.internal/x?key=k3y"),
+        ):
+            message = self.error(environ=dict(BASE_ENV, **{name: value}))
+            self.assertTrue(message.startswith(f"{name} (environment): "), message)
+            for secret in ("hunter2", "tok3n", "k3y", "svc", "relay:", "fr4gment"):
+                self.assertNotIn(secret, message)
+        self.assertEqual(
+            self.error(environ=dict(BASE_ENV, UPSTREAM="https://svc:hunter2@api.internal/base?key=k3y")),
+            "UPSTREAM (environment): user, query and fragment are not allowed: 'https://api.internal/base'",
+        )
+
     def test_unknown_yaml_key(self):
         """A YAML key that is not a setting is an error naming the key and the file."""
         path = self.write_yaml("upstream: http://x\nupstreem: http://y\n")

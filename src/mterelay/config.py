@@ -12,7 +12,7 @@ import binascii
 import json
 import os
 import re
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import attrs
 import yaml
@@ -118,20 +118,25 @@ def _mapping(value):
     return {_text(k): _text(v) for k, v in value.items()}
 
 
+def _shown(parts):
+    """A URL as an error may quote it: without user, password, query and fragment, which can hold credentials."""
+    return repr(urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", "")))
+
+
 def _url(value, allow_path):
     text = _text(value)
     try:
         parts = urlsplit(text)
         port = parts.port
     except ValueError:
-        raise ValueError(f"not an http(s) URL: {text!r}") from None
+        raise ValueError("not an http(s) URL (it does not parse)") from None
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"not an http(s) URL: {text!r}")
+        raise ValueError(f"not an http(s) URL: {_shown(parts)}")
     if parts.username or parts.password or parts.query or parts.fragment:
-        raise ValueError(f"user, query and fragment are not allowed: {text!r}")
+        raise ValueError(f"user, query and fragment are not allowed: {_shown(parts)}")
     path = parts.path.rstrip("/")
     if path and not allow_path:
-        raise ValueError(f"an origin has no path: {text!r}")
+        raise ValueError(f"an origin has no path: {_shown(parts)}")
     scheme = parts.scheme.lower()
     host = parts.hostname.lower()
     if ":" in host:
