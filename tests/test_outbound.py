@@ -14,7 +14,7 @@ from treq.client import HTTPClient
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.web.client import FileBodyProducer
-from twisted.logger import Logger
+from twisted.logger import Logger, formatEvent, globalLogPublisher
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
@@ -96,6 +96,31 @@ class ChainTests(RelayHarness, TestCase):
     def test_no_plaintext_between_relays_mte(self):
         """The same holds for MTE."""
         return ensureDeferred(self._no_plaintext_between_relays("MTE"))
+
+    def test_logs_hold_no_application_path(self):
+        """Relay A logs its outbound requests, under DEBUG and when refused, without the path the app sent."""
+
+        async def run():
+            lines = []
+
+            def keep(event):
+                if event.get("log_namespace") == "mterelay.web":
+                    lines.append(formatEvent(event))
+
+            globalLogPublisher.addObserver(keep)
+            self.addCleanup(globalLogPublisher.removeObserver, keep)
+            a_url, _, _ = await self.start_relay(
+                self.upstream.url, outbound_token=TOKEN, allowed_peers=(self.peer,), debug=True
+            )
+            self.a_url = a_url
+            response, _ = await self.send("GET", "/echo/s3cret-path-token?k=v")
+            self.assertEqual(response.code, 200)
+            response, _ = await self.send("GET", "/echo/s3cret-path-token", token="wrong-token")
+            self.assertEqual(response.code, 401)
+            self.assertEqual(len([line for line in lines if "(outbound)" in line]), 2, lines)
+            self.assertNotIn("s3cret-path-token", "\n".join(lines))
+
+        return ensureDeferred(run())
 
     def test_answer_is_exact(self):
         """Status, every Set-Cookie, binary bodies, redirects and 204 travel back to the application unchanged."""

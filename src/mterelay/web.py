@@ -206,11 +206,13 @@ class RelaySite(server.Site):
         # Answers below 400 are logged under DEBUG only: a line per request costs more than relaying it.
         if request.code < 400 and not self.debug:
             return
+        # An outbound request's path is what the application asked the relay to protect: it is not logged.
+        outbound = request.requestHeaders.hasHeader(OUTBOUND_TOKEN_HEADER)
         log.emit(
             LogLevel.info if request.code >= 400 else LogLevel.debug,
             "{method} {path} {code} {sent}B" + (" request_id={request_id}" if request.request_id else ""),
             method=request.method.decode("latin-1"),
-            path=request.path.decode("latin-1")[:200],
+            path="(outbound)" if outbound else request.path.decode("latin-1")[:200],
             code=request.code,
             sent=request.sentLength,
             request_id=request.request_id,
