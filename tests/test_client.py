@@ -79,6 +79,26 @@ class ClientTests(RelayHarness, TestCase):
 
         return ensureDeferred(run())
 
+    def test_counter_behind_the_window_sent_again(self):
+        """
+        An MKE message whose counter fell behind the relay's window while it was sent (a long upload beside many
+        short requests) is refused with 563 before the upstream sees it, and the client sends it once more.
+        """
+
+        async def run():
+            client = self.client(self.relay_url)
+            pair = await client._pools["MKE"].acquire()
+            pair.next_counter = 5000
+            self.assertEqual((await client.request("GET", "/echo/ahead")).code, 200)
+            pair.next_counter = 1
+            sending = client.request("POST", "/echo/late", data=b"x" * 1000)  # reserves counter 1 at once
+            pair.next_counter = 5001  # the counters the other requests took meanwhile
+            response = await sending
+            self.assertEqual(json.loads(await response.content())["body_length"], 1000)
+            self.assertEqual([r.path for r in self.upstream.received], ["/echo/ahead", "/echo/late"])
+
+        return ensureDeferred(run())
+
     def test_cancelled_waiter_leaves_pool_whole(self):
         """A request cancelled while it waits for an MTE pair (its application went away) neither loses the pair nor
         stalls later requests; a wait longer than the client's timeout is answered 503."""

@@ -60,6 +60,13 @@ MAX_SMALL_ANSWER = 1 << 16
 _FRAMING = (b"content-length", b"transfer-encoding", b"host")
 
 
+class CounterRefused(RelayError):
+    """
+    The relay refused an MKE message's counter (563) before anything went upstream: the receive window moved on
+    while a long request was sent. The client sends it once more with a new counter.
+    """
+
+
 class RepairNeeded(RelayError):
     """The relay refused the pair or the client id with a re-pair code; the client pairs again before retrying."""
 
@@ -434,9 +441,9 @@ class Client:
         for attempt in (1, 2):
             try:
                 return await self._send(method, target, pairs, source, length, encode_type, encode_headers, encode_url)
-            except RepairNeeded as e:
+            except (RepairNeeded, CounterRefused) as e:
                 log.info(
-                    "relay {relay} asked to pair again ({code}); attempt {attempt}",
+                    "relay {relay} refused the message ({code}); attempt {attempt}",
                     relay=self.relay,
                     code=e.code,
                     attempt=attempt,
@@ -506,6 +513,9 @@ class Client:
             # The relay answered itself (a JSON error). An MTE pair is dropped: whether the relay moved its ratchet
             # before failing cannot be told from here.
             pool.discard(pair) if encode_type == "MTE" else pool.release(pair)
+            if encode_type == "MKE" and response.code == 563:
+                await self._read_off(response)
+                raise CounterRefused(563, "the relay refused the message counter")
             return RelayResponse(response.code, response.phrase, response.headers, response, None, relay_error=True)
         try:
             opened = self._open_response(response, method, relay, response_keys)
