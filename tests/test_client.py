@@ -99,6 +99,28 @@ class ClientTests(RelayHarness, TestCase):
 
         return ensureDeferred(run())
 
+    def test_headers_too_many_or_too_long_to_encode(self):
+        """
+        Request headers the relay could not open are refused before anything is sent (431), and an upstream answer
+        with more headers than a block holds is answered 561 by the relay instead of an answer the client refuses.
+        """
+
+        async def run():
+            client = self.client(self.relay_url)
+            for headers in ([(b"x-h", b"v")] * 300, {"cookie": "c" * 9000}):
+                with self.assertRaises(RelayError) as ctx:
+                    await client.request("GET", "/echo/x", headers=headers)
+                self.assertEqual(ctx.exception.code, 431)
+            self.assertEqual(self.upstream.received, [])
+            for encode_type in ("MKE", "MTE"):
+                response = await client.request("GET", "/cookies/300", encode_type=encode_type)
+                self.assertEqual((response.code, (await response.json())["code"]), (561, 561))
+                response = await client.request("GET", "/cookies/200", encode_type=encode_type)
+                self.assertEqual((response.code, len(response.headers.getRawHeaders("set-cookie"))), (200, 200))
+                await response.content()
+
+        return ensureDeferred(run())
+
     def test_cancelled_waiter_leaves_pool_whole(self):
         """A request cancelled while it waits for an MTE pair (its application went away) neither loses the pair nor
         stalls later requests; a wait longer than the client's timeout is answered 503."""

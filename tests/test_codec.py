@@ -12,6 +12,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mterelay.codec import (
     HEADERS,
+    MAX_HEADER_BLOCK,
+    MAX_HEADER_PAIRS,
     RECORD_SIZE,
     URL,
     ClientPairing,
@@ -599,9 +601,19 @@ class HeaderTests(CodeAssertions, SynchronousTestCase):
             b'[["","b"]]',
             b"\xff",
             b'[["\\u0100","b"]]',
-            encode_header_block([(b"a", b"b")] * 257),
+            b'[["a","b"]' + b',["a","b"]' * 256 + b"]",
         ):
             self.assertCode(562, decode_header_block, bad)
+
+    def test_header_block_bounds_refused_when_sealing(self):
+        """A block the other side could not open (too many pairs, too long) is refused when it is made, at the limits
+        exactly as the opening side sets them."""
+        self.assertEqual(len(decode_header_block(encode_header_block([(b"a", b"b")] * MAX_HEADER_PAIRS))), 256)
+        self.assertRaises(ValueError, encode_header_block, [(b"a", b"b")] * (MAX_HEADER_PAIRS + 1))
+        overhead = len(encode_header_block([(b"a", b"")]))
+        longest = [(b"a", b"v" * (MAX_HEADER_BLOCK - overhead))]
+        self.assertEqual(len(encode_header_block(longest)), MAX_HEADER_BLOCK)
+        self.assertRaises(ValueError, encode_header_block, [(b"a", b"v" * (MAX_HEADER_BLOCK - overhead + 1))])
 
 
 class Base64Tests(CodeAssertions, SynchronousTestCase):

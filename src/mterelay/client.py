@@ -463,11 +463,15 @@ class Client:
         return (parts.path or "/").encode("latin-1") + (b"?" + parts.query.encode("latin-1") if parts.query else b"")
 
     async def _send(self, method, target, pairs, source, length, encode_type, encode_headers, encode_url):
+        protected, visible = _split_headers(pairs, encode_headers)
+        try:
+            plain_block = encode_header_block(protected)
+        except ValueError as e:
+            raise RelayError(431, str(e)) from None
         pool = self._pools[encode_type]
         pair = await pool.acquire()
         try:
             counter, request_keys, response_keys = pair.message_keys()
-            protected, visible = _split_headers(pairs, encode_headers)
             out = Headers({CLIENT_ID_HEADER: [self._token.encode("ascii")]})
             for name, value in visible:
                 out.addRawHeader(name, value)
@@ -484,7 +488,7 @@ class Client:
             binding = request_binding(method, None if encode_url else target, relay.flags)
             out.setRawHeaders(RELAY_HEADER, [relay.format().encode("ascii")])
             # Always a header block (empty when headers stay visible): it authenticates even a bodiless GET.
-            block = request_keys.seal(HEADERS, encode_header_block(protected), binding)
+            block = request_keys.seal(HEADERS, plain_block, binding)
             out.setRawHeaders(ENCODED_HEADERS, [b64encode(block).encode("ascii")])
             if has_body and relay.headers:
                 out.setRawHeaders(b"content-type", [b"application/octet-stream"])

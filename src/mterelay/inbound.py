@@ -354,7 +354,11 @@ class Inbound:
             streaming=has_body and response.length is UNKNOWN_LENGTH,
         )
         binding = response_binding(status, relay.flags)
-        sealed = keys.seal(HEADERS, encode_header_block(protected), binding)
+        try:
+            block = encode_header_block(protected)
+        except ValueError as e:
+            raise RelayError(561, f"the upstream answer cannot be encoded: {e}") from None
+        sealed = keys.seal(HEADERS, block, binding)
         request.setHeader(RELAY_HEADER, relay.format().encode("ascii"))
         request.setHeader(ENCODED_HEADERS, b64encode(sealed).encode("ascii"))
         if not has_body:

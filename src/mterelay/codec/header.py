@@ -25,6 +25,9 @@ VERSION_HEADER = b"x-mte-relay-version"
 MAX_LENGTH = 200
 #: Most [name, value] pairs in one header block.
 MAX_HEADER_PAIRS = 256
+#: Longest plain header block, in bytes: sealed and base64url-encoded (4/3 as long) it must fit, beside the other
+#: headers, in the 16 KiB head that Twisted's HTTP server accepts.
+MAX_HEADER_BLOCK = 8192
 
 _COUNTER = re.compile(r"0|[1-9][0-9]{0,19}")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -109,8 +112,16 @@ def encode_header_block(pairs):
     """
     The plain header-block item: a JSON array of ``[name, value]`` strings, bytes mapped one-to-one by Latin-1 so
     every header byte survives; repeated names (several Set-Cookie) stay separate pairs, in order.
+
+    Raises ``ValueError`` for more than ``MAX_HEADER_PAIRS`` pairs or a block over ``MAX_HEADER_BLOCK`` bytes: the
+    other side would refuse to open it, so it is refused before anything is sent.
     """
-    return _COMPACT.encode([[name.decode("latin-1"), value.decode("latin-1")] for name, value in pairs]).encode("ascii")
+    if len(pairs) > MAX_HEADER_PAIRS:
+        raise ValueError(f"{len(pairs)} headers are more than the {MAX_HEADER_PAIRS} a header block holds")
+    block = _COMPACT.encode([[name.decode("latin-1"), value.decode("latin-1")] for name, value in pairs])
+    if len(block) > MAX_HEADER_BLOCK:
+        raise ValueError(f"the headers take {len(block)} bytes, more than the {MAX_HEADER_BLOCK} a header block holds")
+    return block.encode("ascii")
 
 
 def decode_header_block(data):
