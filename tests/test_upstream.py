@@ -305,6 +305,51 @@ class StreamResponseTests(SynchronousTestCase):
         request.producer.resumeProducing()
         self.assertEqual(response.transport.producerState, "producing")
 
+    def test_silent_upstream_broken_off(self):
+        """An upstream that sends nothing for the idle timeout while the client keeps up is broken off (504)."""
+        clock = Clock()
+        response = FakeResponse()
+        request = client_request()
+        done = stream_response(response, request, clock=clock, idle_timeout=10)
+        for _ in range(3):
+            clock.advance(9)
+            response.protocol.dataReceived(b"more")
+        self.assertNoResult(done)
+        clock.advance(10)
+        self.assertEqual(self.failureResultOf(done, RelayError).value.detail, "the upstream stopped sending its body")
+        self.assertTrue(response.transport.stopped)
+        self.assertTrue(request.transport.disconnecting)
+
+    def test_client_that_stops_reading_broken_off(self):
+        """A client that reads nothing for the idle timeout (the upstream paused for it) is broken off, both sides."""
+        clock = Clock()
+        response = FakeResponse()
+        request = client_request()
+        done = stream_response(response, request, clock=clock, idle_timeout=10)
+        request.producer.pauseProducing()
+        clock.advance(9)
+        request.producer.resumeProducing()  # it read a little
+        request.producer.pauseProducing()
+        clock.advance(9)
+        self.assertNoResult(done)
+        clock.advance(1)
+        self.assertEqual(self.failureResultOf(done, RelayError).value.detail, "the client stopped reading the answer")
+        self.assertTrue(response.transport.stopped)
+        self.assertTrue(request.transport.disconnecting)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_pause_after_the_end_arms_nothing(self):
+        """A client pausing the relay while the last of the body is written (the upstream is done) leaves no timer."""
+        clock = Clock()
+        response = FakeResponse()
+        request = client_request()
+        done = stream_response(response, request, Upper(), clock=clock, idle_timeout=10)
+        producer = request.producer
+        request.write = lambda data: producer.pauseProducing()  # the client's buffer fills on the tail
+        response.protocol.connectionLost(Failure(ResponseDone()))
+        self.assertIsNone(self.successResultOf(done))
+        self.assertEqual(clock.getDelayedCalls(), [])
+
     def test_upstream_breaks_off(self):
         """An upstream failure after the answer started aborts the client connection instead of finishing it."""
         response = FakeResponse()

@@ -273,8 +273,9 @@ def abort_client(request):
 
 class _BodyRelay(Protocol):
     """
-    Writes an upstream body into a twisted.web request, pausing the upstream while the client is slow, and breaking
-    both off when the upstream sends nothing for ``idle_timeout`` seconds (on ``clock``) while we wait for it.
+    Writes an upstream body into a twisted.web request, pausing the upstream while the client is slow. Both are
+    broken off when, for ``idle_timeout`` seconds (on ``clock``), the upstream sends nothing while we wait for it, or
+    the client reads nothing while the upstream waits for it (twisted.web's own timeout is off while it answers).
     """
 
     def __init__(self, request, transform, done, clock=None, idle_timeout=None):
@@ -282,6 +283,7 @@ class _BodyRelay(Protocol):
         self._transform = transform
         self._done = done
         self._stopped = False
+        self._ended = False  # the upstream body ended: nothing left to wait for on either side
         self._clock = clock
         self._idle_timeout = idle_timeout
         self._idle = None
@@ -295,13 +297,16 @@ class _BodyRelay(Protocol):
         self._request.registerProducer(self, True)
         self._arm()
 
-    def _arm(self):
+    def _arm(self, expired=None):
+        """Start (or restart) the idle timer: ``expired`` (default: the upstream's idleness) runs when it ends."""
         if self._clock is None or self._idle_timeout is None:
             return
-        if self._idle is not None and self._idle.active():
+        expired = expired or self._idled
+        if self._idle is not None and self._idle.active() and self._idle.func == expired:
             self._idle.reset(self._idle_timeout)
         else:
-            self._idle = self._clock.callLater(self._idle_timeout, self._idled)
+            self._disarm()
+            self._idle = self._clock.callLater(self._idle_timeout, expired)
 
     def _disarm(self):
         if self._idle is not None and self._idle.active():
@@ -311,10 +316,16 @@ class _BodyRelay(Protocol):
         log.info("upstream body stalled for {seconds} s: breaking off", seconds=self._idle_timeout)
         self._break(Failure(RelayError(504, "the upstream stopped sending its body")))
 
+    def _stalled(self):
+        log.info("client read nothing for {seconds} s: breaking off", seconds=self._idle_timeout)
+        self._break(Failure(RelayError(504, "the client stopped reading the answer")))
+
     def pauseProducing(self):
-        # Waiting for our client is not the upstream's idleness (the client side has its own timeout).
-        self._disarm()
+        # Waiting for our client is not the upstream's idleness, but a client that never reads again must not hold
+        # both connections for good.
         self.transport.pauseProducing()
+        if not self._ended:
+            self._arm(self._stalled)
 
     def resumeProducing(self):
         self.transport.resumeProducing()
@@ -340,6 +351,7 @@ class _BodyRelay(Protocol):
             self._request.write(piece)
 
     def connectionLost(self, reason):
+        self._ended = True
         self._disarm()
         if self._stopped:
             self._settle(reason)
