@@ -303,6 +303,28 @@ class _Tamperer(WireRecorder):
         return data.replace(self.old, self.new) if direction == "<" else data
 
 
+class ImpossibleLengthTests(RelayHarness, TestCase):
+    def test_answer_with_impossible_length_refused(self):
+        """An answer whose Content-Length no encoded body has (changed in transit) is refused by A with 562, with
+        none of the upstream's headers, rather than streamed."""
+
+        async def run():
+            upstream = await self.start_upstream()
+            b_url, _, _ = await self.start_relay(upstream.url)
+            tamperer = _Tamperer("127.0.0.1", int(b_url.rsplit(":", 1)[1]), b"Length: 1040\r\n", b"Length:   15\r\n")
+            peer = f"http://127.0.0.1:{await serve(self, tamperer)}"
+            a_url, _, _ = await self.start_relay(upstream.url, outbound_token=TOKEN, allowed_peers=(peer,))
+            response = await HTTPClient(agent(self)).get(
+                a_url + "/bytes/1024", headers={"x-mte-outbound-token": TOKEN, "x-mte-upstream": peer}
+            )
+            body = json.loads(await response.content())
+            self.assertEqual((response.code, body["code"]), (562, 562))
+            self.assertIn("length", body["message"])
+            self.assertFalse(response.headers.hasHeader(b"x-upstream"))
+
+        return ensureDeferred(run())
+
+
 class _FailingBalancer(Resource):
     """
     A load balancer in front of relay B that passes the pairing endpoints (``/api/...``) through and answers every

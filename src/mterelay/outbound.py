@@ -15,10 +15,10 @@ from twisted.web import server
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from mterelay.client import Client
-from mterelay.codec import b64decode
+from mterelay.codec import CodecError, b64decode
 from mterelay.config import normalize_origin
 from mterelay.errors import RelayError
-from mterelay.upstream import abort_client, end_to_end, merge_end_to_end, stream_response
+from mterelay.upstream import abort_client, discard_body, end_to_end, merge_end_to_end, stream_response
 from mterelay.web import send_error
 
 log = Logger()
@@ -152,17 +152,22 @@ class Outbound:
         response = await client.request(
             request.method, request.uri, headers=headers, data=content if has_body else None, **options
         )
-        request.setResponseCode(response.code, response.phrase)
-        merge_end_to_end(response.headers, request.responseHeaders)
         original = response.original
+        length = UNKNOWN_LENGTH
         if response.decoder is not None or response.relay_error:
             # A relay's own error has a length; a balancer's error page between the relays may be chunked.
             length = original.length
-            if length is not UNKNOWN_LENGTH:
-                if response.decoder is not None:
+            if length is not UNKNOWN_LENGTH and response.decoder is not None:
+                try:
                     length = response.decoder.output_length(length)
-                request.setHeader(b"content-length", b"%d" % length)
-        else:
+                except CodecError:
+                    discard_body(original)
+                    raise RelayError(562, "the peer relay's answer has a length no encoded body has") from None
+        request.setResponseCode(response.code, response.phrase)
+        merge_end_to_end(response.headers, request.responseHeaders)
+        if length is not UNKNOWN_LENGTH:
+            request.setHeader(b"content-length", b"%d" % length)
+        elif response.decoder is None and not response.relay_error:
             # No body (HEAD, 204, 304): the length the upstream declared travelled in the sealed block.
             for value in response.headers.getRawHeaders(b"content-length", [])[-1:]:
                 request.setHeader(b"content-length", value)

@@ -421,6 +421,11 @@ class _Discard(Protocol):
         self.transport.stopProducing()
 
 
+def discard_body(response):
+    """Drop ``response``'s body unread (its connection closes), so that it is neither buffered nor left pending."""
+    response.deliverBody(_Discard())
+
+
 def upstream_error(failure):
     """The ``RelayError`` that answers a failed upstream request: a transform's own error (504 on timeout), else 502."""
     if failure.check(RelayError):
@@ -468,12 +473,12 @@ async def forward(request, upstream, url, headers, clock, timeout, request_trans
         log.info("upstream request failed: {code} {reason}", code=error.code, reason=error.detail)
         raise error from None
     if client_gone:
-        response.deliverBody(_Discard())
+        discard_body(response)
         return None
     try:
         transform = None if prepare_response is None else prepare_response(response, request)
     except RelayError:
-        response.deliverBody(_Discard())
+        discard_body(response)
         raise
     copy_response_head(response, request, transform)
     try:
