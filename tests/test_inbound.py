@@ -9,7 +9,9 @@ import os
 import tempfile
 
 from twisted.internet import reactor
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock, Cooperator, deferLater
 from twisted.trial.unittest import TestCase
 
@@ -300,6 +302,26 @@ class RefusalTests(RelayHarness, TestCase):
 
         return ensureDeferred(run())
 
+    def test_malformed_http_answered_with_json(self):
+        """Requests that are not well-formed HTTP/1.1, or whose head is too long, get a JSON 400 or 431 and a close."""
+
+        async def run():
+            port = int(self.relay_url.rsplit(":", 1)[1])
+            cases = (
+                (b"POST /echo/x HTTP/1.1\r\nHost: a\r\nContent-Length: abc\r\n\r\n", 400),
+                (b"POST /echo/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
+                (b"GET /echo/x HTTP/1.1\r\nx-mte-relay-eh: " + b"a" * 20000 + b"\r\n\r\n", 431),
+                (b"GET /echo/x HTTP/1.1\r\nx-h: " + b"a" * 8000 + b"\r\nx-i: " + b"a" * 9000 + b"\r\n\r\n", 431),
+            )
+            for request, code in cases:
+                answer = await raw_exchange(port, request)
+                head, _, body = answer.partition(b"\r\n\r\n")
+                self.assertTrue(head.startswith(b"HTTP/1.1 %d " % code), head)
+                self.assertEqual(json.loads(body)["code"], code)
+            self.assertEqual(self.upstream.received, [])
+
+        return ensureDeferred(run())
+
     def test_missing_relay_header(self):
         """A request on an MTE route without x-mte-relay is answered 569."""
 
@@ -416,6 +438,29 @@ class RefusalTests(RelayHarness, TestCase):
             self.assertNotIn(SECRET.encode(), body)
 
         return ensureDeferred(run())
+
+
+class _Collect(Protocol):
+    def __init__(self, request):
+        self.request = request
+        self.received = []
+        self.closed = Deferred()
+
+    def connectionMade(self):
+        self.transport.write(self.request)
+
+    def dataReceived(self, data):
+        self.received.append(data)
+
+    def connectionLost(self, reason):
+        self.closed.callback(b"".join(self.received))
+
+
+async def raw_exchange(port, request):
+    """Send ``request`` bytes to 127.0.0.1:``port``; everything received until the server closed the connection."""
+    collect = _Collect(request)
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), collect)
+    return await collect.closed.addTimeout(10, reactor)
 
 
 class AbandonedVerificationTests(RelayHarness, TestCase):

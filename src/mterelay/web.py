@@ -18,7 +18,7 @@ from urllib.parse import unquote
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.logger import Logger, LogLevel
-from twisted.web import server
+from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from mterelay import logs
@@ -139,7 +139,7 @@ class StopInOrder(MultiService):
         stopping = succeed(None)
         for child in reversed(list(self)):
             stopping.addCallback(lambda _, child=child: child.stopService())
-            stopping.addErrback(lambda failure, child=child: log.failure("{child} failed to stop", failure, child=child))
+            stopping.addErrback(lambda failure, c=child: log.failure("{child} failed to stop", failure, child=c))
         return stopping
 
 
@@ -183,6 +183,31 @@ class RelayRequest(server.Request):
         log.info("refused a request body over {limit} bytes", limit=self.channel.site.max_body_size)
 
 
+class RelayChannel(http.HTTPChannel):
+    """
+    An HTTP/1.1 channel whose refusals of malformed requests are the relay's short JSON errors: 431 for a request
+    line or head over Twisted's 16 KiB, 400 for anything else that is not well-formed HTTP/1.1 (bad request line,
+    header, Content-Length or chunked framing). Twisted itself answers a bare status line, or closes the connection.
+    """
+
+    def lineLengthExceeded(self, line):
+        self._refuse(RelayError(431, f"a request line or header is longer than {self.MAX_LENGTH} bytes"))
+
+    def _respondToBadRequestAndDisconnect(self):
+        if self._receivedHeaderSize > self.totalHeadersSize:
+            self._refuse(RelayError(431, f"the request's head is longer than {self.totalHeadersSize} bytes"))
+        else:
+            self._refuse(RelayError(400, "the request is not well-formed HTTP/1.1"))
+
+    _REASONS = {400: b"Bad Request", 431: b"Request Header Fields Too Large"}
+
+    def _refuse(self, error):
+        body = error.body()
+        head = b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+        self.transport.write(head % (error.code, self._REASONS[error.code], len(body)) + body)
+        self.loseConnection()
+
+
 class RelaySite(server.Site):
     """
     The relay's ``Site``: ``RelayRequest``s and one structured access-log event per request (no query, no body), at
@@ -190,6 +215,8 @@ class RelaySite(server.Site):
     """
 
     requestFactory = RelayRequest
+    # The channel alone, without Twisted's HTTP/2-negotiating wrapper: the relay speaks HTTP/1.1.
+    protocol = RelayChannel
     noisy = False
 
     def __init__(self, resource, settings):
