@@ -303,20 +303,26 @@ class RefusalTests(RelayHarness, TestCase):
         return ensureDeferred(run())
 
     def test_malformed_http_answered_with_json(self):
-        """Requests that are not well-formed HTTP/1.1, or whose head is too long, get a JSON 400 or 431 and a close."""
+        """
+        Requests that are not well-formed HTTP/1.1, or whose head is too long or has too many headers, get a JSON 400
+        or 431 with the configured HEADERS, and a close.
+        """
 
         async def run():
-            port = int(self.relay_url.rsplit(":", 1)[1])
+            url, _, _ = await self.start_relay(self.upstream.url, headers=(("x-relay-test", "1"),))
+            port = int(url.rsplit(":", 1)[1])
             cases = (
                 (b"POST /echo/x HTTP/1.1\r\nHost: a\r\nContent-Length: abc\r\n\r\n", 400),
                 (b"POST /echo/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
                 (b"GET /echo/x HTTP/1.1\r\nx-mte-relay-eh: " + b"a" * 20000 + b"\r\n\r\n", 431),
                 (b"GET /echo/x HTTP/1.1\r\nx-h: " + b"a" * 8000 + b"\r\nx-i: " + b"a" * 9000 + b"\r\n\r\n", 431),
+                (b"GET /echo/x HTTP/1.1\r\n" + b"x-h: a\r\n" * 600 + b"\r\n", 431),
             )
             for request, code in cases:
                 answer = await raw_exchange(port, request)
                 head, _, body = answer.partition(b"\r\n\r\n")
                 self.assertTrue(head.startswith(b"HTTP/1.1 %d " % code), head)
+                self.assertIn(b"\r\nx-relay-test: 1", head)
                 self.assertEqual(json.loads(body)["code"], code)
             self.assertEqual(self.upstream.received, [])
 

@@ -174,12 +174,7 @@ class RelayRequest(server.Request):
         # The body is never read: answer at once and close, so the client stops sending. No "100 Continue" either.
         self._refused = True
         self.requestHeaders.removeHeader(b"expect")
-        body = RelayError(413).body()
-        head = [b"HTTP/1.1 413 Payload Too Large", b"Content-Type: application/json", b"Connection: close"]
-        head += [b"%s: %s" % (n.encode("latin-1"), v.encode("latin-1")) for n, v in self.channel.site.headers]
-        head.append(b"Content-Length: %d" % (len(body),))
-        self.channel.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
-        self.channel.loseConnection()
+        _answer_and_close(self.channel, RelayError(413))
         log.info("refused a request body over {limit} bytes", limit=self.channel.site.max_body_size)
 
 
@@ -191,21 +186,32 @@ class RelayChannel(http.HTTPChannel):
     """
 
     def lineLengthExceeded(self, line):
-        self._refuse(RelayError(431, f"a request line or header is longer than {self.MAX_LENGTH} bytes"))
+        _answer_and_close(self, RelayError(431, f"a request line or header is longer than {self.MAX_LENGTH} bytes"))
 
     def _respondToBadRequestAndDisconnect(self):
         if self._receivedHeaderSize > self.totalHeadersSize:
-            self._refuse(RelayError(431, f"the request's head is longer than {self.totalHeadersSize} bytes"))
+            error = RelayError(431, f"the request's head is longer than {self.totalHeadersSize} bytes")
+        elif self._receivedHeaderCount > self.maxHeaders:
+            error = RelayError(431, f"the request has more than {self.maxHeaders} headers")
         else:
-            self._refuse(RelayError(400, "the request is not well-formed HTTP/1.1"))
+            error = RelayError(400, "the request is not well-formed HTTP/1.1")
+        _answer_and_close(self, error)
 
-    _REASONS = {400: b"Bad Request", 431: b"Request Header Fields Too Large"}
 
-    def _refuse(self, error):
-        body = error.body()
-        head = b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
-        self.transport.write(head % (error.code, self._REASONS[error.code], len(body)) + body)
-        self.loseConnection()
+_REASONS = {400: b"Bad Request", 413: b"Payload Too Large", 431: b"Request Header Fields Too Large"}
+
+
+def _answer_and_close(channel, error):
+    """
+    Answer ``error`` straight on ``channel``'s connection, then close it: for refusals made before (or instead of)
+    reading a whole request, when there is no request to answer through.
+    """
+    body = error.body()
+    head = [b"HTTP/1.1 %d %s" % (error.code, _REASONS[error.code]), b"Content-Type: application/json"]
+    head += [b"Connection: close", b"Content-Length: %d" % (len(body),)]
+    head += [b"%s: %s" % (n.encode("latin-1"), v.encode("latin-1")) for n, v in channel.site.headers]
+    channel.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+    channel.loseConnection()
 
 
 class RelaySite(server.Site):
