@@ -101,20 +101,30 @@ class ClientTests(RelayHarness, TestCase):
 
     def test_headers_too_many_or_too_long_to_encode(self):
         """
-        Request headers the relay could not open are refused before anything is sent (431), and an upstream answer
-        with more headers than a block holds is answered 561 by the relay instead of an answer the client refuses.
+        Request headers a block cannot hold are refused before anything is sent (431), a request head too long for
+        the relay is answered 431 by the relay, and an upstream answer with more headers than a block holds is
+        answered 561 instead of an answer the client refuses; up to the bounds, long headers pass both ways.
         """
 
         async def run():
             client = self.client(self.relay_url)
-            for headers in ([(b"x-h", b"v")] * 300, {"cookie": "c" * 9000}):
+            for headers in ([(b"x-h", b"v")] * 300, {"cookie": "c" * 12000}):
                 with self.assertRaises(RelayError) as ctx:
                     await client.request("GET", "/echo/x", headers=headers)
                 self.assertEqual(ctx.exception.code, 431)
+            # Within the block's bounds, but the whole head (the encoded URL too) is over what the relay reads.
+            response = await client.request("GET", "/echo/" + "p" * 4000, headers={"cookie": "c" * 11000})
+            self.assertEqual((response.code, (await response.json())["code"]), (431, 431))
             self.assertEqual(self.upstream.received, [])
+            response = await client.request("GET", "/echo/x", headers={"cookie": "c" * 11000})
+            self.assertEqual(json.loads(await response.content())["headers"]["cookie"], ["c" * 11000])
             for encode_type in ("MKE", "MTE"):
-                response = await client.request("GET", "/cookies/300", encode_type=encode_type)
-                self.assertEqual((response.code, (await response.json())["code"]), (561, 561))
+                for path in ("/cookies/300", "/cookies/1?pad=12000"):
+                    response = await client.request("GET", path, encode_type=encode_type)
+                    self.assertEqual((response.code, (await response.json())["code"]), (561, 561))
+                response = await client.request("GET", "/cookies/1?pad=10000", encode_type=encode_type)
+                self.assertEqual(len(response.headers.getRawHeaders("set-cookie")[0]), len("c0=v0; Path=/") + 10000)
+                await response.content()
                 response = await client.request("GET", "/cookies/200", encode_type=encode_type)
                 self.assertEqual((response.code, len(response.headers.getRawHeaders("set-cookie"))), (200, 200))
                 await response.content()

@@ -613,6 +613,8 @@ class HeaderTests(CodeAssertions, SynchronousTestCase):
         overhead = len(encode_header_block([(b"a", b"")]))
         longest = [(b"a", b"v" * (MAX_HEADER_BLOCK - overhead))]
         self.assertEqual(len(encode_header_block(longest)), MAX_HEADER_BLOCK)
+        self.assertEqual(decode_header_block(encode_header_block(longest)), longest)
+        self.assertCode(562, decode_header_block, encode_header_block(longest)[:-2] + b'v"]]')
         self.assertRaises(ValueError, encode_header_block, [(b"a", b"v" * (MAX_HEADER_BLOCK - overhead + 1))])
 
 

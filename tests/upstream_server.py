@@ -19,7 +19,7 @@ Paths (anything else behaves like ``/echo``):
 ``/status/<code>``
     Answers ``code`` (no body for 204 and 304), with the JSON summary otherwise.
 ``/cookies/<n>``
-    200 with ``n`` Set-Cookie headers ``c<i>=v<i>; Path=/``.
+    200 with ``n`` Set-Cookie headers ``c<i>=v<i>; Path=/``; ``?pad=<k>`` adds ``k`` bytes to each value.
 ``/redirect?to=<url>``
     302 to ``url``.
 ``/bytes/<n>``
@@ -136,8 +136,9 @@ class _Upstream(Resource):
             if int(argument) in (204, 304):
                 return b""
         elif route == "cookies":
+            pad = "x" * int(query.get("pad", ["0"])[0])
             request.responseHeaders.setRawHeaders(
-                b"set-cookie", [f"c{i}=v{i}; Path=/".encode() for i in range(int(argument))]
+                b"set-cookie", [f"c{i}=v{i}{pad}; Path=/".encode() for i in range(int(argument))]
             )
         elif route == "redirect":
             request.setResponseCode(302)

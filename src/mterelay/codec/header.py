@@ -25,9 +25,9 @@ VERSION_HEADER = b"x-mte-relay-version"
 MAX_LENGTH = 200
 #: Most [name, value] pairs in one header block.
 MAX_HEADER_PAIRS = 256
-#: Longest plain header block, in bytes: sealed and base64url-encoded (4/3 as long) it must fit, beside the other
-#: headers, in the 16 KiB head that Twisted's HTTP server accepts.
-MAX_HEADER_BLOCK = 8192
+#: Longest plain header block, in bytes: sealed (16 bytes more) and base64url-encoded (4/3 as long), its
+#: ``x-mte-relay-eh`` line is at most 16,038 bytes, within the 16 KiB line that Twisted's HTTP client and server read.
+MAX_HEADER_BLOCK = 12000
 
 _COUNTER = re.compile(r"0|[1-9][0-9]{0,19}")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -131,6 +131,8 @@ def decode_header_block(data):
     header can split or forge another.
     """
     try:
+        if len(data) > MAX_HEADER_BLOCK:
+            raise ValueError
         pairs = json.loads(data)
         if not isinstance(pairs, list) or len(pairs) > MAX_HEADER_PAIRS:
             raise ValueError
