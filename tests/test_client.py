@@ -316,6 +316,20 @@ class MTEPoolTests(SynchronousTestCase):
         self.assertIs(self.successResultOf(later), replacement)
 
 
+    def test_failed_replacement_leaves_no_waiter_stranded(self):
+        """A replacement pairing that fails fails its own waiter; the next waiter gets a pairing of its own."""
+        first = ensureDeferred(self.pool.acquire())
+        pair = self._paired()
+        self.successResultOf(first)
+        waiters = [ensureDeferred(self.pool.acquire()) for _ in range(2)]
+        self.pool.discard(pair)
+        self.pairings[-1].errback(RelayError(565, "pairing failed"))
+        self.assertEqual(self.failureResultOf(waiters[0], RelayError).value.code, 565)
+        self.assertEqual(len(self.pairings), 3)
+        replacement = self._paired()
+        self.assertIs(self.successResultOf(waiters[1]), replacement)
+
+
 class KeygenTests(SynchronousTestCase):
     def test_writes_private_key_and_prints_public(self):
         """The key file is private (0600), loads as the identity whose public key was printed, and is not overwritten."""

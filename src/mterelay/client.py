@@ -209,18 +209,26 @@ class _Pool:
         if pair.generation != self._generation:
             return
         self._count -= 1
-        if self._waiting:
-            # Someone waits for a pair: pair a replacement for them (or for whoever waits next, if they give up).
-            waiter = self._waiting.popleft()
+        self._pair_for_next()
 
-            def paired(pair):
-                self.release(pair) if waiter.called else waiter.callback(pair)
+    def _pair_for_next(self):
+        """
+        Pair for the first waiter while a slot is free. The pair goes to whoever waits next if that waiter gave up
+        meanwhile; a failure goes to that waiter, and the next one gets a pairing of its own.
+        """
+        if not self._waiting or self._count >= self._size:
+            return
+        waiter = self._waiting.popleft()
 
-            def failed(failure):
-                if not waiter.called:
-                    waiter.errback(failure)
+        def paired(pair):
+            self.release(pair) if waiter.called else waiter.callback(pair)
 
-            ensureDeferred(self._new_pair()).addCallbacks(paired, failed)
+        def failed(failure):
+            if not waiter.called:
+                waiter.errback(failure)
+            self._pair_for_next()
+
+        ensureDeferred(self._new_pair()).addCallbacks(paired, failed)
 
     def clear(self):
         self._generation += 1
