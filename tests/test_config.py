@@ -125,11 +125,11 @@ class ErrorTests(ConfigTestCase):
             "UPSTREAM (environment): not an http(s) URL: 'ftp://x'",
         )
         self.assertEqual(
-            self.error({"upstream": "no-scheme"}, BASE_ENV), "--upstream (flag): not an http(s) URL: 'no-scheme'"
+            self.error({"upstream": "no-scheme"}, BASE_ENV), "--upstream (flag): not an http(s) URL: no host"
         )
         path = self.write_yaml("allowedPeers:\n- https://peer/path\n")
         self.assertEqual(
-            self.error(environ=BASE_ENV, path=path), f"allowedPeers (file {path}): an origin has no path: 'https://peer/path'"
+            self.error(environ=BASE_ENV, path=path), f"allowedPeers (file {path}): an origin has no path: 'https://peer'"
         )
 
     def test_url_errors_quote_no_credentials(self):
@@ -138,14 +138,17 @@ class ErrorTests(ConfigTestCase):
             ("UPSTREAM", "https://svc:hunter2@api.internal?key=k3y#fr4gment"),
             ("ALLOWED_PEERS", "https://relay:tok3n@peer:99999"),
             ("UPSTREAM", "gopher://svc:hunter2@api.internal/x?key=k3y"),
+            ("ALLOWED_PEERS", "https://peer.internal/hooks/T0KEN-s3cret"),
+            ("PEER_PINS", '{"https://svc:hunter2@peer.internal": "AAAA"}'),
+            ("PEER_PINS", '{"https://peer.internal/T0KEN-s3cret": "AAAA"}'),
         ):
             message = self.error(environ=dict(BASE_ENV, **{name: value}))
             self.assertTrue(message.startswith(f"{name} (environment): "), message)
-            for secret in ("hunter2", "tok3n", "k3y", "svc", "relay:", "fr4gment"):
+            for secret in ("hunter2", "tok3n", "k3y", "svc", "relay:", "fr4gment", "s3cret"):
                 self.assertNotIn(secret, message)
         self.assertEqual(
             self.error(environ=dict(BASE_ENV, UPSTREAM="https://svc:hunter2@api.internal/base?key=k3y")),
-            "UPSTREAM (environment): user, query and fragment are not allowed: 'https://api.internal/base'",
+            "UPSTREAM (environment): user, query and fragment are not allowed: 'https://api.internal'",
         )
 
     def test_unknown_yaml_key(self):

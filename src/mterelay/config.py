@@ -119,8 +119,8 @@ def _mapping(value):
 
 
 def _shown(parts):
-    """A URL as an error may quote it: without user, password, query and fragment, which can hold credentials."""
-    return repr(urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", "")))
+    """A URL as an error may quote it: scheme, host and port only (user, password, path and query can hold tokens)."""
+    return repr(urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], "", "", "")))
 
 
 def _url(value, allow_path):
@@ -131,7 +131,7 @@ def _url(value, allow_path):
     except ValueError:
         raise ValueError("not an http(s) URL (it does not parse)") from None
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"not an http(s) URL: {_shown(parts)}")
+        raise ValueError(f"not an http(s) URL: {_shown(parts)}" if parts.hostname else "not an http(s) URL: no host")
     if parts.username or parts.password or parts.query or parts.fragment:
         raise ValueError(f"user, query and fragment are not allowed: {_shown(parts)}")
     path = parts.path.rstrip("/")
@@ -258,13 +258,14 @@ def _readable_file(value):
 def _peer_pins(value):
     pins = []
     for origin, key in _mapping(value).items():
+        origin = normalize_origin(origin)  # first: its errors never quote credentials
         try:
             raw = base64.urlsafe_b64decode(key + "=" * (-len(key) % 4))
         except (binascii.Error, ValueError):
             raw = b""
         if len(raw) != 32:
             raise ValueError(f"the pin of {origin!r} is not a base64url Ed25519 public key")
-        pins.append((normalize_origin(origin), key.rstrip("=")))
+        pins.append((origin, key.rstrip("=")))
     return tuple(pins)
 
 
