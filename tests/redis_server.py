@@ -105,6 +105,8 @@ class RedisServer:
         self.password = password
         self.persistent = persistent
         self.socket_path = os.path.join(directory, "redis.sock") if unix_socket else None
+        # Always listened on: a private socket in our own directory, so readiness is asked of our process only.
+        self._control_path = self.socket_path or os.path.join(directory, "control.sock")
         #: With ``tls``: the server's self-signed certificate (PEM), the trust root a client needs.
         self.certificate_path = None
         self.tls = tls
@@ -165,19 +167,17 @@ class RedisServer:
             args += ["--appendonly", "no"]
         if self.password:
             args += ["--requirepass", self.password]
-        if self.socket_path:
-            args += ["--unixsocket", self.socket_path, "--unixsocketperm", "700"]
+        args += ["--unixsocket", self._control_path, "--unixsocketperm", "700"]
         with open(os.path.join(self.directory, "redis.log"), "w"):
             pass  # this launch's log only: a failed launch before it must not decide why this one fails
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             try:
-                # Only our own process counts: whatever else answers on the port must never be used (or flushed).
-                if self.info("server").get("process_id") == str(self.process.pid):
+                # Asked on our private socket, never on the port (whoever else may listen there is not told our
+                # password): redis-server binds its TCP port before it serves, and exits if the port is taken.
+                if self._exchange(self._connect_control(), ("PING",)) == b"PONG":
                     return
-                self.stop()
-                raise _PortTaken()
             except (OSError, RuntimeError):
                 pass
             if self.process.poll() is not None:
@@ -193,12 +193,25 @@ class RedisServer:
 
     def command(self, *args):
         """Send one command (authenticating first if needed) and return its decoded reply."""
-        with self._connect() as s, s.makefile("rb") as f:
+        return self._exchange(self._connect(), args)
+
+    def _exchange(self, connection, args):
+        with connection as s, s.makefile("rb") as f:
             commands = [("AUTH", self.password)] if self.password else []
             s.sendall(b"".join(_encode(*c) for c in commands + [args]))
             for _ in commands:
                 _read_reply(f)
             return _read_reply(f)
+
+    def _connect_control(self):
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(5)
+        try:
+            s.connect(self._control_path)
+        except OSError:
+            s.close()
+            raise
+        return s
 
     def _connect(self):
         s = socket.create_connection((self.host, self.port), timeout=5)
