@@ -330,6 +330,7 @@ class StreamResponseTests(SynchronousTestCase):
         clock.advance(9)
         request.producer.resumeProducing()  # it read a little
         request.producer.pauseProducing()
+        response.protocol.dataReceived(b"read before the pause")
         clock.advance(9)
         self.assertNoResult(done)
         clock.advance(1)

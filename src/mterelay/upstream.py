@@ -284,6 +284,7 @@ class _BodyRelay(Protocol):
         self._done = done
         self._stopped = False
         self._ended = False  # the upstream body ended: nothing left to wait for on either side
+        self._paused = False  # by the client: the idle timer then runs for the client, not the upstream
         self._clock = clock
         self._idle_timeout = idle_timeout
         self._idle = None
@@ -323,11 +324,13 @@ class _BodyRelay(Protocol):
     def pauseProducing(self):
         # Waiting for our client is not the upstream's idleness, but a client that never reads again must not hold
         # both connections for good.
+        self._paused = True
         self.transport.pauseProducing()
         if not self._ended:
             self._arm(self._stalled)
 
     def resumeProducing(self):
+        self._paused = False
         self.transport.resumeProducing()
         self._arm()
 
@@ -341,7 +344,8 @@ class _BodyRelay(Protocol):
     def dataReceived(self, data):
         if self._stopped:
             return
-        self._arm()
+        # Data already read can still arrive once paused: it does not make the client's silence the upstream's.
+        self._arm(self._stalled if self._paused else None)
         try:
             out = _feed(self._transform, data)
         except RelayError:
