@@ -123,13 +123,13 @@ class _Shared:
         return waiter
 
     def _settle(self, outcome):
-        waiters, self._waiters = self._waiters, None
+        waiters = [waiter for waiter in self._waiters if not waiter.called]  # not cancelled meanwhile
+        self._waiters = None
+        failed = isinstance(outcome, Failure)
+        if failed and not waiters:
+            log.info("a shared discovery or pairing failed with nobody waiting: {error}", error=outcome.type.__name__)
         for waiter in waiters:
-            if not waiter.called:  # not cancelled meanwhile
-                if isinstance(outcome, Failure):
-                    waiter.errback(outcome)
-                else:
-                    waiter.callback(outcome)
+            waiter.errback(outcome) if failed else waiter.callback(outcome)
 
 
 class _Pool:
@@ -328,9 +328,9 @@ class Client:
 
     ``agent`` is an ``IAgent`` (give it a persistent ``HTTPConnectionPool``): encoded messages go through it as they
     are (no redirect following, cookie jar or content decoding may touch them), discovery and pairing through a treq
-    ``HTTPClient`` over it. ``clock`` bounds every exchange by
-    ``timeout`` seconds until the answer's headers; ``pin`` is the relay's Ed25519 public key or its SHA-256
-    fingerprint (bytes), checked at every pairing.
+    ``HTTPClient`` over it. ``clock`` bounds every exchange by ``timeout`` seconds: until an encoded answer's
+    headers, and to the end of discovery and pairing answers (which are read whole, up to ``MAX_SMALL_ANSWER``
+    bytes); ``pin`` is the relay's Ed25519 public key or its SHA-256 fingerprint (bytes), checked at every pairing.
     """
 
     def __init__(self, relay_url, agent, clock, pool_size=25, pin=None, timeout=30.0):
@@ -377,7 +377,7 @@ class Client:
         return await self._bounded(ensureDeferred(both()))
 
     def _read_off(self, response):
-        """Read a refused answer's small body off so its connection can serve again; never fails."""
+        """Read a refused answer's small body off so its connection can serve again: the body, or None; never fails."""
         return self._bounded(_read_small(response)).addErrback(lambda _: None)
 
     async def _discover(self):
@@ -434,7 +434,12 @@ class Client:
         Send one encoded request. ``url`` is a path (``/a?b``) or an absolute URL on the relay; ``encode_headers`` is
         True (every header is protected), False (only content-type), or a list of header names to protect.
 
-        @return: a Deferred firing with a ``RelayResponse``.
+        A message the relay must be sent again is sent again once: after a re-pair code (the pair or client id is
+        gone), or, for MKE, after 563 (its counter fell behind the relay's window while it was being sent).
+
+        @return: a Deferred firing with a ``RelayResponse`` (``relay_error`` True when the relay answered an error
+            itself), or failing with a ``RelayError``: 431 for headers a block cannot hold, 504 on timeout, the
+            relay's code when a message sent again is refused again.
         """
         return ensureDeferred(self._request(method, url, headers, data, encode_type, encode_headers, encode_url))
 
@@ -526,8 +531,7 @@ class Client:
             # before failing cannot be told from here.
             pool.discard(pair) if encode_type == "MTE" else pool.release(pair)
             if encode_type == "MKE" and response.code == 563:
-                await self._read_off(response)
-                raise CounterRefused(563, "the relay refused the message counter")
+                raise CounterRefused(563, _answered_detail(await self._read_off(response)))
             return RelayResponse(response.code, response.phrase, response.headers, response, None, relay_error=True)
         try:
             opened = self._open_response(response, method, relay, response_keys)
@@ -618,11 +622,16 @@ def _read_small(response):
     return body.done
 
 
-def _answered_error(code, body):
+def _answered_detail(body):
+    """The ``message`` of a relay's JSON error body, or None."""
     try:
-        detail = json.loads(body).get("message")
-    except (ValueError, AttributeError):
-        detail = None
+        return json.loads(body).get("message")
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
+def _answered_error(code, body):
+    detail = _answered_detail(body)
     if code in CODES and CODES[code].repair:
         return RepairNeeded(code, detail)
     return RelayError(code if code in CODES else 502, detail or f"the relay answered {code}")
