@@ -242,6 +242,34 @@ class RedisFailureTests(RedisTestMixin, TestCase):
         with self.assertRaises(RegistryUnavailable):
             await registry.get_pair("client-a", "pair-1")
 
+    async def test_refused_login_on_reconnect_is_retried(self):
+        """A reconnection whose AUTH fails once (a password being rotated) is retried: the registry comes back."""
+        self.server.stop()
+        self.server = self.start_redis(password="right")
+        registry = await self.connect(timeout=1.0, reconnect_delay=0.1, max_reconnect_delay=0.3)
+        await registry.create_pair(pair())
+        self.server.command("CONFIG", "SET", "requirepass", "other")
+        self.server.password = "other"
+        self.server.command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        await task.deferLater(reactor, 1.0)  # reconnections refused meanwhile
+        self.server.command("CONFIG", "SET", "requirepass", "right")
+        self.server.password = "right"
+        record = await self.eventually(lambda: registry.get_pair("client-a", "pair-1"), seconds=5)
+        self.assertEqual(record.pair_id, "pair-1")
+
+    async def test_demoted_primary_left(self):
+        """A server demoted to a replica (READONLY) is left: its connections close and reconnect (finding the new primary)."""
+        registry = await self.connect(timeout=1.0, reconnect_delay=0.1, max_reconnect_delay=0.3)
+        await registry.create_pair(pair())
+        before = list(registry._factory.pool)
+        other = self.start_redis()
+        self.server.command("REPLICAOF", "127.0.0.1", str(other.port))
+        with self.assertRaises(RegistryUnavailable):
+            await registry.reserve_counters("client-a", "pair-1")
+        self.server.command("REPLICAOF", "NO", "ONE")
+        await self.eventually(lambda: registry.create_pair(pair(pair_id="pair-2")), seconds=5)
+        self.assertEqual([connection for connection in before if connection.connected], [])
+
     async def eventually(self, operation, seconds=10):
         """The first result of ``operation`` that is not a RegistryUnavailable, trying every 0.1 s."""
         deadline = reactor.seconds() + seconds

@@ -202,6 +202,20 @@ return 1
 """
 
 #: What a Redis that is down, restarting or refusing us looks like; all of it is answered 503.
+class _ReconnectingFactory(txredisapi.RedisFactory):
+    """
+    txredisapi stops reconnecting for good when AUTH or SELECT fails on a new connection, and any passing failure
+    there (maxclients reached, a reset during the handshake) then leaves the relay without Redis until restarted.
+    Here such a connection is only closed, and reconnects with the usual backoff; ``disconnect`` still stops all.
+    """
+
+    def stopTrying(self):
+        return defer.succeed(None)
+
+
+#: Replies of a server that is no longer (or not yet) the primary.
+_DEMOTED = ("READONLY", "MASTERDOWN")
+
 _UNAVAILABLE = (
     txredisapi.RedisError,
     defer.TimeoutError,
@@ -344,7 +358,7 @@ class RedisRegistry(Service):
         ``rediss://`` server's certificate against the system's trust roots. ``kwargs`` go to the constructor.
         """
         address = RedisAddress.from_url(url)
-        factory = txredisapi.RedisFactory(
+        factory = _ReconnectingFactory(
             address.path or f"{address.host}:{address.port}",
             address.db,
             poolsize,
@@ -397,6 +411,10 @@ class RedisRegistry(Service):
 
     def _unavailable(self, failure):
         failure.trap(*_UNAVAILABLE)
+        if str(failure.value).startswith(_DEMOTED):
+            # A failover made this server a replica: reconnect, so the name is looked up again and finds the primary.
+            for connection in list(self._factory.pool):
+                connection.transport.loseConnection()
         self.log.warn("Redis unavailable: {why}", why=failure.getErrorMessage() or failure.type.__name__)
         raise RegistryUnavailable()
 
