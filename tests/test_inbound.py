@@ -16,6 +16,7 @@ from twisted.internet.task import Clock, Cooperator, deferLater
 from twisted.trial.unittest import TestCase
 
 from mterelay.codec import (
+    EPOCH_SIZE,
     HEADERS,
     URL,
     RelayHeader,
@@ -639,6 +640,27 @@ class ReplacedPairTests(RelayHarness, TestCase):
             self.assertEqual(json.loads(await response.content())["body_length"], 2)
             # Served as it was sent: the client did not have to pair again.
             self.assertIs(self.client._pools["MKE"]._shared, new)
+
+        return ensureDeferred(run())
+
+    def test_recreated_pair_served_past_a_later_epoch_copy(self):
+        """
+        The copy being of a later epoch than the new pair's counters (563 from the copy, not 562) does not refuse
+        the new pair's message either: any codec refusal from a copy is checked against the stored pair.
+        """
+
+        async def run():
+            for counter in (2 * EPOCH_SIZE + 5, 2 * EPOCH_SIZE + 6):  # the copy now holds epoch 2
+                self.old.next_counter = counter
+                response = await self.client.request("POST", "/echo/a", data=b"1")
+                self.assertEqual(response.code, 200)
+                await response.content()
+            self.client._pools["MKE"]._shared = await self._recreate()
+            received = len(self.upstream.received)
+            response = await self.client._send(b"POST", b"/echo/b", [], None, 0, "MKE", True, True)
+            self.assertEqual(response.code, 200)
+            await response.content()
+            self.assertEqual(len(self.upstream.received), received + 1)
 
         return ensureDeferred(run())
 

@@ -201,11 +201,11 @@ class Inbound:
         # ratchet, and nothing unauthenticated goes upstream.
         try:
             opened = await self._open(request, header, record)
-        except CodecError as e:
-            if e.code != 562 or not registry.forget(header.client_id, header.pair_id):
+        except CodecError:
+            if not registry.forget(header.client_id, header.pair_id):
                 raise
             # The registry answered from a copy. Only a pair created again since (through another relay, same ids,
-            # new keys) can open what the copy could not: epoch keys only ever derive forward.
+            # new keys, any epoch) can open what the copy could not: epoch keys only ever derive forward.
             stored = await registry.get_pair(header.client_id, header.pair_id)
             if stored.created == record.created:
                 raise
