@@ -18,6 +18,7 @@ from twisted.trial.unittest import TestCase
 from mterelay.codec import (
     EPOCH_SIZE,
     HEADERS,
+    ClientPairing,
     URL,
     RelayHeader,
     b64encode,
@@ -28,6 +29,7 @@ from mterelay import client as client_module
 from mterelay.client import RepairNeeded
 from mterelay.errors import RelayError
 from mterelay.redis_registry import RedisRegistry
+from mterelay.registry import MemoryRegistry
 from tests.relay_harness import SECRET, RelayHarness, rss_kib
 from tests.upstream_server import pattern, pattern_sha256
 
@@ -433,6 +435,33 @@ class RefusalTests(RelayHarness, TestCase):
                 self.assertIn(field, json.loads(body)["message"], data)
             code, body = await self._raw("POST", "/api/mte-pair", {}, b"[]")
             self.assertEqual(code, 566)
+
+        return ensureDeferred(run())
+
+    def test_refused_pair_request_stores_nothing(self):
+        """A pairing request refused part-way (a bad item, or the client's pair limit) leaves no pair behind."""
+
+        async def run():
+            url, registry, _ = await self.start_relay(
+                self.upstream.url, registry=MemoryRegistry(reactor, max_pairs_per_client=4)
+            )
+            token = await self.client._client_token()
+            client_id = token.split(".")[0]
+
+            def item(i):
+                pairing = ClientPairing.start(client_id, f"pair-{i:016d}", "MKE")
+                return {"pairId": pairing.pair_id, "type": "MKE", "publicKey": b64encode(pairing.public_key)}
+
+            headers = {"x-mte-client-id": token}
+            code, _ = await self.raw_request(url, "POST", "/api/mte-pair", headers, json.dumps([item(0)]).encode())
+            self.assertEqual(code, 200)
+            for items, expected in (
+                ([item(i) for i in range(1, 6)], 567),
+                ([item(1), item(2), {"pairId": "p" * 20, "type": "MKE"}], 400),
+            ):
+                code, _ = await self.raw_request(url, "POST", "/api/mte-pair", headers, json.dumps(items).encode())
+                self.assertEqual(code, expected)
+                self.assertEqual((await registry.get_client(client_id)).pair_count, 1)
 
         return ensureDeferred(run())
 

@@ -159,7 +159,8 @@ class Inbound:
         if not isinstance(items, list) or not 1 <= len(items) <= MAX_PAIRS_PER_REQUEST:
             raise _bad_request(f"body must be a JSON array of 1 to {MAX_PAIRS_PER_REQUEST} pair requests")
         now = self._clock.seconds()
-        replies = []
+        records, replies = [], []
+        # Every item is checked and paired before anything is stored: a refused item stores nothing.
         for i, item in enumerate(items):
             if not isinstance(item, dict):
                 raise _bad_request(f"[{i}] is not an object")
@@ -171,9 +172,7 @@ class Inbound:
                 state, reply = relay_pair(self._identity, client_id, item["pairId"], item["type"], public_key)
             except CodecError as e:
                 raise _bad_request(f"[{i}]: {e.detail}") from None
-            await self._registry.create_pair(
-                PairRecord(client_id, item["pairId"], item["type"], state.to_bytes(), 0, now, now)
-            )
+            records.append(PairRecord(client_id, item["pairId"], item["type"], state.to_bytes(), 0, now, now))
             replies.append(
                 {
                     "pairId": item["pairId"],
@@ -181,6 +180,16 @@ class Inbound:
                     "signature": b64encode(reply.signature),
                 }
             )
+        stored = []
+        try:
+            for record in records:
+                await self._registry.create_pair(record)
+                stored.append(record)
+        except Exception:
+            # The client never gets these pairs' keys: they must not count against its limit for PAIR_TTL.
+            for record in stored:
+                await self._registry.delete_pair(record.client_id, record.pair_id)
+            raise
         body = json.dumps({"identity": self._identity.public_b64(), "pairs": replies}).encode("ascii")
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"content-length", b"%d" % len(body))
