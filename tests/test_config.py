@@ -151,6 +151,16 @@ class ErrorTests(ConfigTestCase):
             "UPSTREAM (environment): user, query and fragment are not allowed: 'https://api.internal'",
         )
 
+    def test_product_names_and_a_useless_token_warned(self):
+        """The product's own setting names, and an outbound token with no peer allowed, are warned about at start."""
+        env = dict(BASE_ENV, PASSTHROUGH_ROUTES="/x", SERVER_ID="s", AWS_REGION="eu-west-1", OUTBOUND_TOKEN="t" * 20)
+        _, warnings = load({}, env)
+        for name in ("PASSTHROUGH_ROUTES: not read by mterelay; it is spelled PASS_THROUGH_ROUTES", "SERVER_ID:",
+                     "AWS_REGION:", "OUTBOUND_TOKEN: set without ALLOWED_PEERS"):
+            self.assertTrue(any(w.startswith(name) for w in warnings), (name, warnings))
+        _, warnings = load({}, dict(BASE_ENV, OUTBOUND_TOKEN="t" * 20, ALLOWED_PEERS="https://peer"))
+        self.assertFalse([w for w in warnings if w.startswith(("OUTBOUND_TOKEN", "PASSTHROUGH", "SERVER_ID"))])
+
     def test_unknown_yaml_key(self):
         """A YAML key that is not a setting is an error naming the key and the file."""
         path = self.write_yaml("upstream: http://x\nupstreem: http://y\n")

@@ -377,6 +377,14 @@ def _read_file(path):
     return {_BY_KEY[key].field: value for key, value in data.items()}
 
 
+#: The commercial product's settings that mterelay names differently or does without (README, "Coming from...").
+_PRODUCT_NAMES = {
+    "PASSTHROUGH_ROUTES": "it is spelled PASS_THROUGH_ROUTES",
+    "SERVER_ID": "CLIENT_ID_SECRET and IDENTITY_KEY identify a relay",
+    "AWS_REGION": "the relay uses no AWS service",
+}
+
+
 def load(flags, environ, config_path=None):
     """
     Build ``Settings`` from ``flags`` (field name -> raw value given on the command line; ``listen`` a list),
@@ -419,4 +427,9 @@ def load(flags, environ, config_path=None):
         warnings.append(f"CLIENT_ID_SECRET: a secret shorter than {MIN_SECRET_LENGTH} characters is easy to guess")
     if "identity_key" not in values:
         warnings.append("IDENTITY_KEY: unset, using an ephemeral identity key; peers cannot pin this relay")
+    if values.get("outbound_token") and not values.get("allowed_peers"):
+        warnings.append("OUTBOUND_TOKEN: set without ALLOWED_PEERS, so every outbound request is refused (403)")
+    for name, instead in _PRODUCT_NAMES.items():
+        if environ.get(name) is not None:
+            warnings.append(f"{name}: not read by mterelay; {instead}")
     return Settings(listen=listen, **values), warnings
