@@ -192,7 +192,17 @@ class ErrorTests(ConfigTestCase):
     def test_errors_never_echo_secrets(self):
         """A bad Redis URL (which may hold a password) is reported without its value."""
         message = self.error(environ=dict(BASE_ENV, REDIS_URL="http://user:hunter2@host"))
-        self.assertEqual(message, "REDIS_URL (environment): not a redis:// or rediss:// URL with a host")
+        self.assertEqual(
+            message, "REDIS_URL (environment): REDIS_URL must start with redis://, rediss://, unix:// or redis+unix://"
+        )
+        for url in ("redis://:hunter2@", "redis://:hunter2@host:port/0", "unix://:hunter2@"):
+            self.assertNotIn("hunter2", self.error(environ=dict(BASE_ENV, REDIS_URL=url)))
+
+    def test_every_redis_url_form_the_registry_takes(self):
+        """REDIS_URL accepts the unix socket forms the registry connects to, as well as redis:// and rediss://."""
+        for url in ("redis://h:6379/0", "rediss://:p@h", "unix:///run/redis.sock?db=1", "redis+unix:///run/r.sock"):
+            settings, _ = load({}, dict(BASE_ENV, REDIS_URL=url))
+            self.assertEqual(settings.redis_url, url)
 
     def test_unreadable_or_bad_yaml(self):
         """A missing or malformed --config file is a one-line error naming the file."""

@@ -17,6 +17,9 @@ from urllib.parse import urlsplit, urlunsplit
 import attrs
 import yaml
 
+from mterelay.redis_registry import RedisAddress
+from mterelay.registry import DEFAULT_MAX_PAIRS_PER_CLIENT, DEFAULT_MAX_PAIRS_TOTAL, DEFAULT_PAIR_TTL
+
 FLAG = "flag"
 ENVIRONMENT = "environment"
 FILE = "file"
@@ -71,9 +74,9 @@ class Settings:
     log_format: str = "text"
     #: Path to the relay's Ed25519 identity key (PEM); None means an ephemeral key.
     identity_key: str | None = None
-    pair_ttl: int = 1800
-    max_pairs_per_client: int = 100
-    max_pairs: int = 100_000
+    pair_ttl: int = DEFAULT_PAIR_TTL
+    max_pairs_per_client: int = DEFAULT_MAX_PAIRS_PER_CLIENT
+    max_pairs: int = DEFAULT_MAX_PAIRS_TOTAL
     redis_timeout: float = 2.0
     #: ``(origin, base64url Ed25519 public key)`` pairs the outbound role pins peer relays to.
     peer_pins: tuple = attrs.field(default=(), converter=tuple)
@@ -234,10 +237,9 @@ def _headers(value):
 
 def _redis_url(value):
     text = _text(value)
-    parts = urlsplit(text)
-    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
-        # The URL may carry a password: name the problem, not the value.
-        raise ValueError("not a redis:// or rediss:// URL with a host")
+    # The registry's own parser, so that every form it connects to is accepted; its errors never quote the URL,
+    # which may carry a password.
+    RedisAddress.from_url(text)
     return text
 
 

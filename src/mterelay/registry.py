@@ -21,7 +21,7 @@ from mterelay.errors import RelayError
 
 #: Idle lifetime of a pair, in seconds, unless configured (``--pair-ttl``).
 DEFAULT_PAIR_TTL = 1800
-DEFAULT_MAX_PAIRS_PER_CLIENT = 32
+DEFAULT_MAX_PAIRS_PER_CLIENT = 100
 DEFAULT_MAX_PAIRS_TOTAL = 100_000
 #: Seconds between two sweeps of expired pairs in the memory registry.
 DEFAULT_SWEEP_INTERVAL = 60
