@@ -7,6 +7,7 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from mterelay import redis_registry
 from mterelay.redis_registry import RedisAddress, RedisRegistry
 from mterelay.registry import RegistryUnavailable, UnknownPair
 from tests.redis_server import RedisServerMixin
@@ -229,6 +230,21 @@ class RedisFailureTests(RedisTestMixin, TestCase):
         registry.startService()
         self.addCleanup(registry.stopService)
         for d in [registry.whenConnected(), registry.get_pair("client-a", "pair-1")]:
+            with self.assertRaises(RegistryUnavailable):
+                await d
+
+    async def test_waiting_operations_bounded(self):
+        """With Redis unreachable from the start, operations beyond MAX_PENDING answer 503 at once, queueing nothing."""
+        self.server.stop()
+        self.patch(redis_registry, "MAX_PENDING", 50)
+        registry = RedisRegistry.from_url(self.server.url, reactor, timeout=0.3)
+        registry.startService()
+        self.addCleanup(registry.stopService)
+        waiting = [registry.get_pair("client-a", "pair-1") for _ in range(50)]
+        with self.assertRaises(RegistryUnavailable) as caught:
+            await registry.get_pair("client-a", "pair-1")
+        self.assertEqual(caught.exception.detail, "Redis is not connected yet")
+        for d in waiting:
             with self.assertRaises(RegistryUnavailable):
                 await d
 

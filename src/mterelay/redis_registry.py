@@ -56,6 +56,9 @@ DEFAULT_PREFIX = "mterelay:"
 #: How long an MKE pair's record fetched from Redis answers ``get_pair`` in this process, and how many are kept.
 DEFAULT_PAIR_CACHE_SECONDS = 0.5
 DEFAULT_PAIR_CACHE_SIZE = 4096
+#: Commands one process may have waiting for Redis (queued for a connection or in flight); more answer 503 at once,
+#: so that a Redis that is down or slow cannot make the relay pile up callers without bound.
+MAX_PENDING = 10_000
 #: How many stale limit-set members one pair creation re-checks at most, so that the script stays short.
 PRUNE_BATCH = 100
 
@@ -331,6 +334,11 @@ class RedisRegistry(Service):
         self._sweep.clock = clock
         self._connected_once = False
         self._waiting = []
+        self._pending = 0
+        self._queued = 0
+        # An outage fails every request: its warning is logged at most once a second, with the count since.
+        self._warned_at = None
+        self._unwarned = 0
         #: Where ``startService`` connects (set by ``from_url``).
         self.endpoint = None
         factory.deferred.addCallbacks(self._ready, self._refused)
@@ -378,6 +386,7 @@ class RedisRegistry(Service):
 
     def _ready(self, handler):
         self._connected_once = True
+        self._queued = 0
         self.log.info("Connected to Redis")
         waiting, self._waiting = self._waiting, []
         for d in waiting:
@@ -411,21 +420,44 @@ class RedisRegistry(Service):
 
     def _unavailable(self, failure):
         failure.trap(*_UNAVAILABLE)
+        self._warn(failure.getErrorMessage() or failure.type.__name__)
         if str(failure.value).startswith(_DEMOTED):
             # A failover made this server a replica: reconnect, so the name is looked up again and finds the primary.
             for connection in list(self._factory.pool):
                 connection.transport.loseConnection()
-        self.log.warn("Redis unavailable: {why}", why=failure.getErrorMessage() or failure.type.__name__)
         raise RegistryUnavailable()
+
+    def _warn(self, why):
+        now = self._clock.seconds()
+        if self._warned_at is not None and now - self._warned_at < 1:
+            self._unwarned += 1
+            return
+        self.log.warn("Redis unavailable: {why} ({more} more failures since the last warning)", why=why,
+                      more=self._unwarned)
+        self._warned_at, self._unwarned = now, 0
 
     def _eval(self, script, keys, args):
         """Run ``script`` on Redis within ``timeout``; 503 when Redis cannot answer."""
-        if self._connected_once and not self._factory.size:
-            # Lost every connection: answer at once instead of queueing callers until reconnection.
-            return defer.fail(RegistryUnavailable("Redis connection lost; reconnecting"))
+        if not self._factory.size:
+            if self._connected_once:
+                # Lost every connection: answer at once instead of queueing callers until reconnection.
+                return defer.fail(RegistryUnavailable("Redis connection lost; reconnecting"))
+            # Before the first connection txredisapi queues commands (a timeout does not take them out): a bound.
+            if self._queued >= MAX_PENDING:
+                return defer.fail(RegistryUnavailable("Redis is not connected yet"))
+            self._queued += 1
+        if self._pending >= MAX_PENDING:
+            self._warn(f"{MAX_PENDING} commands already wait for Redis")
+            return defer.fail(RegistryUnavailable("too many operations wait for Redis"))
+        self._pending += 1
         d = self._redis.eval(script, keys, args)
         d.addTimeout(self.timeout, self._clock)
+        d.addBoth(self._done)
         return d.addErrback(self._unavailable)
+
+    def _done(self, result):
+        self._pending -= 1
+        return result
 
     def _pair_script(self, script, client_id, pair_id, *args):
         """Run a per-pair script; UnknownPair when the pair is absent (any copy of it is dropped)."""
