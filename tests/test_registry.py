@@ -317,6 +317,29 @@ class MemoryRegistryTests(SynchronousTestCase):
         self.assertEqual(r.sweep(), 1)
         self.assertEqual(clock.getDelayedCalls(), [])
 
+    def test_refused_creates_scan_little(self):
+        """
+        A client at its limit gets its own expired pairs dropped, not a scan of every pair per try; at the relay-wide
+        limit the whole table is swept at most once a second, and expired pairs then make room.
+        """
+        clock = Clock()
+        r = MemoryRegistry(clock, pair_ttl=10, max_pairs_per_client=1, max_pairs_total=3)
+        sweeps = []
+        real_sweep = r.sweep
+        r.sweep = lambda: sweeps.append(clock.seconds()) or real_sweep()
+        self.successResultOf(r.create_pair(pair()))
+        for i in range(5):
+            self.failureResultOf(r.create_pair(pair(pair_id=f"pair-x{i}")), PairLimitExceeded)
+        self.assertEqual(sweeps, [])
+        for client in "bc":
+            self.successResultOf(r.create_pair(pair(client_id=client)))
+        for _ in range(5):
+            self.failureResultOf(r.create_pair(pair(client_id="d")), PairLimitExceeded)
+        self.assertEqual(len(sweeps), 1)
+        clock.advance(11)  # every pair expired
+        self.successResultOf(r.create_pair(pair(client_id="d")))
+        self.assertEqual(len(sweeps), 2)
+
     def test_repr_hides_state(self):
         """A record's repr never shows its codec state."""
         self.assertNotIn("secret", repr(pair()))

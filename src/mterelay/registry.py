@@ -230,6 +230,7 @@ class MemoryRegistry(Service):
         self._max_total = max_pairs_total
         self._slots = {}
         self._by_client = {}
+        self._swept_at = float("-inf")
         self._sweep = task.LoopingCall(self.sweep)
         self._sweep.clock = clock
         self._sweep_interval = sweep_interval
@@ -281,10 +282,13 @@ class MemoryRegistry(Service):
         if key in self._slots and self._slots[key].expires <= now:
             self._drop(key)
         if key not in self._slots:
-            # Expired pairs still in the tables must not count against the bounds.
-            if len(self._by_client.get(record.client_id, ())) >= self._max_per_client or (
-                len(self._slots) >= self._max_total
-            ):
+            # Expired pairs still in the tables must not count against the bounds: the client's own are checked at
+            # once, the whole table at most once a second (a client at its limit must not buy a full scan per try).
+            for pair_id in list(self._by_client.get(record.client_id, ())):
+                if self._slots[(record.client_id, pair_id)].expires <= now:
+                    self._drop((record.client_id, pair_id))
+            if len(self._slots) >= self._max_total and now - self._swept_at >= 1:
+                self._swept_at = now
                 self.sweep()
             if len(self._by_client.get(record.client_id, ())) >= self._max_per_client:
                 raise PairLimitExceeded("too many pairs for this client")
