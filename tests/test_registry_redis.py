@@ -42,6 +42,29 @@ class RedisRegistryContractTests(RedisTestMixin, RegistryContractMixin, TestCase
         await task.deferLater(reactor, seconds)
 
 
+class RedisLimitTests(RedisTestMixin, TestCase):
+    async def test_expired_pairs_behind_many_live_stale_hints_make_room(self):
+        """
+        At the relay-wide limit, expired pairs make room even when more than one batch of live pairs (used since
+        their limit-set hint passed) sorts before them: creation re-checks further batches before it refuses.
+        """
+        ttl = 2.0
+        # The client's set and the relay's set are each pruned by one batch first: over two batches of live pairs.
+        registry = await self.connect(pair_ttl=ttl, max_pairs_per_client=1000, max_pairs_total=250)
+        live = [f"pair-live-{i:04d}" for i in range(210)]
+        for pair_id in live:
+            await registry.create_pair(pair(pair_id=pair_id))
+        await task.deferLater(reactor, 0.4)
+        for i in range(40):
+            await registry.create_pair(pair(pair_id=f"pair-gone-{i:04d}"))
+        await task.deferLater(reactor, ttl - 1.4)  # a second to spare before the first live pair expires
+        for pair_id in live:  # refreshes the keys' TTL, not their hints
+            await registry.reserve_counters("client-a", pair_id)
+        await task.deferLater(reactor, 1.6)  # the second group expired; every hint is stale
+        await registry.create_pair(pair(pair_id="pair-new-0000"))
+        self.assertEqual((await registry.get_client("client-a")).pair_count, 211)
+
+
 class RedisSharingTests(RedisTestMixin, TestCase):
     """Two registries on separate connections behave as one."""
 

@@ -61,6 +61,8 @@ DEFAULT_PAIR_CACHE_SIZE = 4096
 MAX_PENDING = 10_000
 #: How many stale limit-set members one pair creation re-checks at most, so that the script stays short.
 PRUNE_BATCH = 100
+#: How many more batches a pair creation that would be refused at a limit re-checks before it refuses.
+PRUNE_ROUNDS = 10
 
 # Per-pair scripts: KEYS = {pair, seen}; ARGV[1] = now (epoch s), ARGV[2] = TTL (ms), then the operation's own.
 _TOUCH = """
@@ -150,7 +152,8 @@ return 1
 _PRUNE = """
 local function prune(zkey)
   local now = tonumber(ARGV[1])
-  for _, m in ipairs(redis.call('ZRANGEBYSCORE', zkey, '-inf', now, 'LIMIT', 0, %d)) do
+  local stale = redis.call('ZRANGEBYSCORE', zkey, '-inf', now, 'LIMIT', 0, %d)
+  for _, m in ipairs(stale) do
     local client = ARGV[2] .. 'client:{' .. string.match(m, '^[^:]*') .. '}'
     local ttl = redis.call('PTTL', ARGV[2] .. 'pair:{' .. m .. '}')
     if ttl == -2 then
@@ -161,9 +164,17 @@ local function prune(zkey)
       redis.call('ZADD', client, now + ttl, m)
     end
   end
+  return #stale
+end
+-- Prune until the set is under ``limit`` or has no stale hint left (bounded: a set of live pairs is not rescanned).
+local function prune_for(zkey, limit)
+  for _ = 1, %d do
+    if redis.call('ZCARD', zkey) < limit or prune(zkey) == 0 then return end
+  end
 end
 """ % (
     PRUNE_BATCH,
+    PRUNE_ROUNDS,
 )
 
 # KEYS[3] = pair, KEYS[4] = seen; ARGV[3] = tag, ARGV[4] = TTL (ms), ARGV[5] = per client, ARGV[6] = total,
@@ -174,6 +185,8 @@ _CREATE = (
 prune(KEYS[1])
 prune(KEYS[2])
 if redis.call('EXISTS', KEYS[3]) == 0 then
+  prune_for(KEYS[1], tonumber(ARGV[5]))
+  prune_for(KEYS[2], tonumber(ARGV[6]))
   if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[5]) then return -1 end
   if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[6]) then return -2 end
 end
