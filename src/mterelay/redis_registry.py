@@ -217,7 +217,6 @@ redis.call('ZREM', KEYS[2], ARGV[3])
 return 1
 """
 
-#: What a Redis that is down, restarting or refusing us looks like; all of it is answered 503.
 class _ReconnectingFactory(txredisapi.RedisFactory):
     """
     txredisapi stops reconnecting for good when AUTH or SELECT fails on a new connection, and any passing failure
@@ -232,6 +231,7 @@ class _ReconnectingFactory(txredisapi.RedisFactory):
 #: Replies of a server that is no longer (or not yet) the primary.
 _DEMOTED = ("READONLY", "MASTERDOWN")
 
+#: What a Redis that is down, restarting or refusing us looks like; all of it is answered 503.
 _UNAVAILABLE = (
     txredisapi.RedisError,
     defer.TimeoutError,

@@ -282,11 +282,13 @@ class MemoryRegistry(Service):
         if key in self._slots and self._slots[key].expires <= now:
             self._drop(key)
         if key not in self._slots:
-            # Expired pairs still in the tables must not count against the bounds: the client's own are checked at
-            # once, the whole table at most once a second (a client at its limit must not buy a full scan per try).
-            for pair_id in list(self._by_client.get(record.client_id, ())):
-                if self._slots[(record.client_id, pair_id)].expires <= now:
-                    self._drop((record.client_id, pair_id))
+            # Expired pairs still in the tables must not count against the bounds: at a limit, the client's own are
+            # checked at once, the whole table at most once a second (a client at its limit must not buy a full scan
+            # per try).
+            if len(self._by_client.get(record.client_id, ())) >= self._max_per_client:
+                for pair_id in list(self._by_client[record.client_id]):
+                    if self._slots[(record.client_id, pair_id)].expires <= now:
+                        self._drop((record.client_id, pair_id))
             if len(self._slots) >= self._max_total and now - self._swept_at >= 1:
                 self._swept_at = now
                 self.sweep()

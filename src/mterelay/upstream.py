@@ -298,11 +298,11 @@ class _BodyRelay(Protocol):
         self._request.registerProducer(self, True)
         self._arm()
 
-    def _arm(self, expired=None):
-        """Start (or restart) the idle timer: ``expired`` (default: the upstream's idleness) runs when it ends."""
-        if self._clock is None or self._idle_timeout is None:
+    def _arm(self):
+        """Start (or restart) the idle timer, for the client while it holds the relay paused, else for the upstream."""
+        if self._clock is None or self._idle_timeout is None or self._ended:
             return
-        expired = expired or self._idled
+        expired = self._stalled if self._paused else self._idled
         if self._idle is not None and self._idle.active() and self._idle.func == expired:
             self._idle.reset(self._idle_timeout)
         else:
@@ -326,8 +326,7 @@ class _BodyRelay(Protocol):
         # both connections for good.
         self._paused = True
         self.transport.pauseProducing()
-        if not self._ended:
-            self._arm(self._stalled)
+        self._arm()
 
     def resumeProducing(self):
         self._paused = False
@@ -344,8 +343,8 @@ class _BodyRelay(Protocol):
     def dataReceived(self, data):
         if self._stopped:
             return
-        # Data already read can still arrive once paused: it does not make the client's silence the upstream's.
-        self._arm(self._stalled if self._paused else None)
+        # Data already read can still arrive once paused: it keeps the timer on the client (see _arm).
+        self._arm()
         try:
             out = _feed(self._transform, data)
         except RelayError:
