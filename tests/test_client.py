@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, gatherResults
+from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -62,6 +63,63 @@ class ClientTests(RelayHarness, TestCase):
             self.assertEqual(self.upstream.received, [])
 
         return ensureDeferred(run())
+
+    def test_cli_unreachable_relay_is_one_line(self):
+        """A relay that refuses the connection is reported on one line with status 1, not with a traceback."""
+
+        async def run():
+            port = reactor.listenTCP(0, Factory(), interface="127.0.0.1")
+            address = port.getHost()
+            await port.stopListening()
+            out, err, code = await run_cli(f"http://127.0.0.1:{address.port}/x", "-d", "secret-body")
+            self.assertEqual((code, out), (1, b""))
+            self.assertTrue(err.startswith(b"mterelay.client: error: cannot reach the relay:"), err)
+            self.assertEqual(err.count(b"\n"), 1, err)
+
+        return ensureDeferred(run())
+
+    def test_cli_bad_arguments_are_usage_errors(self):
+        """A bad URL, pin, header or body file is a usage error (status 2) naming the argument; nothing is sent."""
+
+        async def run():
+            cases = [
+                (("not-a-url",), b"argument url: expected an http(s) URL"),
+                ((self.relay_url + "/x", "--pin", "!!"), b"argument --pin: expected"),
+                ((self.relay_url + "/x", "-H", "no-colon"), b"-H 'no-colon' is not 'Name: value'"),
+                ((self.relay_url + "/x", "-d", "@" + self.mktemp()), b"No such file or directory"),
+            ]
+            for args, message in cases:
+                out, err, code = await run_cli(*args)
+                self.assertEqual((code, out), (2, b""), args)
+                self.assertIn(message, err)
+                self.assertNotIn(b"Traceback", err)
+            self.assertEqual(self.upstream.received, [])
+
+        return ensureDeferred(run())
+
+    def test_cli_reader_going_away_ends_quietly(self):
+        """When whatever reads the output closes it early (``| head``), the CLI exits 1 without a traceback."""
+        ended = Deferred()
+
+        class FirstBytesOnly(ProcessProtocol):
+            err = b""
+
+            def childDataReceived(self, fd, data):
+                if fd == 1:
+                    self.transport.closeChildFD(1)
+                else:
+                    self.err += data
+
+            def processEnded(self, reason):
+                ended.callback((reason.value.exitCode, self.err))
+
+        args = (sys.executable, "-m", "mterelay.client", self.relay_url + "/bytes/4194304")
+        reactor.spawnProcess(FirstBytesOnly(), sys.executable, args, env=os.environ)
+
+        def check(result):
+            self.assertEqual(result, (1, b""))
+
+        return ended.addCallback(check)
 
     def test_mte_pool_bounded_under_concurrency(self):
         """Twenty concurrent MTE requests through a pool of three pairs all succeed, over at most three pairs."""

@@ -15,8 +15,10 @@ Command line, like curl: ``python -m mterelay.client URL [-X METHOD] [-d DATA|@f
 [--encode-type MKE|MTE] [--pin KEY]``.
 """
 
+import argparse
 import io
 import json
+import os
 import secrets
 from collections import deque
 from urllib.parse import urlsplit
@@ -25,10 +27,11 @@ import attrs
 import treq
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
+from twisted.web.client import RequestTransmissionFailed, ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 
@@ -322,6 +325,14 @@ class RelayResponse:
         return self.content().addCallback(json.loads)
 
 
+def _origin(relay_url):
+    """``scheme://host[:port]`` of an http(s) URL, or ``ValueError``."""
+    parts = urlsplit(relay_url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError("relay_url must be an http(s) URL")
+    return f"{parts.scheme}://{parts.netloc}"
+
+
 class Client:
     """
     Sends encoded requests to one relay.
@@ -334,10 +345,7 @@ class Client:
     """
 
     def __init__(self, relay_url, agent, clock, pool_size=25, pin=None, timeout=30.0):
-        parts = urlsplit(relay_url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError("relay_url must be an http(s) URL")
-        self.relay = f"{parts.scheme}://{parts.netloc}"
+        self.relay = _origin(relay_url)
         self._agent = agent
         self._http = HTTPClient(agent)
         self._clock = clock
@@ -637,40 +645,59 @@ def _answered_error(code, body):
     return RelayError(code if code in CODES else 502, detail or f"the relay answered {code}")
 
 
-def _parse_args(argv):
-    import argparse
+def _checked(convert, expected):
+    """An argparse ``type`` that turns ``convert``'s refusal into a one-line usage error naming ``expected``."""
 
+    def check(text):
+        try:
+            return convert(text)
+        except (ValueError, CodecError):
+            raise argparse.ArgumentTypeError(f"expected {expected}") from None
+
+    return check
+
+
+def _parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="python -m mterelay.client", description="Send one encoded request through an mterelay relay, like curl."
     )
-    parser.add_argument("url", help="the relay URL with the path to request, e.g. http://127.0.0.1:8080/anything")
+    parser.add_argument(
+        "url",
+        type=_checked(lambda url: url if _origin(url) else None, "an http(s) URL"),
+        help="the relay URL with the path to request, e.g. http://127.0.0.1:8080/anything",
+    )
     parser.add_argument("-X", "--request", dest="method", default=None, help="method (default GET, or POST with -d)")
     parser.add_argument("-d", "--data", default=None, help="request body; @FILE reads it from FILE")
     parser.add_argument("-H", "--header", action="append", default=[], help="'Name: value' (repeatable)")
     parser.add_argument("--encode-type", choices=ENCODE_TYPES, default="MKE")
     parser.add_argument("--no-encode-headers", action="store_true", help="send headers visibly (not content-type)")
     parser.add_argument("--no-encode-url", action="store_true", help="send the path and query visibly")
-    parser.add_argument("--pin", default=None, help="the relay's identity key (base64url), refused when it differs")
+    parser.add_argument(
+        "--pin",
+        type=_checked(b64decode, "the relay's identity key or its fingerprint, in base64url"),
+        help="the relay's identity key (base64url), refused when it differs",
+    )
     parser.add_argument("-i", "--include", action="store_true", help="print the status and decoded headers first")
     parser.add_argument("--timeout", type=float, default=30.0)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for line in args.header:
+        if ":" not in line:
+            parser.error(f"-H {line!r} is not 'Name: value'")
+    if args.data is not None and args.data.startswith("@"):
+        try:
+            args.data = open(args.data[1:], "rb")
+        except OSError as e:
+            parser.error(f"-d {args.data}: {e.strerror}")
+    return args
 
 
 async def _main(reactor, args, out):
     from twisted.web.client import Agent, HTTPConnectionPool
 
-    headers = []
-    for line in args.header:
-        name, sep, value = line.partition(":")
-        if not sep:
-            raise SystemExit(f"mterelay.client: error: -H {line!r} is not 'Name: value'")
-        headers.append((name.strip(), value.strip()))
+    headers = [tuple(part.strip() for part in line.partition(":")[::2]) for line in args.header]
     data = args.data
-    if data is not None and data.startswith("@"):
-        data = open(data[1:], "rb")
     pool = HTTPConnectionPool(reactor, persistent=True)
-    pin = None if args.pin is None else b64decode(args.pin)
-    client = Client(args.url, Agent(reactor, pool=pool), reactor, pin=pin, timeout=args.timeout)
+    client = Client(args.url, Agent(reactor, pool=pool), reactor, pin=args.pin, timeout=args.timeout)
     try:
         response = await client.request(
             args.method or ("POST" if data is not None else "GET"),
@@ -691,6 +718,15 @@ async def _main(reactor, args, out):
         out.flush()
     except RelayError as e:
         raise SystemExit(f"mterelay.client: error: {e.code} {e.detail}") from None
+    except (ConnectError, DNSLookupError) as e:
+        raise SystemExit(f"mterelay.client: error: cannot reach the relay: {e}") from None
+    except (RequestTransmissionFailed, ResponseFailed, ResponseNeverReceived):
+        raise SystemExit("mterelay.client: error: the connection to the relay failed before the answer ended") from None
+    except BrokenPipeError:
+        # Whoever read the output stopped (``| head``): end quietly, as curl does, and point the output at /dev/null
+        # so that the interpreter's last flush does not fail on the closed pipe as well.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+        raise SystemExit(1) from None
     finally:
         await pool.closeCachedConnections()
 
