@@ -11,7 +11,9 @@ import json
 
 import treq
 from treq.client import HTTPClient
+from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
+from twisted.internet.protocol import Factory
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.web.client import FileBodyProducer
 from twisted.logger import Logger, formatEvent, globalLogPublisher
@@ -288,6 +290,20 @@ class DemoTests(TestCase):
                 between = text.split("2. Between relay A and relay B")[1].split("3. The upstream")[0]
                 self.assertIn(f",{encode_type},", between)
                 self.assertNotIn("demo-token-123", between)
+
+        return ensureDeferred(run())
+
+    def test_upstream_on_a_taken_port_is_one_line(self):
+        """``python -m mterelay.demo upstream`` on a port in use says so on one line and exits 1 (no traceback)."""
+        taken = reactor.listenTCP(0, Factory(), interface="127.0.0.1")
+        self.addCleanup(taken.stopListening)
+
+        async def run():
+            args = ("-m", "mterelay.demo", "upstream", "--port", str(taken.getHost().port))
+            out, err, code = await getProcessOutputAndValue(sys.executable, args, env=os.environ)
+            self.assertEqual(code, 1)
+            self.assertTrue(err.startswith(b"mterelay.demo: error: Couldn't listen on 127.0.0.1:"), err)
+            self.assertNotIn(b"Traceback", out + err)
 
         return ensureDeferred(run())
 

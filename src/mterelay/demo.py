@@ -20,6 +20,7 @@ import sys
 import treq
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.error import CannotListenError
 from twisted.internet.task import react
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from twisted.protocols import portforward
@@ -194,7 +195,7 @@ async def chain(reactor, out, encode_type="MKE"):
 
 
 def _serve_upstream(reactor, args):
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
     site = server.Site(DemoUpstream())
     site.noisy = False
     d = TCP4ServerEndpoint(reactor, args.port, interface=args.interface).listen(site)
@@ -203,8 +204,14 @@ def _serve_upstream(reactor, args):
             "demo upstream on http://{interface}:{port}", interface=args.interface, port=port.getHost().port
         )
     )
+    d.addErrback(_cannot_listen)
     # A Deferred that never fires: serve until interrupted.
     return d.addCallback(lambda _: Deferred())
+
+
+def _cannot_listen(failure):
+    failure.trap(CannotListenError)
+    raise SystemExit(f"mterelay.demo: error: {failure.value}")
 
 
 def main(reactor, argv):
