@@ -335,8 +335,9 @@ class Inbound:
     def _seal_response(self, request, response, header, keys):
         """
         Seal the upstream answer's head: move the protected headers into the sealed block (every end-to-end header
-        when the request came with a header block, else content-type and content-length), and return the body
-        encoder.
+        when the request came with a header block, else content-type), and return the body encoder. Content-Length
+        is never among them: the agent keeps it out of ``response.headers``, and the client computes the plaintext
+        length from the encoded one.
         """
         status = response.code
         has_body = request.method != b"HEAD" and status not in _NO_BODY and status >= 200
@@ -344,11 +345,7 @@ class Inbound:
         if header.headers:
             protected = [(name, value) for name, values in end_to_end.getAllRawHeaders() for value in values]
         else:
-            protected = [
-                (name, value)
-                for name in (b"content-type", b"content-length")
-                for value in end_to_end.getRawHeaders(name, [])
-            ]
+            protected = [(b"content-type", value) for value in end_to_end.getRawHeaders(b"content-type", [])]
         for name in {name.lower() for name, _ in protected}:
             response.headers.removeHeader(name)
         if has_body:
