@@ -420,6 +420,8 @@ class RefusalTests(RelayHarness, TestCase):
         async def run():
             token = await self.client._client_token()
             headers = {"x-mte-client-id": token}
+            key = b64encode(ClientPairing.start(token.split(".")[0], "p" * 20, "MKE").public_key)
+            twice = {"pairId": "p" * 20, "type": "MKE", "publicKey": key}
             cases = [
                 (b"not json", "JSON"),
                 (b"{}", "array"),
@@ -428,6 +430,7 @@ class RefusalTests(RelayHarness, TestCase):
                 (json.dumps([{"pairId": "p" * 20, "type": "XXX", "publicKey": "AAAA"}]).encode(), "[0]"),
                 (json.dumps([{"pairId": "p" * 20, "type": "MKE", "publicKey": "!!"}]).encode(), "[0].publicKey"),
                 (json.dumps([{"pairId": "bad id", "type": "MKE", "publicKey": "AAAA"}]).encode(), "pairId"),
+                (json.dumps([twice, twice]).encode(), "[1].pairId repeats"),
             ]
             for data, field in cases:
                 code, body = await self._raw("POST", "/api/mte-pair", headers, data)

@@ -167,6 +167,9 @@ class Inbound:
             for field in ("pairId", "type", "publicKey"):
                 if not isinstance(item.get(field), str):
                     raise _bad_request(f"[{i}].{field} is missing or not a string")
+            # A second item for the same id would replace the first, whose keys the client would then hold in vain.
+            if any(record.pair_id == item["pairId"] for record in records):
+                raise _bad_request(f"[{i}].pairId repeats an earlier item's")
             try:
                 public_key = b64decode(item["publicKey"], field=f"[{i}].publicKey")
                 state, reply = relay_pair(self._identity, client_id, item["pairId"], item["type"], public_key)
