@@ -27,6 +27,23 @@ def run_cli(*args):
     return getProcessOutputAndValue(sys.executable, ("-m", "mterelay.client") + args, env=os.environ, reactor=reactor)
 
 
+class _Answering(Resource):
+    """Answers every request with ``code`` and ``headers`` and an empty body, counting them."""
+
+    isLeaf = True
+
+    def __init__(self, code, headers):
+        super().__init__()
+        self.code, self.headers, self.asked = code, headers, 0
+
+    def render(self, request):
+        self.asked += 1
+        request.setResponseCode(self.code)
+        for name, value in self.headers:
+            request.responseHeaders.addRawHeader(name, value)
+        return b""
+
+
 class ClientTests(RelayHarness, TestCase):
     def setUp(self):
         return ensureDeferred(self._setUp())
@@ -137,6 +154,15 @@ class ClientTests(RelayHarness, TestCase):
 
         return ensureDeferred(run())
 
+    async def _window_ahead(self):
+        """A client whose MKE pair's next counter (1) lies behind the relay's window (moved to 5000)."""
+        client = self.client(self.relay_url)
+        pair = await client._pools["MKE"].acquire()
+        pair.next_counter = 5000
+        self.assertEqual((await client.request("GET", "/echo/ahead")).code, 200)
+        pair.next_counter = 1
+        return client, pair
+
     def test_counter_behind_the_window_sent_again(self):
         """
         An MKE message whose counter fell behind the relay's window while it was sent (a long upload beside many
@@ -144,16 +170,28 @@ class ClientTests(RelayHarness, TestCase):
         """
 
         async def run():
-            client = self.client(self.relay_url)
-            pair = await client._pools["MKE"].acquire()
-            pair.next_counter = 5000
-            self.assertEqual((await client.request("GET", "/echo/ahead")).code, 200)
-            pair.next_counter = 1
+            client, pair = await self._window_ahead()
             sending = client.request("POST", "/echo/late", data=b"x" * 1000)  # reserves counter 1 at once
             pair.next_counter = 5001  # the counters the other requests took meanwhile
             response = await sending
             self.assertEqual(json.loads(await response.content())["body_length"], 1000)
             self.assertEqual([r.path for r in self.upstream.received], ["/echo/ahead", "/echo/late"])
+
+        return ensureDeferred(run())
+
+    def test_bodiless_message_refused_563_not_sent_again(self):
+        """
+        A bodiless MKE message refused with 563 is not sent again under a new counter: it cannot have fallen behind
+        the window while it was sent, so the refusal most likely met a copy resent by the connection pool after the
+        relay had taken the first (and sending it again would deliver it twice).
+        """
+
+        async def run():
+            client, pair = await self._window_ahead()
+            response = await client.request("DELETE", "/echo/late")
+            self.assertEqual(json.loads(await response.content())["code"], 563)
+            self.assertEqual((response.relay_error, pair.next_counter), (True, 2))
+            self.assertEqual([r.path for r in self.upstream.received], ["/echo/ahead"])
 
         return ensureDeferred(run())
 
@@ -186,6 +224,27 @@ class ClientTests(RelayHarness, TestCase):
                 response = await client.request("GET", "/cookies/200", encode_type=encode_type)
                 self.assertEqual((response.code, len(response.headers.getRawHeaders("set-cookie"))), (200, 200))
                 await response.content()
+
+        return ensureDeferred(run())
+
+    def test_discovery_follows_no_redirect_and_takes_no_malformed_client_id(self):
+        """
+        Discovery is answered by the configured relay or fails (502): a redirect is not followed (the other host is
+        never asked), and a malformed client id is not taken (it would break every later request).
+        """
+
+        async def run():
+            elsewhere = _Answering(200, [(CLIENT_ID_HEADER, b"A" * 22 + b"." + b"B" * 43)])
+            other = f"http://127.0.0.1:{await serve(self, Site(elsewhere))}"
+            redirect = (302, [(b"location", other.encode() + b"/api/mte-relay")])
+            for code, headers in (redirect, (200, [(CLIENT_ID_HEADER, b"a")])):
+                fake = f"http://127.0.0.1:{await serve(self, Site(_Answering(code, headers)))}"
+                with self.assertRaises(RelayError) as ctx:
+                    await self.client(fake).request("GET", "/x")
+                self.assertEqual(ctx.exception.code, 502, code)
+            self.assertEqual(elsewhere.asked, 0)
+            # The same client takes a well-formed id (the test's own stand-in answers discovery alike).
+            self.assertEqual(await self.client(other)._client_token(), "A" * 22 + "." + "B" * 43)
 
         return ensureDeferred(run())
 

@@ -343,21 +343,26 @@ class ImpossibleLengthTests(RelayHarness, TestCase):
 
 class _FailingBalancer(Resource):
     """
-    A load balancer in front of relay B that passes the pairing endpoints (``/api/...``) through and answers every
-    other request itself with a chunked 502 (no content-length), as balancers do when their backend fails.
+    A load balancer (or a man in the middle) in front of relay B that passes the pairing endpoints (``/api/...``)
+    through and answers every other request itself: by default with a chunked 502 (no content-length), as balancers
+    do when their backend fails.
     """
 
     isLeaf = True
 
-    def __init__(self, backend, case):
+    def __init__(self, backend, case, code=502, headers=(), body=b"<html>backend failed</html>"):
         super().__init__()
         self._backend = backend
         self._http = HTTPClient(agent(case))
+        self._answer = code, headers, body
 
     def render(self, request):
         if not request.path.startswith(b"/api/"):
-            request.setResponseCode(502)
-            request.write(b"<html>backend failed</html>")
+            code, headers, body = self._answer
+            request.setResponseCode(code)
+            for name, value in headers:
+                request.responseHeaders.addRawHeader(name, value)
+            request.write(body)
             request.finish()
             return NOT_DONE_YET
 
@@ -382,24 +387,71 @@ class _FailingBalancer(Resource):
 
 
 class BalancerTests(RelayHarness, TestCase):
+    async def _through(self, method="GET", path="/echo/x", **answer):
+        """The application's status, headers and body for a request through A and a balancer answering ``answer``."""
+        self.upstream = await self.start_upstream()
+        b_url, _, _ = await self.start_relay(self.upstream.url)
+        peer = f"http://127.0.0.1:{await serve(self, Site(_FailingBalancer(b_url, self, **answer)))}"
+        a_url, _, _ = await self.start_relay(self.upstream.url, outbound_token=TOKEN, allowed_peers=(peer,))
+        response = await HTTPClient(agent(self)).request(
+            method, a_url + path, headers={"x-mte-outbound-token": TOKEN, "x-mte-upstream": peer}
+        )
+        return response.code, response.headers, await response.content()
+
     def test_chunked_error_from_a_balancer_between_the_relays(self):
-        """A balancer's own chunked 502 between A and B reaches the application as that 502 and its body."""
+        """A balancer's own chunked 502 between A and B reaches the application as a 502 of A's own, saying where
+        it came from; the balancer's page (unauthenticated) does not."""
 
         async def run():
-            upstream = await self.start_upstream()
-            b_url, _, _ = await self.start_relay(upstream.url)
-            peer = f"http://127.0.0.1:{await serve(self, Site(_FailingBalancer(b_url, self)))}"
-            a_url, _, _ = await self.start_relay(upstream.url, outbound_token=TOKEN, allowed_peers=(peer,))
-            code, body = await self.raw_request(
-                a_url, "GET", "/echo/x", {"x-mte-outbound-token": TOKEN, "x-mte-upstream": peer}
-            )
-            self.assertEqual((code, body), (502, b"<html>backend failed</html>"))
-            self.assertEqual(upstream.received, [])
+            code, _, body = await self._through()
+            self.assertEqual((code, json.loads(body)["message"]), (502, "the peer relay answered 502 (bad-gateway)"))
+            self.assertEqual(self.upstream.received, [])
+
+        return ensureDeferred(run())
+
+    def test_unsealed_answers_are_not_passed_off_as_the_upstreams(self):
+        """Whatever answers between the relays without sealing (a 200 with a cookie, a redirect, a 401) never reaches
+        the application as the upstream's answer: a success or redirect is 562, an error keeps only its code (401
+        and 403, which would blame the application's own token or peer, become 502), and no header or body of it
+        is passed on."""
+
+        async def run():
+            forged = [(b"set-cookie", b"session=attacker"), (b"location", b"http://evil.example/")]
+            for status, expected in ((200, 562), (302, 562), (401, 502), (567, 567)):
+                code, headers, body = await self._through(code=status, headers=forged, body=b"forged-body")
+                self.assertEqual((code, json.loads(body)["code"]), (expected, expected), status)
+                self.assertFalse(headers.hasHeader(b"set-cookie") or headers.hasHeader(b"location"), status)
+                self.assertNotIn(b"forged", body)
+            self.assertEqual(self.upstream.received, [])
 
         return ensureDeferred(run())
 
 
 class ManInTheMiddleTests(RelayHarness, TestCase):
+    def test_injected_answer_headers_dropped(self):
+        """A header added in transit to a genuine sealed answer (a Refresh here) does not reach the application
+        when the request sealed its headers: then every header of the upstream's answer travels sealed."""
+
+        async def run():
+            upstream = await self.start_upstream()
+            b_url, _, _ = await self.start_relay(upstream.url)
+            status = b"HTTP/1.1 200 OK\r\n"
+            tamperer = _Tamperer(
+                "127.0.0.1", int(b_url.rsplit(":", 1)[1]), status, status + b"Refresh: 0; url=http://evil.example/\r\n"
+            )
+            peer = f"http://127.0.0.1:{await serve(self, tamperer)}"
+            a_url, _, _ = await self.start_relay(upstream.url, outbound_token=TOKEN, allowed_peers=(peer,))
+            response = await HTTPClient(agent(self)).get(
+                a_url + "/cookies/1", headers={"x-mte-outbound-token": TOKEN, "x-mte-upstream": peer}
+            )
+            await response.content()
+            self.assertIn(status, b"".join(data for direction, data in tamperer.recorded if direction == "<"))
+            self.assertEqual(response.code, 200)
+            self.assertEqual(response.headers.getRawHeaders(b"set-cookie"), [b"c0=v0; Path=/"])
+            self.assertFalse(response.headers.hasHeader(b"refresh"))
+
+        return ensureDeferred(run())
+
     def test_forged_answer_flags_refused(self):
         """An answer whose flags were changed in transit (body or header block said absent, so that a plaintext
         body or visible headers would pass for sealed ones) is refused by A with 562, never handed on."""

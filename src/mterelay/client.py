@@ -19,6 +19,7 @@ import argparse
 import io
 import json
 import os
+import re
 import secrets
 from collections import deque
 from urllib.parse import urlsplit
@@ -59,14 +60,16 @@ log = Logger()
 
 #: Longest answer the client reads whole: discovery, pairing, and refused answers read off for connection reuse.
 MAX_SMALL_ANSWER = 1 << 16
+#: A signed client id as relays hand it out: ``<id>.<signature>`` (the signature's form is the relay's business).
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{16,64}\.[A-Za-z0-9_-]{1,128}")
 #: Headers that describe the encoded message itself, never protected or sent as they were.
 _FRAMING = (b"content-length", b"transfer-encoding", b"host")
 
 
 class CounterRefused(RelayError):
     """
-    The relay refused an MKE message's counter (563) before anything went upstream: the receive window moved on
-    while a long request was sent. The client sends it once more with a new counter.
+    The relay refused the counter of an MKE message with a body (563) before anything went upstream: the receive
+    window moved on while a long request was sent. The client sends it once more with a new counter.
     """
 
 
@@ -365,9 +368,15 @@ class Client:
         return d.addTimeout(self._timeout, self._clock, onTimeoutCancel=_late)
 
     def _note_token(self, response):
-        token = response.headers.getRawHeaders(CLIENT_ID_HEADER)
-        if token:
-            self._token = token[-1].decode("ascii")
+        """
+        Take the client id an answer hands out; True if it had a well-formed one. A malformed one is ignored: the
+        header is not authenticated, and adopting it would break every later request.
+        """
+        token = response.headers.getRawHeaders(CLIENT_ID_HEADER, [b""])[-1].decode("latin-1")
+        if _TOKEN.fullmatch(token):
+            self._token = token
+            return True
+        return False
 
     async def _client_token(self):
         """Discover the relay once (concurrent callers share the answer): a signed client id."""
@@ -389,12 +398,12 @@ class Client:
         return self._bounded(_read_small(response)).addErrback(lambda _: None)
 
     async def _discover(self):
-        response, _ = await self._exchange(self._http.head(self.relay + "/api/mte-relay"))
-        if response.code != 200 or not response.headers.hasHeader(CLIENT_ID_HEADER):
+        # No redirects here or in pairing: the relay is the configured origin, never wherever an answer points.
+        response, _ = await self._exchange(self._http.head(self.relay + "/api/mte-relay", allow_redirects=False))
+        if response.code != 200 or not self._note_token(response):
             raise RelayError(
                 502, f"{self.relay} is not an mterelay relay (HEAD /api/mte-relay answered {response.code})"
             )
-        self._note_token(response)
 
     async def pair(self, encode_type):
         """Pair one new pair of ``encode_type`` with the relay (pools call this; exposed for warm-up)."""
@@ -408,11 +417,12 @@ class Client:
                 self.relay + "/api/mte-pair",
                 data=body,
                 headers={CLIENT_ID_HEADER: [token.encode("ascii")], b"content-type": [b"application/json"]},
+                allow_redirects=False,
             )
         )
-        self._note_token(response)
         if response.code != 200:
             raise _answered_error(response.code, answer)
+        self._note_token(response)
         try:
             reply = json.loads(answer)
             item = reply["pairs"][0]
@@ -538,7 +548,15 @@ class Client:
             # The relay answered itself (a JSON error). An MTE pair is dropped: whether the relay moved its ratchet
             # before failing cannot be told from here.
             pool.discard(pair) if encode_type == "MTE" else pool.release(pair)
-            if encode_type == "MKE" and response.code == 563:
+            if response.code < 400:
+                # Only errors come unsealed: anything else without x-mte-relay is someone else's answer.
+                await self._read_off(response)
+                raise CodecError(562, f"the relay's {response.code} answer is neither sealed nor an error")
+            # Only a message with a body can have been refused for a window that moved on while it was sent. A
+            # bodiless one refused as a replay was most likely resent by the connection pool after the relay had
+            # taken it (Twisted resends idempotent bodiless requests on a reused connection that broke off): sending
+            # it again under a new counter would deliver it twice.
+            if encode_type == "MKE" and response.code == 563 and source is not None:
                 raise CounterRefused(563, _answered_detail(await self._read_off(response)))
             return RelayResponse(response.code, response.phrase, response.headers, response, None, relay_error=True)
         try:
@@ -561,7 +579,9 @@ class Client:
             raise CodecError(562, "the answer's x-mte-relay flags are not those of a relay's answer")
         binding = response_binding(response.code, answer.flags)
         opened = decode_header_block(keys.open(HEADERS, b64decode(sealed[-1].decode("latin-1")), binding))
-        headers = filter_headers(response.headers)
+        # A relay seals every response header when the request sealed its own: visible ones are then not the
+        # upstream's (a relay's own, or a man in the middle's) and are dropped.
+        headers = filter_headers(response.headers) if not relay.headers else Headers()
         for name in {b"content-type", b"content-length"} | {n.lower() for n, _ in opened}:
             headers.removeHeader(name)
         for name, value in opened:

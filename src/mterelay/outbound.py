@@ -17,7 +17,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from mterelay.client import Client
 from mterelay.codec import CodecError, b64decode
 from mterelay.config import normalize_origin
-from mterelay.errors import RelayError
+from mterelay.errors import CODES, RelayError
 from mterelay.upstream import abort_client, discard_body, end_to_end, merge_end_to_end, stream_response
 from mterelay.web import send_error
 
@@ -153,11 +153,15 @@ class Outbound:
             request.method, request.uri, headers=headers, data=content if has_body else None, **options
         )
         original = response.original
+        if response.relay_error:
+            # Unsealed: the peer relay's own error, or a balancer's between the relays. Anyone on the way could have
+            # written its headers and body, so only its status is passed on, in an error of A's own.
+            discard_body(original)
+            raise _peer_answered(response.code)
         length = UNKNOWN_LENGTH
-        if response.decoder is not None or response.relay_error:
-            # A relay's own error has a length; a balancer's error page between the relays may be chunked.
+        if response.decoder is not None:
             length = original.length
-            if length is not UNKNOWN_LENGTH and response.decoder is not None:
+            if length is not UNKNOWN_LENGTH:
                 try:
                     length = response.decoder.output_length(length)
                 except CodecError:
@@ -167,11 +171,21 @@ class Outbound:
         merge_end_to_end(response.headers, request.responseHeaders)
         if length is not UNKNOWN_LENGTH:
             request.setHeader(b"content-length", b"%d" % length)
-        elif response.decoder is None and not response.relay_error:
+        elif response.decoder is None:
             # No body (HEAD, 204, 304): the length the upstream declared travelled in the sealed block.
             for value in response.headers.getRawHeaders(b"content-length", [])[-1:]:
                 request.setHeader(b"content-length", value)
         await stream_response(original, request, response.decoder, self._clock, self._settings.upstream_timeout)
+
+
+def _peer_answered(code):
+    """
+    The error for an unsealed answer of ``code`` from the peer: the same code when it is one of the relay's errors
+    (but 401 and 403, which would blame the application's token or peer), else 502.
+    """
+    if code in CODES and code not in (401, 403):
+        return RelayError(code, f"the peer relay answered {code} ({CODES[code].name})")
+    return RelayError(502, f"the peer relay answered {code}")
 
 
 def _peer_error(failure):
