@@ -24,8 +24,6 @@ Paths (anything else behaves like ``/echo``):
     302 to ``url``.
 ``/bytes/<n>``
     ``n`` bytes of ``pattern()`` streamed with backpressure; ``?chunked=1`` omits Content-Length.
-``/cut``
-    Closes the connection without answering (after recording the request).
 ``/stall/<n>``
     Announces ``2n`` body bytes, sends ``n`` and then nothing; a client that gives up counts in ``abandoned``.
 ``/slow/<seconds>``
@@ -156,10 +154,6 @@ class _Upstream(Resource):
         elif route == "slow":
             call = self._owner.clock.callLater(float(argument), self._answer, request, received)
             request.notifyFinish().addErrback(self._abandoned, call)
-            return server.NOT_DONE_YET
-        elif route == "cut":
-            # Close the connection without any answer.
-            request.transport.abortConnection()
             return server.NOT_DONE_YET
         elif route == "stall":
             # Promise a body, send its first ``argument`` bytes, then nothing until the client gives up.
