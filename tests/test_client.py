@@ -20,6 +20,7 @@ from mterelay.client import _Pool
 from mterelay.codec import CLIENT_ID_HEADER, RelayIdentity
 from mterelay.errors import RelayError
 from mterelay.keygen import main as keygen
+from mterelay.registry import MemoryRegistry
 from tests.relay_harness import RelayHarness, serve
 
 
@@ -227,6 +228,44 @@ class ClientTests(RelayHarness, TestCase):
 
         return ensureDeferred(run())
 
+    def test_dropped_mte_pairs_do_not_pile_up_at_the_relay(self):
+        """
+        MTE pairs dropped after relay errors are paired again under their ids, so the relay holds no more pairs for
+        the client than its pool: a relay error per request, many times over, never reaches the relay's per-client
+        limit (567), and requests after them are served.
+        """
+
+        async def run():
+            url, registry, _ = await self.start_relay(
+                self.upstream.url, registry=MemoryRegistry(reactor, max_pairs_per_client=3)
+            )
+            client = self.client(url, pool_size=2)
+            for _ in range(8):
+                response = await client.request("GET", "/cookies/300", encode_type="MTE")  # 561: pair dropped
+                self.assertEqual(json.loads(await response.content())["code"], 561)
+            response = await client.request("GET", "/echo/after", encode_type="MTE")
+            self.assertEqual(json.loads(await response.content())["path"], "/echo/after")
+            self.assertLessEqual((await registry.get_client(client._token.split(".")[0])).pair_count, 2)
+
+        return ensureDeferred(run())
+
+    def test_relay_that_lost_its_pairs_is_paired_again_at_once(self):
+        """
+        When the relay no longer knows an MTE pair (560, a restart without Redis), the pool drops its other idle
+        pairs too: the request is served on its one retry, instead of failing on the next stale pair.
+        """
+
+        async def run():
+            client = self.client(self.relay_url, pool_size=3)
+            await gatherResults([client.request("GET", "/slow/0.2", encode_type="MTE") for _ in range(3)])
+            client_id = client._token.split(".")[0]
+            for pair in client._pools["MTE"]._idle:
+                await self.registry.delete_pair(client_id, pair.pair_id)
+            response = await client.request("GET", "/echo/after", encode_type="MTE")
+            self.assertEqual(json.loads(await response.content())["path"], "/echo/after")
+
+        return ensureDeferred(run())
+
     def test_discovery_follows_no_redirect_and_takes_no_malformed_client_id(self):
         """
         Discovery is answered by the configured relay or fails (502): a redirect is not followed (the other host is
@@ -344,10 +383,11 @@ class SharedPairingTests(SynchronousTestCase):
     """Concurrent requests share one discovery or MKE pairing; one of them going away does not fail the others."""
 
     def setUp(self):
-        self.pairings = []
+        self.pairings, self.asked_ids = [], []
         self.pool = _Pool("MKE", 1, self._make_pair, Clock(), 5)
 
-    def _make_pair(self):
+    def _make_pair(self, pair_id):
+        self.asked_ids.append(pair_id)
         self.pairings.append(Deferred())
         return self.pairings[-1]
 
@@ -390,16 +430,48 @@ class MTEPoolTests(SynchronousTestCase):
 
     def setUp(self):
         self.clock = Clock()
-        self.pairings = []
+        self.pairings, self.asked_ids = [], []
         self.pool = _Pool("MTE", 1, self._make_pair, self.clock, 5)
 
-    def _make_pair(self):
+    def _make_pair(self, pair_id):
+        self.asked_ids.append(pair_id)
         self.pairings.append(Deferred())
         return self.pairings[-1]
 
     def _paired(self):
-        pair = SimpleNamespace()
+        pair = SimpleNamespace(pair_id=self.asked_ids[-1] or f"drawn-{len(self.pairings)}")
         self.pairings[-1].callback(pair)
+        return pair
+
+    def test_discarded_pair_id_paired_again(self):
+        """The pair replacing a discarded one is paired under its id (so it replaces it at the relay), a failed
+        pairing gives the id back for the next try, and the id is drawn afresh after ``clear`` (a new client id)."""
+        pair = self._paired_for(ensureDeferred(self.pool.acquire()))
+        self.pool.discard(pair)
+        replacing = ensureDeferred(self.pool.acquire())
+        self.assertEqual(self.asked_ids, [None, pair.pair_id])
+        self.pairings[-1].errback(RelayError(565, "pairing failed"))
+        self.failureResultOf(replacing, RelayError)
+        again = self._paired_for(ensureDeferred(self.pool.acquire()))
+        self.assertEqual(again.pair_id, pair.pair_id)
+        self.pool.discard(again)
+        self.pool.clear()
+        ensureDeferred(self.pool.acquire())
+        self.assertIsNone(self.asked_ids[-1])
+
+    def test_discard_idle_pairs_them_again(self):
+        """``discard_idle`` (the relay lost its pairs) drops the pairs waiting in the pool; the next request pairs
+        again under the dropped id instead of trying the stale pair."""
+        pair = self._paired_for(ensureDeferred(self.pool.acquire()))
+        self.pool.release(pair)
+        self.pool.discard_idle()
+        fresh = self._paired_for(ensureDeferred(self.pool.acquire()))
+        self.assertIsNot(fresh, pair)
+        self.assertEqual(fresh.pair_id, pair.pair_id)
+
+    def _paired_for(self, acquiring):
+        pair = self._paired()
+        self.assertIs(self.successResultOf(acquiring), pair)
         return pair
 
     def test_replacement_outlives_the_waiter_it_was_for(self):

@@ -143,6 +143,10 @@ class _Pool:
     Pairs of one encode type with one relay. The MKE pair is shared by concurrent requests; MTE pairs are lent to one
     request at a time, up to ``size`` of them, and waiters queue (at most ``size * max_waiting``, each for at most
     ``timeout`` seconds). ``clear`` starts a new generation: pairs lent out before it are forgotten when they return.
+
+    A discarded pair's id is paired again by the pair that takes its place, which replaces it at the relay: the
+    relay holds no more pairs for this client than the pool, however often pairs are dropped (a relay keeps a pair
+    the client dropped until PAIR_TTL, and refuses new ones past its per-client limit).
     """
 
     def __init__(self, encode_type, size, make_pair, clock, timeout, max_waiting=64):
@@ -158,6 +162,7 @@ class _Pool:
         self._generation = 0
         self._waiting = deque()
         self._max_waiting = size * max_waiting
+        self._spare_ids = deque(maxlen=size)
 
     async def acquire(self):
         if self._type == "MKE":
@@ -177,10 +182,21 @@ class _Pool:
         if waiter in self._waiting:
             self._waiting.remove(waiter)
 
+    async def _paired(self):
+        """A new pair, under a spare id when there is one (given back if pairing fails)."""
+        pair_id = self._spare_ids.popleft() if self._spare_ids else None
+        generation = self._generation
+        try:
+            return await self._make_pair(pair_id)
+        except BaseException:
+            if pair_id is not None and generation == self._generation:
+                self._spare_ids.append(pair_id)
+            raise
+
     async def _new_shared_pair(self):
         # Kept here rather than by the callers, who may all have gone by the time it is made.
         generation = self._generation
-        pair = await self._make_pair()
+        pair = await self._paired()
         if generation == self._generation:
             self._shared = pair
         return pair
@@ -189,7 +205,7 @@ class _Pool:
         generation = self._generation
         self._count += 1
         try:
-            pair = await self._make_pair()
+            pair = await self._paired()
         except BaseException:
             if generation == self._generation:
                 self._count -= 1
@@ -211,11 +227,19 @@ class _Pool:
         if self._type == "MKE":
             if self._shared is pair:
                 self._shared = None
+                self._spare_ids.append(pair.pair_id)
             return
         if pair.generation != self._generation:
             return
         self._count -= 1
+        self._spare_ids.append(pair.pair_id)
         self._pair_for_next()
+
+    def discard_idle(self):
+        """Forget every MTE pair waiting in the pool (the relay lost them): the next requests pair afresh."""
+        while self._idle:
+            self._count -= 1
+            self._spare_ids.append(self._idle.popleft().pair_id)
 
     def _pair_for_next(self):
         """
@@ -239,6 +263,7 @@ class _Pool:
     def clear(self):
         self._generation += 1
         self._idle.clear()
+        self._spare_ids.clear()
         self._shared = None
         self._count = 0
 
@@ -355,7 +380,8 @@ class Client:
         self._pin = pin
         self._timeout = timeout
         self._pools = {
-            t: _Pool(t, pool_size, lambda t=t: ensureDeferred(self.pair(t)), clock, timeout) for t in ENCODE_TYPES
+            t: _Pool(t, pool_size, lambda pair_id, t=t: ensureDeferred(self.pair(t, pair_id)), clock, timeout)
+            for t in ENCODE_TYPES
         }
         self._token = None
         self._discover_shared = _Shared(self._discover)
@@ -405,10 +431,13 @@ class Client:
                 502, f"{self.relay} is not an mterelay relay (HEAD /api/mte-relay answered {response.code})"
             )
 
-    async def pair(self, encode_type):
-        """Pair one new pair of ``encode_type`` with the relay (pools call this; exposed for warm-up)."""
+    async def pair(self, encode_type, pair_id=None):
+        """
+        Pair one new pair of ``encode_type`` with the relay (pools call this; exposed for warm-up). A ``pair_id``
+        the client held before replaces that pair at the relay (a new one is drawn when None).
+        """
         token = await self._client_token()
-        pairing = ClientPairing.start(token.split(".", 1)[0], _pair_id(), encode_type)
+        pairing = ClientPairing.start(token.split(".", 1)[0], pair_id or _pair_id(), encode_type)
         body = json.dumps(
             [{"pairId": pairing.pair_id, "type": encode_type, "publicKey": b64encode(pairing.public_key)}]
         ).encode("ascii")
@@ -543,6 +572,9 @@ class Client:
             pool.discard(pair)
             if response.code == 566:
                 self._forget_client()
+            elif response.code == 560:
+                # The relay lost this pair, so most likely the others too (a restart without Redis).
+                pool.discard_idle()
             raise RepairNeeded(response.code)
         else:
             # The relay answered itself (a JSON error). An MTE pair is dropped: whether the relay moved its ratchet
