@@ -31,7 +31,9 @@ MAX_HEADER_BLOCK = 12000
 
 _COUNTER = re.compile(r"0|[1-9][0-9]{0,19}")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_FORBIDDEN_IN_VALUE = re.compile(r"[\r\n\x00]")
+#: Anything but what RFC 9110 5.5 allows in a field value (HTAB, SP, VCHAR, obs-text): control characters would
+#: reach the upstream as a head that HTTP parsers refuse, or read differently from the relay.
+_FORBIDDEN_IN_VALUE = re.compile(r"[^\t\x20-\x7e\x80-\xff]")
 _FLAGS = {"0": False, "1": True}
 #: A well-formed value of this version in one match (every message carries one); anything else takes the field by
 #: field checks, which name what is wrong.
@@ -127,13 +129,14 @@ def encode_header_block(pairs):
 def decode_header_block(data):
     """
     The ``[(name, value)]`` byte pairs of an opened header block, or ``CodecError(562)`` if it is malformed: each
-    pair a two-item list, names HTTP tokens (RFC 9110 5.6.2), values free of CR, LF and NUL, so that no decoded
-    header can split or forge another.
+    pair a two-item list, names HTTP tokens (RFC 9110 5.6.2), values of the characters RFC 9110 5.5 allows (no CR,
+    LF, NUL or other control character), so that no decoded header can split or forge another; the JSON is UTF-8.
     """
     try:
         if len(data) > MAX_HEADER_BLOCK:
             raise ValueError
-        pairs = json.loads(data)
+        # Decoded here: json.loads would take UTF-16 and UTF-32 bytes too.
+        pairs = json.loads(bytes(data).decode("utf-8"))
         if not isinstance(pairs, list) or len(pairs) > MAX_HEADER_PAIRS:
             raise ValueError
         result = []
