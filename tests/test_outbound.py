@@ -55,7 +55,10 @@ class ChainTests(RelayHarness, TestCase):
         base.update(headers or {})
         producer = None if data is None else FileBodyProducer(io.BytesIO(data))
         response = await self.app.request(
-            method.encode(), (self.a_url + path).encode(), Headers({k: [v] for k, v in base.items()}), producer
+            method.encode(),
+            (self.a_url + path).encode(),
+            Headers({k: v if isinstance(v, list) else [v] for k, v in base.items()}),
+            producer,
         )
         return response, await treq.content(response)
 
@@ -180,13 +183,14 @@ class ChainTests(RelayHarness, TestCase):
         return ensureDeferred(run())
 
     def test_refusals(self):
-        """Missing or wrong token 401, a peer not in ALLOWED_PEERS 403, unknown option values 400 naming the header;
-        none of them reaches a peer."""
+        """Missing or wrong token 401, a peer not in ALLOWED_PEERS 403, x-mte-upstream given twice (an allowed peer
+        and another) or unknown option values 400 naming the header; none of them reaches a peer."""
 
         async def run():
             cases = [
                 ({"token": "wrong"}, 401, None),
                 ({"peer": "http://127.0.0.1:9"}, 403, None),
+                ({"peer": ["http://127.0.0.1:9", self.peer]}, 400, "x-mte-upstream"),
                 ({"headers": {"x-mte-encode-type": "AES"}}, 400, "x-mte-encode-type"),
                 ({"headers": {"x-mte-encode-headers": "maybe?"}}, 400, "x-mte-encode-headers"),
                 ({"headers": {"x-mte-encode-url": "yes"}}, 400, "x-mte-encode-url"),

@@ -128,6 +128,18 @@ class DispatchTests(RouterTestCase):
         _, body = self.render(b"/x", sent=header, outbound_token="right-token")
         self.assertEqual(body, b"outbound")
 
+    def test_outbound_token_missing_or_given_twice(self):
+        """A request naming a peer relay without the token is refused 401 (not taken for an inbound one), and so is
+        one carrying the token twice, whichever of the two is right."""
+        peer = (b"x-mte-upstream", b"http://peer.example")
+        for sent in (
+            [peer],
+            [(b"x-mte-outbound-token", b"wrong"), (b"x-mte-outbound-token", b"right-token")],
+            [(b"x-mte-outbound-token", b"right-token"), (b"x-mte-outbound-token", b"wrong")],
+        ):
+            request, body = self.render(b"/x", sent=sent, outbound_token="right-token")
+            self.assertEqual((request.responseCode, json.loads(body)["code"]), (401, 401), sent)
+
     def test_dot_segments_refused(self):
         """Encoded dot segments are refused so that no route pattern can be escaped at the upstream."""
         request, body = self.render(b"/public/%2e%2e/secret", pass_through_routes=("/public/*",))

@@ -19,11 +19,10 @@ from mterelay.codec import CodecError, b64decode
 from mterelay.config import normalize_origin
 from mterelay.errors import CODES, RelayError
 from mterelay.upstream import abort_client, discard_body, end_to_end, merge_end_to_end, stream_response
-from mterelay.web import send_error
+from mterelay.web import UPSTREAM_HEADER, send_error
 
 log = Logger()
 
-UPSTREAM_HEADER = b"x-mte-upstream"
 _BOOLEANS = {b"true": True, b"false": False}
 MAX_PEER_SPELLINGS = 64
 
@@ -94,9 +93,10 @@ class Outbound:
         return client
 
     def _peer(self, request):
-        value = request.getHeader(UPSTREAM_HEADER)
-        if value is None:
-            raise RelayError(400, "x-mte-upstream header is missing")
+        values = request.requestHeaders.getRawHeaders(UPSTREAM_HEADER, [])
+        if len(values) != 1:
+            raise RelayError(400, "x-mte-upstream header must be given once")
+        value = values[0]
         origin = self._peer_spellings.get(value)
         if origin is not None:
             return origin

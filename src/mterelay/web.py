@@ -32,6 +32,16 @@ ECHO = "/api/mte-echo"
 ERRORS = "/api/mte-errors"
 INBOUND_PATHS = ("/api/mte-relay", "/api/mte-pair")
 OUTBOUND_TOKEN_HEADER = b"x-mte-outbound-token"
+UPSTREAM_HEADER = b"x-mte-upstream"
+
+
+def is_outbound(request):
+    """
+    Whether ``request`` is for the outbound role: it carries the outbound token or names a peer relay (a request
+    naming a peer without the token is refused with 401, not taken for an inbound or pass-through one).
+    """
+    headers = request.requestHeaders
+    return headers.hasHeader(OUTBOUND_TOKEN_HEADER) or headers.hasHeader(UPSTREAM_HEADER)
 #: Seconds a client connection may stay silent while the relay reads from it (Twisted's default is 12 hours); the
 #: clock stops while the relay works on a request.
 CLIENT_IDLE_TIMEOUT = 60
@@ -240,7 +250,7 @@ class RelaySite(server.Site):
         if request.code < 400 and not self.debug:
             return
         # An outbound request's path is what the application asked the relay to protect: it is not logged.
-        outbound = request.requestHeaders.hasHeader(OUTBOUND_TOKEN_HEADER)
+        outbound = is_outbound(request)
         log.emit(
             LogLevel.info if request.code >= 400 else LogLevel.debug,
             "{method} {path} {code} {sent}B" + (" request_id={request_id}" if request.request_id else ""),
@@ -330,7 +340,7 @@ class Router(Resource):
             return _json(request, 200, {"echo": message or True, "time": int(self._clock.seconds() * 1000)})
         if path == ERRORS:
             return _json(request, 200, error_table())
-        if request.requestHeaders.hasHeader(OUTBOUND_TOKEN_HEADER):
+        if is_outbound(request):
             self._check_outbound_token(request)
             return self._handle(self._outbound, request)
         if any(path == p or path.startswith(p + "/") for p in INBOUND_PATHS):
@@ -350,8 +360,9 @@ class Router(Resource):
         return decoded_path(request.path)
 
     def _check_outbound_token(self, request):
-        given = request.getHeader(OUTBOUND_TOKEN_HEADER)
-        if self._outbound_token is None or not hmac.compare_digest(given, self._outbound_token):
+        # Exactly one token: with several, which one a later hop would read is anyone's guess.
+        given = request.requestHeaders.getRawHeaders(OUTBOUND_TOKEN_HEADER, [])
+        if self._outbound_token is None or len(given) != 1 or not hmac.compare_digest(given[0], self._outbound_token):
             raise RelayError(401)
 
     def _handle(self, handler, request):
