@@ -349,7 +349,8 @@ class _FailingBalancer(Resource):
     """
     A load balancer (or a man in the middle) in front of relay B that passes the pairing endpoints (``/api/...``)
     through and answers every other request itself: by default with a chunked 502 (no content-length), as balancers
-    do when their backend fails.
+    do when their backend fails. With ``code=None`` it passes every request through, flipping the last byte of the
+    other answers' bodies.
     """
 
     isLeaf = True
@@ -361,7 +362,8 @@ class _FailingBalancer(Resource):
         self._answer = code, headers, body
 
     def render(self, request):
-        if not request.path.startswith(b"/api/"):
+        flip = not request.path.startswith(b"/api/")
+        if flip and self._answer[0] is not None:
             code, headers, body = self._answer
             request.setResponseCode(code)
             for name, value in headers:
@@ -381,6 +383,8 @@ class _FailingBalancer(Resource):
             for name, values in response.headers.getAllRawHeaders():
                 request.responseHeaders.setRawHeaders(name, values)
             body = await response.content()
+            if flip and body:
+                body = body[:-1] + bytes((body[-1] ^ 1,))
             if request.method != b"HEAD":
                 request.write(body)
             request.finish()
@@ -410,6 +414,18 @@ class BalancerTests(RelayHarness, TestCase):
             code, _, body = await self._through()
             self.assertEqual((code, json.loads(body)["message"]), (502, "the peer relay answered 502 (bad-gateway)"))
             self.assertEqual(self.upstream.received, [])
+
+        return ensureDeferred(run())
+
+    def test_damaged_answer_body_is_an_error_not_a_reset(self):
+        """A sealed answer whose body was changed in transit fails before any of it reached the application, which
+        then gets A's JSON 562 (not a bare connection reset), with none of the upstream's opened headers."""
+
+        async def run():
+            code, headers, body = await self._through(code=None)
+            self.assertEqual((code, json.loads(body)["code"]), (562, 562))
+            self.assertFalse(headers.hasHeader(b"x-upstream"))
+            self.assertEqual(len(self.upstream.received), 1)
 
         return ensureDeferred(run())
 

@@ -268,6 +268,10 @@ class ClientRequest(DummyRequest):
     def unregisterProducer(self):
         self.producer = None
 
+    @property
+    def startedWriting(self):
+        return bool(self.written)
+
 
 client_request = ClientRequest
 
@@ -373,6 +377,18 @@ class StreamResponseTests(SynchronousTestCase):
         self.assertTrue(response.transport.stopped)
         self.assertTrue(request.transport.disconnecting)
         self.assertEqual(b"".join(request.written), b"FINE")
+
+    def test_failure_before_anything_written_left_to_the_caller(self):
+        """A transform error on the first data, before any of the answer went out, stops the upstream but leaves the
+        client connection alone, so that the caller can answer the error instead of a bare reset."""
+        response = FakeResponse()
+        request = client_request()
+        done = stream_response(response, request, Upper(fail_on=b"!"))
+        response.protocol.dataReceived(b"!")
+        self.assertEqual(self.failureResultOf(done, RelayError).value.code, 562)
+        self.assertTrue(response.transport.stopped)
+        self.assertFalse(request.transport.disconnecting)
+        self.assertEqual((request.written, request.finished), ([], 0))
 
     def test_client_gone_stops_upstream(self):
         """A client disconnect stops reading the upstream body."""

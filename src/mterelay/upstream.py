@@ -374,10 +374,14 @@ class _BodyRelay(Protocol):
         self._settle(None)
 
     def _break(self, reason):
-        """A failure after the answer started: abort both sides, nothing more is forwarded."""
+        """
+        A failure of the body: nothing more is forwarded. Once part of the answer went out, the client connection is
+        aborted (a truncated body must never pass for a whole one); before that, the caller answers the error.
+        """
         self.stopProducing()
         self._request.unregisterProducer()
-        abort_client(self._request)
+        if self._request.startedWriting:
+            abort_client(self._request)
         self._settle(reason)
 
     def _settle(self, reason):
@@ -409,8 +413,8 @@ def stream_response(response, request, transform=None, clock=None, idle_timeout=
     sends nothing for ``idle_timeout`` seconds (while the client keeps up) is broken off.
 
     @return: a Deferred firing with None once the body was delivered, or failing when the upstream broke off or
-        stalled, the transform raised, or the client went away (the client connection is then aborted, never silently
-        truncated).
+        stalled, the transform raised, or the client went away. If part of the answer was written by then, the client
+        connection is aborted (never silently truncated); if not, the request is left for the caller to answer.
     """
     done = Deferred()
     relay = _BodyRelay(request, transform, done, clock, idle_timeout)
@@ -487,5 +491,9 @@ async def forward(request, upstream, url, headers, clock, timeout, request_trans
     try:
         await stream_response(response, request, transform, clock, timeout)
     except Exception as e:
-        log.info("response stream broken off: {error}", error=type(e).__name__)
+        if request.startedWriting or client_gone:
+            log.info("response stream broken off: {error}", error=type(e).__name__)
+            return None
+        # Nothing of the answer went out: the client gets the error instead.
+        raise upstream_error(Failure()) from None
     return None

@@ -71,7 +71,14 @@ def _json(request, code, payload, phrase=None):
 
 
 def error_response(request, error):
-    """Set ``request``'s status and headers for the ``RelayError`` and return its JSON body (for ``render``)."""
+    """
+    Set ``request``'s status and headers for the ``RelayError`` and return its JSON body (for ``render``). The
+    headers are the relay's own (CORS, HEADERS, request id) as the router set them: none that an upstream or peer
+    answer had already brought in before the failure.
+    """
+    own = getattr(request, "own_headers", None)
+    if own is not None:
+        request.responseHeaders = own.copy()
     return _json(request, error.code, error.body(), error.entry.name.encode("ascii"))
 
 
@@ -158,6 +165,8 @@ class RelayRequest(server.Request):
 
     #: Set by the router under DEBUG, logged with the request.
     request_id = None
+    #: The relay's own response headers, set by the router before a handler runs (see ``error_response``).
+    own_headers = None
     _received = 0
     _refused = False
 
@@ -308,6 +317,7 @@ class Router(Resource):
         for name, value in self._settings.headers:
             request.setHeader(name.encode("latin-1"), value.encode("latin-1"))
         granted = self._cors(request)
+        request.own_headers = request.responseHeaders.copy()
         if request.method == b"OPTIONS" and request.requestHeaders.hasHeader(b"access-control-request-method"):
             return self._preflight(request, granted)
         try:
