@@ -182,6 +182,17 @@ class ChainTests(RelayHarness, TestCase):
 
         return ensureDeferred(run())
 
+    def test_untyped_answer_stays_untyped(self):
+        """An upstream answer without Content-Type reaches the application through both relays without one (not
+        labelled text/html on the way)."""
+
+        async def run():
+            response, body = await self.send("GET", "/untyped")
+            self.assertEqual((response.code, body), (200, b"<b>not a page</b>"))
+            self.assertFalse(response.headers.hasHeader(b"content-type"))
+
+        return ensureDeferred(run())
+
     def test_refusals(self):
         """Missing or wrong token 401, a peer not in ALLOWED_PEERS 403, x-mte-upstream given twice (an allowed peer
         and another) or unknown option values 400 naming the header; none of them reaches a peer."""

@@ -52,7 +52,9 @@ class PassThroughTestCase(TestCase):
         values = dict(
             upstream=self.upstream.url,
             client_id_secrets=[SECRET],
-            pass_through_routes=("/echo*", "/status/*", "/cookies/*", "/redirect", "/bytes/*", "/slow/*", "/stall/*"),
+            pass_through_routes=(
+                "/echo*", "/status/*", "/cookies/*", "/redirect", "/bytes/*", "/slow/*", "/stall/*", "/untyped"
+            ),
             headers=(("x-service-name", "mte-relay"),),
         )
         values.update(changes)
@@ -107,6 +109,15 @@ class RoundTripTests(PassThroughTestCase):
             self.assertEqual(response.code, code)
             if code in (204, 304):
                 self.assertEqual(body, b"")
+
+    @inlineCallbacks
+    def test_untyped_body_stays_untyped(self):
+        """An upstream answer without Content-Type gets none from the relay (twisted.web's default is text/html,
+        which a browser would render as a page)."""
+        relay = yield self.relay()
+        response = yield self.request(relay, "GET", "/untyped")
+        self.assertEqual((yield readBody(response)), b"<b>not a page</b>")
+        self.assertFalse(response.headers.hasHeader(b"content-type"))
 
     @inlineCallbacks
     def test_several_set_cookies(self):

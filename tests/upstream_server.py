@@ -24,6 +24,8 @@ Paths (anything else behaves like ``/echo``):
     302 to ``url``.
 ``/bytes/<n>``
     ``n`` bytes of ``pattern()`` streamed with backpressure; ``?chunked=1`` omits Content-Length.
+``/untyped``
+    200 with an HTML-looking body and no Content-Type.
 ``/stall/<n>``
     Announces ``2n`` body bytes, sends ``n`` and then nothing; a client that gives up counts in ``abandoned``.
 ``/slow/<seconds>``
@@ -155,6 +157,10 @@ class _Upstream(Resource):
             call = self._owner.clock.callLater(float(argument), self._answer, request, received)
             request.notifyFinish().addErrback(self._abandoned, call)
             return server.NOT_DONE_YET
+        elif route == "untyped":
+            # A body without Content-Type (twisted.web would label it text/html).
+            request.defaultContentType = None
+            return b"<b>not a page</b>"
         elif route == "stall":
             # Promise a body, send its first ``argument`` bytes, then nothing until the client gives up.
             request.setHeader(b"content-length", b"%d" % (int(argument) * 2,))

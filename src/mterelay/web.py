@@ -161,8 +161,13 @@ class StopInOrder(MultiService):
 
 
 class RelayRequest(server.Request):
-    """A request that refuses a body over MAX_BODY_SIZE as soon as its size or its chunks show it (413)."""
+    """
+    A request that refuses a body over MAX_BODY_SIZE as soon as its size or its chunks show it (413), answers the
+    target ``*`` (but for OPTIONS) with the relay's JSON 400 rather than twisted.web's bare 405, and labels no answer
+    ``text/html`` that its upstream did not label so (a browser would render an untyped body as a page).
+    """
 
+    defaultContentType = None
     #: Set by the router under DEBUG, logged with the request.
     request_id = None
     #: The relay's own response headers, set by the router before a handler runs (see ``error_response``).
@@ -188,6 +193,14 @@ class RelayRequest(server.Request):
     def requestReceived(self, command, path, version):
         if not self._refused:
             super().requestReceived(command, path, version)
+
+    def process(self):
+        if self.path == b"*" and self.method != b"OPTIONS":
+            _set_headers(self, self.channel.site.headers)
+            self.write(error_response(self, RelayError(400, "the request target * is for OPTIONS only")))
+            self.finish()
+            return
+        super().process()
 
     def _refuse(self):
         # The body is never read: answer at once and close, so the client stops sending. No "100 Continue" either.
@@ -218,6 +231,12 @@ class RelayChannel(http.HTTPChannel):
 
 
 _REASONS = {400: b"Bad Request", 413: b"Payload Too Large", 431: b"Request Header Fields Too Large"}
+
+
+def _set_headers(request, headers):
+    """Set HEADERS (``(name, value)`` text pairs) on ``request``'s answer."""
+    for name, value in headers:
+        request.setHeader(name.encode("latin-1"), value.encode("latin-1"))
 
 
 def _answer_and_close(channel, error):
@@ -314,8 +333,7 @@ class Router(Resource):
         if self._settings.debug:
             request.request_id = logs.request_id(request)
             request.setHeader(logs.REQUEST_ID_HEADER, request.request_id.encode("ascii"))
-        for name, value in self._settings.headers:
-            request.setHeader(name.encode("latin-1"), value.encode("latin-1"))
+        _set_headers(request, self._settings.headers)
         granted = self._cors(request)
         request.own_headers = request.responseHeaders.copy()
         if request.method == b"OPTIONS" and request.requestHeaders.hasHeader(b"access-control-request-method"):
