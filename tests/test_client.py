@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, gatherResults
+from twisted.internet.endpoints import TCP6ServerEndpoint
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.utils import getProcessOutputAndValue
@@ -284,6 +285,20 @@ class ClientTests(RelayHarness, TestCase):
             self.assertEqual(elsewhere.asked, 0)
             # The same client takes a well-formed id (the test's own stand-in answers discovery alike).
             self.assertEqual(await self.client(other)._client_token(), "A" * 22 + "." + "B" * 43)
+
+        return ensureDeferred(run())
+
+    def test_relay_at_an_ipv6_literal(self):
+        """A relay named by an IPv6 literal (``http://[::1]:port``) is discovered like any other."""
+
+        async def run():
+            token = b"A" * 22 + b"." + b"B" * 43
+            port = await TCP6ServerEndpoint(reactor, 0, interface="::1").listen(
+                Site(_Answering(200, [(CLIENT_ID_HEADER, token)]))
+            )
+            self.addCleanup(port.stopListening)
+            client = self.client(f"http://[::1]:{port.getHost().port}")
+            self.assertEqual(await client._client_token(), token.decode())
 
         return ensureDeferred(run())
 

@@ -26,13 +26,18 @@ from urllib.parse import urlsplit
 
 import attrs
 import treq
-from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import RequestTransmissionFailed, ResponseDone, ResponseFailed, ResponseNeverReceived
+from twisted.web.client import (
+    FileBodyProducer,
+    RequestTransmissionFailed,
+    ResponseDone,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 
@@ -365,9 +370,9 @@ class Client:
     """
     Sends encoded requests to one relay.
 
-    ``agent`` is an ``IAgent`` (give it a persistent ``HTTPConnectionPool``): encoded messages go through it as they
-    are (no redirect following, cookie jar or content decoding may touch them), discovery and pairing through a treq
-    ``HTTPClient`` over it. ``clock`` bounds every exchange by ``timeout`` seconds: until an encoded answer's
+    ``agent`` is an ``IAgent`` (give it a persistent ``HTTPConnectionPool``): every exchange goes through it as it is
+    (no redirect following, cookie jar or content decoding may touch it; IPv6 literal hosts work, which treq's URL
+    handling refuses). ``clock`` bounds every exchange by ``timeout`` seconds: until an encoded answer's
     headers, and to the end of discovery and pairing answers (which are read whole, up to ``MAX_SMALL_ANSWER``
     bytes); ``pin`` is the relay's Ed25519 public key or its SHA-256 fingerprint (bytes), checked at every pairing.
     """
@@ -375,7 +380,6 @@ class Client:
     def __init__(self, relay_url, agent, clock, pool_size=25, pin=None, timeout=30.0):
         self.relay = _origin(relay_url)
         self._agent = agent
-        self._http = HTTPClient(agent)
         self._clock = clock
         self._pin = pin
         self._timeout = timeout
@@ -389,6 +393,9 @@ class Client:
 
     def __repr__(self):
         return f"<Client relay={self.relay}>"
+
+    def _url(self, path):
+        return self.relay.encode("ascii") + path
 
     def _bounded(self, d):
         return d.addTimeout(self._timeout, self._clock, onTimeoutCancel=_late)
@@ -425,7 +432,7 @@ class Client:
 
     async def _discover(self):
         # No redirects here or in pairing: the relay is the configured origin, never wherever an answer points.
-        response, _ = await self._exchange(self._http.head(self.relay + "/api/mte-relay", allow_redirects=False))
+        response, _ = await self._exchange(self._agent.request(b"HEAD", self._url(b"/api/mte-relay")))
         if response.code != 200 or not self._note_token(response):
             raise RelayError(
                 502, f"{self.relay} is not an mterelay relay (HEAD /api/mte-relay answered {response.code})"
@@ -441,13 +448,9 @@ class Client:
         body = json.dumps(
             [{"pairId": pairing.pair_id, "type": encode_type, "publicKey": b64encode(pairing.public_key)}]
         ).encode("ascii")
+        headers = Headers({CLIENT_ID_HEADER: [token.encode("ascii")], b"content-type": [b"application/json"]})
         response, answer = await self._exchange(
-            self._http.post(
-                self.relay + "/api/mte-pair",
-                data=body,
-                headers={CLIENT_ID_HEADER: [token.encode("ascii")], b"content-type": [b"application/json"]},
-                allow_redirects=False,
-            )
+            self._agent.request(b"POST", self._url(b"/api/mte-pair"), headers, FileBodyProducer(io.BytesIO(body)))
         )
         if response.code != 200:
             raise _answered_error(response.code, answer)
@@ -557,7 +560,7 @@ class Client:
             if has_body:
                 producer = RequestBodyProducer(source, length, request_keys.body_encoder(binding))
             response = await self._bounded(
-                self._agent.request(method, self.relay.encode("ascii") + path, out, producer)
+                self._agent.request(method, self._url(path), out, producer)
             )
         except BaseException:
             # An MTE step that may or may not have reached the relay leaves the pair out of step for good.
