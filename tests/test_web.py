@@ -4,13 +4,23 @@ import json
 
 from twisted.application.service import Service
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
 from mterelay.config import Settings
 from mterelay.errors import RelayError, error_table
-from mterelay.web import DrainingService, InFlight, StopInOrder, build_resource, compile_routes, decoded_path
+from mterelay.web import (
+    HEAD_TIMEOUT,
+    DrainingService,
+    InFlight,
+    RelaySite,
+    StopInOrder,
+    build_resource,
+    compile_routes,
+    decoded_path,
+)
 
 SECRET = "s" * 40
 
@@ -302,3 +312,42 @@ class DrainingServiceTests(SynchronousTestCase):
         self.clock.advance(10)
         self.successResultOf(stopping)
         self.assertEqual(self.closed, [True])
+
+
+class HeadTimeoutTests(SynchronousTestCase):
+    """A request's head must arrive whole within HEAD_TIMEOUT of its first byte, however it trickles in."""
+
+    def _channel(self):
+        clock = Clock()
+        channel = RelaySite(build_resource(settings(), None, clock), settings()).buildProtocol(None)
+        channel.callLater = clock.callLater
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        return clock, channel, transport
+
+    def test_trickled_head_answered_408(self):
+        """A client sending one header line at a time (each within the idle timeout) gets a JSON 408 and a close
+        once HEAD_TIMEOUT has passed since the head's first byte."""
+        clock, channel, transport = self._channel()
+        channel.dataReceived(b"GET /api/mte-echo HTTP/1.1\r\nHost: a\r\n")
+        for _ in range(HEAD_TIMEOUT - 1):
+            clock.advance(1)
+            channel.dataReceived(b"x-h: a\r\n")
+        self.assertEqual(transport.value(), b"")
+        clock.advance(1)
+        head, _, body = transport.value().partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 408 "), head)
+        self.assertEqual(json.loads(body)["code"], 408)
+        self.assertTrue(transport.disconnecting)
+
+    def test_head_in_time_not_timed_out(self):
+        """A head that arrives within HEAD_TIMEOUT, slowly, is answered, and leaves no head timer behind for the
+        next request on the connection."""
+        clock, channel, transport = self._channel()
+        channel.dataReceived(b"GET /api/mte-echo/hi HTTP/1.1\r\n")
+        clock.advance(HEAD_TIMEOUT - 1)
+        channel.dataReceived(b"Host: a\r\n\r\n")
+        self.assertIn(b'"echo":"hi"', transport.value())
+        clock.advance(HEAD_TIMEOUT)
+        self.assertFalse(transport.disconnecting)
+        self.assertNotIn(b"408", transport.value())

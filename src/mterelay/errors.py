@@ -2,7 +2,7 @@
 The relay's error codes: one table, used by every module that answers a request with an error.
 
 Codes 559-569 are relay-specific statuses that tell a client what to do (re-pair, retry, fix the request). 400, 401,
-403, 404, 413, 431, 501, 502, 503 and 504 keep their HTTP meaning. Every error answer is a short JSON body
+403, 404, 408, 413, 431, 501, 502, 503 and 504 keep their HTTP meaning. Every error answer is a short JSON body
 ``{"error": <name>, "code": <code>, "message": <text>}`` that never carries a secret or a traceback.
 """
 
@@ -27,6 +27,7 @@ _TABLE = (
     ErrorCode(401, "unauthorized", "The x-mte-outbound-token header is missing or wrong."),
     ErrorCode(403, "forbidden", "The x-mte-upstream relay is not one of ALLOWED_PEERS."),
     ErrorCode(404, "not-found", "No pass-through or MTE route matches this path."),
+    ErrorCode(408, "request-timeout", "The request's head did not arrive in time."),
     ErrorCode(413, "body-too-large", "The body is larger than MAX_BODY_SIZE."),
     ErrorCode(431, "headers-too-large", "The request's headers are too many or too long to encode."),
     ErrorCode(501, "not-implemented", "This route is not served by this relay."),

@@ -45,6 +45,8 @@ def is_outbound(request):
 #: Seconds a client connection may stay silent while the relay reads from it (Twisted's default is 12 hours); the
 #: clock stops while the relay works on a request.
 CLIENT_IDLE_TIMEOUT = 60
+#: Seconds a request's whole head may take to arrive, from its first byte.
+HEAD_TIMEOUT = 20
 #: Relay headers a browser client must be able to send and read.
 MTE_HEADERS = (RELAY_HEADER, ENCODED_HEADERS, CLIENT_ID_HEADER, IDENTITY_HEADER)
 CORS_ALLOW_HEADERS = b", ".join(
@@ -215,7 +217,36 @@ class RelayChannel(http.HTTPChannel):
     An HTTP/1.1 channel whose refusals of malformed requests are the relay's short JSON errors: 431 for a request
     line or head over Twisted's 16 KiB, 400 for anything else that is not well-formed HTTP/1.1 (bad request line,
     header, Content-Length or chunked framing). Twisted itself answers a bare status line, or closes the connection.
+
+    A request's head must arrive whole within ``site.head_timeout`` seconds of its first byte (408 otherwise):
+    Twisted's idle timeout starts again at every byte, so a client sending one header line at a time could hold a
+    connection for ever.
     """
+
+    _head_timer = None
+
+    def dataReceived(self, data):
+        if self._head_timer is None and self.line_mode and not self._handlingRequest:
+            self._head_timer = self.callLater(self.site.head_timeout, self._head_too_slow)
+        super().dataReceived(data)
+
+    def allHeadersReceived(self):
+        self._stop_head_timer()
+        super().allHeadersReceived()
+
+    def connectionLost(self, reason):
+        self._stop_head_timer()
+        super().connectionLost(reason)
+
+    def _stop_head_timer(self):
+        if self._head_timer is not None:
+            if self._head_timer.active():
+                self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_too_slow(self):
+        self._head_timer = None
+        _answer_and_close(self, RelayError(408, f"the request's head did not arrive within {self.site.head_timeout} s"))
 
     def lineLengthExceeded(self, line):
         _answer_and_close(self, RelayError(431, f"a request line or header is longer than {self.MAX_LENGTH} bytes"))
@@ -230,7 +261,12 @@ class RelayChannel(http.HTTPChannel):
         _answer_and_close(self, error)
 
 
-_REASONS = {400: b"Bad Request", 413: b"Payload Too Large", 431: b"Request Header Fields Too Large"}
+_REASONS = {
+    400: b"Bad Request",
+    408: b"Request Timeout",
+    413: b"Payload Too Large",
+    431: b"Request Header Fields Too Large",
+}
 
 
 def _set_headers(request, headers):
@@ -270,6 +306,7 @@ class RelaySite(server.Site):
             resource, parsePOSTFormSubmission=False, timeout=max(CLIENT_IDLE_TIMEOUT, settings.upstream_timeout)
         )
         self.max_body_size = settings.max_body_size
+        self.head_timeout = HEAD_TIMEOUT
         self.debug = settings.debug
         self.headers = settings.headers
 
