@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from mterelay.client import _Pool
+from mterelay.client import _answered_error, _Pool
 from mterelay.codec import CLIENT_ID_HEADER, RelayIdentity
 from mterelay.errors import RelayError
 from mterelay.keygen import main as keygen
@@ -549,3 +549,20 @@ class KeygenTests(SynchronousTestCase):
             self.assertEqual(RelayIdentity.from_pem(f.read()).public_b64() + "\n", printed[0])
         with self.assertRaises(SystemExit):
             keygen([path], out=Out)
+
+
+class AnsweredErrorTests(SynchronousTestCase):
+    def test_relay_message_passed_on_only_when_plain(self):
+        """A relay's error message (unauthenticated text that reaches an outbound relay's answers and terminals) is
+        kept when it is short printable ASCII; control characters (a terminal escape), over 200 characters or
+        not a string, the error's own message is used instead."""
+        for message, kept in (
+            ("too many pairs for this client", True),
+            ("\x1b[2Jgone", False),
+            ("x" * 201, False),
+            (["not", "text"], False),
+        ):
+            error = _answered_error(567, json.dumps({"message": message}).encode())
+            self.assertEqual(error.code, 567)
+            self.assertEqual(error.detail == message, kept, message)
+        self.assertEqual(_answered_error(999, b"<html>").code, 502)

@@ -685,12 +685,18 @@ def _read_small(response):
     return body.done
 
 
+#: What a relay's error message may hold to be passed on: it is unauthenticated text, and ends up in an outbound
+#: relay's answers and on terminals.
+_PLAIN_MESSAGE = re.compile(r"[\x20-\x7e]{1,200}")
+
+
 def _answered_detail(body):
-    """The ``message`` of a relay's JSON error body, or None."""
+    """The ``message`` of a relay's JSON error body when it is short printable ASCII, else None."""
     try:
-        return json.loads(body).get("message")
+        message = json.loads(body).get("message")
     except (ValueError, TypeError, AttributeError):
         return None
+    return message if isinstance(message, str) and _PLAIN_MESSAGE.fullmatch(message) else None
 
 
 def _answered_error(code, body):
