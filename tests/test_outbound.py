@@ -195,7 +195,8 @@ class ChainTests(RelayHarness, TestCase):
 
     def test_refusals(self):
         """Missing or wrong token 401, a peer not in ALLOWED_PEERS 403, x-mte-upstream given twice (an allowed peer
-        and another) or unknown option values 400 naming the header; none of them reaches a peer."""
+        and another) or unknown option values 400 naming the header, a target the peer would refuse once decoded
+        400; none of them reaches a peer."""
 
         async def run():
             cases = [
@@ -211,6 +212,9 @@ class ChainTests(RelayHarness, TestCase):
                 self.assertEqual(response.code, code, body)
                 if named:
                     self.assertIn(named, json.loads(body)["message"])
+            response, body = await self.send("GET", '/echo/a"b<c>')
+            self.assertEqual((response.code, json.loads(body)["code"]), (400, 400))
+            self.assertIn("request target", json.loads(body)["message"])
             self.assertEqual((self.recorder.recorded, self.upstream.received), ([], []))
             response, _ = await self.send("GET", "/echo/x", token="")
             self.assertEqual(response.code, 401)

@@ -10,7 +10,6 @@ when the client protected its own) and its body records, under the pair's relay-
 
 import io
 import json
-import re
 
 from twisted.internet import task
 from twisted.internet.defer import ensureDeferred
@@ -41,7 +40,7 @@ from mterelay.codec import (
 from mterelay.errors import RelayError
 from mterelay.registry import PairRecord
 from mterelay.upstream import filter_headers, forward, upstream_headers
-from mterelay.web import compile_routes, decoded_path, send_error
+from mterelay.web import ORIGIN_FORM, compile_routes, decoded_path, send_error
 
 log = Logger()
 
@@ -55,8 +54,6 @@ MAX_PAIRS_PER_REQUEST = 32
 MAX_PAIR_BODY = 64 * 1024
 #: Statuses whose answers carry no body, whatever the upstream sent.
 _NO_BODY = (204, 304)
-#: An origin-form request target (RFC 9112 3.2.1) of RFC 3986 characters: nothing else is sent upstream.
-_TARGET = re.compile(rb"/[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*(\?[A-Za-z0-9\-._~!$&'()*+,;=:@/%?]*)?")
 _OCTETS = b"application/octet-stream"
 
 
@@ -279,7 +276,7 @@ class Inbound:
                 raise CodecError(562, "an encoded URL carries no visible query")
             binding = request_binding(request.method, flags=header.flags)
             target = keys.open(URL, sealed, binding)
-            if not _TARGET.fullmatch(target):
+            if not ORIGIN_FORM.fullmatch(target):
                 raise CodecError(562, "the URL item is not an origin-form path and query")
         else:
             target = request.uri

@@ -19,7 +19,7 @@ from mterelay.codec import CodecError, b64decode
 from mterelay.config import normalize_origin
 from mterelay.errors import CODES, RelayError
 from mterelay.upstream import abort_client, discard_body, end_to_end, merge_end_to_end, stream_response
-from mterelay.web import UPSTREAM_HEADER, send_error
+from mterelay.web import ORIGIN_FORM, UPSTREAM_HEADER, send_error
 
 log = Logger()
 
@@ -112,6 +112,9 @@ class Outbound:
 
     def render(self, request):
         origin = self._peer(request)
+        if not ORIGIN_FORM.fullmatch(request.uri):
+            # The peer relay would refuse it (562) once decoded: say what is wrong before sending anything.
+            raise RelayError(400, "the request target is not a path and query of RFC 3986 characters")
         options = {
             "encode_type": _option(request, b"x-mte-encode-type", _encode_type, "MKE"),
             "encode_headers": _option(request, b"x-mte-encode-headers", _encode_headers, True),

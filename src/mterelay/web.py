@@ -31,6 +31,9 @@ log = Logger()
 ECHO = "/api/mte-echo"
 ERRORS = "/api/mte-errors"
 INBOUND_PATHS = ("/api/mte-relay", "/api/mte-pair")
+#: An origin-form request target (RFC 9112 3.2.1) of RFC 3986 characters: what an encoded URL may hold, since
+#: nothing else is sent upstream.
+ORIGIN_FORM = re.compile(rb"/[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*(\?[A-Za-z0-9\-._~!$&'()*+,;=:@/%?]*)?")
 OUTBOUND_TOKEN_HEADER = b"x-mte-outbound-token"
 UPSTREAM_HEADER = b"x-mte-upstream"
 
