@@ -194,6 +194,21 @@ class FailureTests(PassThroughTestCase):
         yield self._until(lambda: self.upstream.abandoned == 1)
 
     @inlineCallbacks
+    def test_half_closed_client_answered(self):
+        """A client that half-closes once its request is sent (it has nothing more to say) still gets the whole
+        answer, then the connection closes; one that half-closes mid-head gets no answer and nothing goes upstream."""
+        relay = yield self.relay()
+        port = int(relay.url.rsplit(":", 1)[1])
+        answer = yield self._raw(port, b"GET /slow/0.2 HTTP/1.1\r\nHost: a\r\n\r\n", half_close=True)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
+        self.assertIn(b'"path": "/slow/0.2"', body)
+        self.assertTrue(body.endswith(b"\r\n0\r\n\r\n"), body)  # the chunked body's end: the whole answer
+        answer = yield self._raw(port, b"GET /echo/cut HTTP/1.1\r\nHost: a\r\n", half_close=True)
+        self.assertEqual(answer, b"")
+        self.assertEqual([r.path for r in self.upstream.received], ["/slow/0.2"])
+
+    @inlineCallbacks
     def test_client_disconnect_cancels_upstream(self):
         """A client that goes away while the upstream is working makes the relay abandon the upstream request."""
         relay = yield self.relay()
@@ -230,11 +245,17 @@ class FailureTests(PassThroughTestCase):
         response = yield self.request(relay, "GET", "/nowhere")
         yield self.assertError(response, 404)
 
-    def _raw(self, port, data):
+    def _raw(self, port, data, half_close=False):
         done = Deferred()
         protocol = _Collect(done)
         d = connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), protocol)
-        d.addCallback(lambda p: p.transport.write(data))
+
+        def send(connected):
+            connected.transport.write(data)
+            if half_close:
+                connected.transport.loseWriteConnection()
+
+        d.addCallback(send)
         return d.addCallback(lambda _: done)
 
     @inlineCallbacks

@@ -17,9 +17,11 @@ from urllib.parse import unquote
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.logger import Logger, LogLevel
 from twisted.web import http, server
 from twisted.web.resource import Resource
+from zope.interface import implementer
 
 from mterelay import logs
 from mterelay.codec import CLIENT_ID_HEADER, ENCODED_HEADERS, IDENTITY_HEADER, RELAY_HEADER
@@ -215,6 +217,7 @@ class RelayRequest(server.Request):
         log.info("refused a request body over {limit} bytes", limit=self.channel.site.max_body_size)
 
 
+@implementer(IHalfCloseableProtocol)
 class RelayChannel(http.HTTPChannel):
     """
     An HTTP/1.1 channel whose refusals of malformed requests are the relay's short JSON errors: 431 for a request
@@ -224,9 +227,23 @@ class RelayChannel(http.HTTPChannel):
     A request's head must arrive whole within ``site.head_timeout`` seconds of its first byte (408 otherwise):
     Twisted's idle timeout starts again at every byte, so a client sending one header line at a time could hold a
     connection for ever.
+
+    A client that half-closes once its request is complete (it has nothing more to send) is answered before the
+    connection closes; Twisted would take the half-close for the client going away and drop the request.
     """
 
     _head_timer = None
+
+    def readConnectionLost(self):
+        if self._handlingRequest:
+            # Answer the request in hand, then close (Twisted closes a connection that is not persistent).
+            self.persistent = False
+        else:
+            # Mid-head or mid-body: the request can never be complete.
+            self.loseConnection()
+
+    def writeConnectionLost(self):
+        self.loseConnection()
 
     def dataReceived(self, data):
         if self._head_timer is None and self.line_mode and not self._handlingRequest:
