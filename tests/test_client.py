@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from mterelay.client import _answered_error, _Pool
+from mterelay.client import _Pool
 from mterelay.codec import CLIENT_ID_HEADER, RelayIdentity
 from mterelay.errors import RelayError
 from mterelay.keygen import main as keygen
@@ -551,18 +551,38 @@ class KeygenTests(SynchronousTestCase):
             keygen([path], out=Out)
 
 
-class AnsweredErrorTests(SynchronousTestCase):
-    def test_relay_message_passed_on_only_when_plain(self):
-        """A relay's error message (unauthenticated text that reaches an outbound relay's answers and terminals) is
-        kept when it is short printable ASCII; control characters (a terminal escape), over 200 characters or
-        not a string, the error's own message is used instead."""
-        for message, kept in (
-            ("too many pairs for this client", True),
-            ("\x1b[2Jgone", False),
-            ("x" * 201, False),
-            (["not", "text"], False),
-        ):
-            error = _answered_error(567, json.dumps({"message": message}).encode())
-            self.assertEqual(error.code, 567)
-            self.assertEqual(error.detail == message, kept, message)
-        self.assertEqual(_answered_error(999, b"<html>").code, 502)
+class _RefusingRelay(Resource):
+    """A relay that hands out client ids and refuses every pairing with ``code`` and a message of its own."""
+
+    isLeaf = True
+
+    def __init__(self, code):
+        super().__init__()
+        self.code, self.discoveries = code, 0
+
+    def render(self, request):
+        if request.method == b"HEAD":
+            self.discoveries += 1
+            request.setHeader(CLIENT_ID_HEADER, b"A" * 22 + b"." + b"B" * 43)
+            return b""
+        request.setResponseCode(self.code)
+        return json.dumps({"code": self.code, "message": "PEER TEXT <script>"}).encode()
+
+
+class RefusedPairingTests(RelayHarness, TestCase):
+    def test_refusal_text_not_passed_on_and_566_rediscovers(self):
+        """A pairing refusal reaches the caller with the error table's message, never the relay's own text
+        (unauthenticated); a 566 makes the client fetch a new client id before its retry, so that a client holding
+        no pair recovers from a relay that rotated its secret."""
+
+        async def run():
+            for code, discoveries in ((567, 1), (566, 2)):
+                relay = _RefusingRelay(code)
+                url = f"http://127.0.0.1:{await serve(self, Site(relay))}"
+                with self.assertRaises(RelayError) as ctx:
+                    await self.client(url).request("GET", "/x")
+                self.assertEqual(ctx.exception.code, code)
+                self.assertNotIn("PEER", ctx.exception.detail)
+                self.assertEqual(relay.discoveries, discoveries, code)
+
+        return ensureDeferred(run())

@@ -453,7 +453,11 @@ class Client:
             self._agent.request(b"POST", self._url(b"/api/mte-pair"), headers, FileBodyProducer(io.BytesIO(body)))
         )
         if response.code != 200:
-            raise _answered_error(response.code, answer)
+            if response.code == 566:
+                # The relay no longer takes our client id (its secret was rotated, or it is another relay now):
+                # the retry starts from a new one. Pairing is where a client holding no pair finds that out.
+                self._forget_client()
+            raise _answered_error(response.code)
         self._note_token(response)
         try:
             reply = json.loads(answer)
@@ -592,7 +596,8 @@ class Client:
             # taken it (Twisted resends idempotent bodiless requests on a reused connection that broke off): sending
             # it again under a new counter would deliver it twice.
             if encode_type == "MKE" and response.code == 563 and source is not None:
-                raise CounterRefused(563, _answered_detail(await self._read_off(response)))
+                await self._read_off(response)
+                raise CounterRefused(563)
             return RelayResponse(response.code, response.phrase, response.headers, response, None, relay_error=True)
         try:
             opened = self._open_response(response, method, relay, response_keys)
@@ -685,25 +690,19 @@ def _read_small(response):
     return body.done
 
 
-#: What a relay's error message may hold to be passed on: it is unauthenticated text, and ends up in an outbound
-#: relay's answers and on terminals.
-_PLAIN_MESSAGE = re.compile(r"[\x20-\x7e]{1,200}")
 
 
-def _answered_detail(body):
-    """The ``message`` of a relay's JSON error body when it is short printable ASCII, else None."""
-    try:
-        message = json.loads(body).get("message")
-    except (ValueError, TypeError, AttributeError):
-        return None
-    return message if isinstance(message, str) and _PLAIN_MESSAGE.fullmatch(message) else None
-
-
-def _answered_error(code, body):
-    detail = _answered_detail(body)
-    if code in CODES and CODES[code].repair:
-        return RepairNeeded(code, detail)
-    return RelayError(code if code in CODES else 502, detail or f"the relay answered {code}")
+def _answered_error(code):
+    """
+    The error for a relay's refusal of ``code``. Its message is the error table's, never the answer's: that is
+    unauthenticated text (anyone between client and relay could have written it), and it would end up in an
+    outbound relay's answers and on terminals.
+    """
+    if code not in CODES:
+        return RelayError(502, f"the relay answered {code}")
+    if CODES[code].repair:
+        return RepairNeeded(code)
+    return RelayError(code, f"the relay answered {code}: {CODES[code].message}")
 
 
 def _checked(convert, expected):
