@@ -13,7 +13,6 @@ from twisted.internet import reactor, task
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.task import deferLater
 from twisted.protocols.policies import WrappingFactory
-from twisted.web.client import HTTPConnectionPool
 
 from mterelay.client import Client
 from mterelay.codec import RelayIdentity
@@ -22,7 +21,7 @@ from mterelay.eager import EagerTCPReactor
 from mterelay.redis_registry import RedisRegistry
 from mterelay.registry import MemoryRegistry
 from mterelay.site import build_site
-from mterelay.upstream import make_agent
+from mterelay.upstream import BoundedPool, make_agent
 from tests.redis_server import RedisServerMixin
 from tests.upstream_server import UpstreamServer
 
@@ -47,7 +46,7 @@ async def serve(case, factory):
 
 def agent(case):
     """An Agent as the relay makes it, over its own persistent pool, closed at cleanup."""
-    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool = BoundedPool(reactor, persistent=True)
     case.addCleanup(pool.closeCachedConnections)
     return make_agent(NETWORK, pool)
 

@@ -9,7 +9,7 @@ from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
@@ -163,6 +163,21 @@ class FailureTests(PassThroughTestCase):
         body = json.loads((yield readBody(response)))
         self.assertEqual((response.code, body["code"]), (code, code))
         self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"application/json"])
+
+    @inlineCallbacks
+    def test_endless_answer_head_refused(self):
+        """An upstream whose answer's head goes on and on (400 KB of header lines) is dropped once the head passes
+        MAX_ANSWER_HEAD, and the client gets a JSON 502 instead of the relay reading it all into memory."""
+
+        class EndlessHead(Protocol):
+            def dataReceived(self, data):
+                self.transport.write(b"HTTP/1.1 200 OK\r\n" + b"x-h: a\r\n" * 50000 + b"\r\nbody")
+
+        port = reactor.listenTCP(0, Factory.forProtocol(EndlessHead), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        relay = yield self.relay(upstream=f"http://127.0.0.1:{port.getHost().port}", pass_through_routes=("/x",))
+        response = yield self.request(relay, "GET", "/x")
+        yield self.assertError(response, 502)
 
     @inlineCallbacks
     def test_unreachable_upstream(self):

@@ -240,16 +240,15 @@ def serve_relay(reactor, settings):
 
     @return: a Deferred firing with a ``RelayUnderTest``; stop it in a cleanup.
     """
-    from twisted.web.client import HTTPConnectionPool
 
     from mterelay.codec import RelayIdentity
     from mterelay.eager import EagerTCPReactor
     from mterelay.registry import MemoryRegistry
     from mterelay.site import build_site
-    from mterelay.upstream import make_agent
+    from mterelay.upstream import BoundedPool, make_agent
     from mterelay.web import InFlight
 
-    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool = BoundedPool(reactor, persistent=True)
     tracker = InFlight(reactor)
     network = EagerTCPReactor(reactor)
     site = build_site(

@@ -59,7 +59,7 @@ from mterelay.codec import (
     response_binding,
 )
 from mterelay.errors import CODES, RelayError
-from mterelay.upstream import RequestBodyProducer, filter_headers
+from mterelay.upstream import BoundedPool, RequestBodyProducer, filter_headers
 
 log = Logger()
 
@@ -752,11 +752,11 @@ def _parse_args(argv):
 
 
 async def _main(reactor, args, out):
-    from twisted.web.client import Agent, HTTPConnectionPool
+    from twisted.web.client import Agent
 
     headers = [tuple(part.strip() for part in line.partition(":")[::2]) for line in args.header]
     data = args.data
-    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool = BoundedPool(reactor, persistent=True)
     client = Client(args.url, Agent(reactor, pool=pool), reactor, pin=args.pin, timeout=args.timeout)
     try:
         response = await client.request(

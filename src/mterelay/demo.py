@@ -133,10 +133,11 @@ async def chain(reactor, out, encode_type="MKE"):
     from mterelay.config import Settings
     from mterelay.registry import MemoryRegistry
     from mterelay.site import build_site
+    from mterelay.upstream import BoundedPool
 
     def relay_site(**settings):
         settings = Settings(upstream=upstream_url, client_id_secrets=(secrets.token_urlsafe(32),), **settings)
-        agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=True))
+        agent = Agent(reactor, pool=BoundedPool(reactor, persistent=True))
         return build_site(settings, reactor, agent, MemoryRegistry(reactor), RelayIdentity.generate())
 
     upstream = DemoUpstream()

@@ -9,7 +9,6 @@ from twisted.application import strports
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web.client import HTTPConnectionPool
 
 from mterelay import config, eager, gctuning, logs, site, upstream, web
 from mterelay.codec import RelayIdentity
@@ -119,7 +118,7 @@ def makeService(options):
     top = logs.LoggingService(logs.make_observer(settings.log_format, settings.debug, out))
     for warning in options.warnings:
         log.warn("{text}", text=warning)
-    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool = upstream.BoundedPool(reactor, persistent=True)
     pool.maxPersistentPerHost = POOL_PERSISTENT_PER_HOST
     gctuning.GCTuningService().setServiceParent(top)
     # The registry stops only once the relay has drained: in-flight requests still read and write it.

@@ -13,9 +13,16 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web._newclient import RequestTransmissionFailed
+from twisted.web._newclient import BODY, HTTP11ClientProtocol, RequestTransmissionFailed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, PotentialDataLoss, ResponseDone
+from twisted.web.client import (
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    HTTPConnectionPool,
+    PotentialDataLoss,
+    ResponseDone,
+    _HTTP11ClientFactory,
+)
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer
@@ -88,6 +95,41 @@ class CachedEndpointFactory:
                 del self._endpoints[next(iter(self._endpoints))]
             self._endpoints[key] = endpoint
         return endpoint
+
+
+#: Bytes an answer's head may take (counting what arrives with it of the body): Twisted's client reads header lines
+#: without limit, so an upstream or peer sending endless headers would grow the relay's memory without bound.
+MAX_ANSWER_HEAD = 256 * 1024
+
+
+class _BoundedHeadProtocol(HTTP11ClientProtocol):
+    _head_bytes = 0
+
+    def request(self, request):
+        self._head_bytes = 0
+        return super().request(request)
+
+    def dataReceived(self, data):
+        parser = self._parser
+        if parser is not None and parser.state != BODY:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_ANSWER_HEAD:
+                # The request fails as for any connection lost before its answer (502).
+                log.info("an answer's head took over {limit} bytes: connection dropped", limit=MAX_ANSWER_HEAD)
+                self.transport.abortConnection()
+                return
+        super().dataReceived(data)
+
+
+class _BoundedHeadFactory(_HTTP11ClientFactory):
+    def buildProtocol(self, addr):
+        return _BoundedHeadProtocol(self._quiescentCallback)
+
+
+class BoundedPool(HTTPConnectionPool):
+    """An ``HTTPConnectionPool`` whose connections drop an answer whose head takes over ``MAX_ANSWER_HEAD`` bytes."""
+
+    _factory = _BoundedHeadFactory
 
 
 def make_agent(reactor, pool):
