@@ -161,6 +161,18 @@ class ErrorTests(ConfigTestCase):
         _, warnings = load({}, dict(BASE_ENV, OUTBOUND_TOKEN="t" * 20, ALLOWED_PEERS="https://peer"))
         self.assertFalse([w for w in warnings if w.startswith(("OUTBOUND_TOKEN", "PASSTHROUGH", "SERVER_ID"))])
 
+    def test_pin_for_no_allowed_peer_warned(self):
+        """A PEER_PINS origin that is none of ALLOWED_PEERS (another spelling of the host, say) is warned about: it
+        pins nothing, and the peer it was meant for goes unpinned."""
+        key = "A" * 43
+        env = dict(BASE_ENV, ALLOWED_PEERS="http://127.0.0.1:8443", PEER_PINS=f'{{"http://localhost:8443": "{key}"}}')
+        _, warnings = load({}, env)
+        expected = "PEER_PINS: http://localhost:8443 is not one of ALLOWED_PEERS, so no peer is pinned by it"
+        self.assertIn(expected, warnings)
+        env["PEER_PINS"] = f'{{"http://127.0.0.1:8443": "{key}"}}'
+        _, warnings = load({}, env)
+        self.assertFalse([w for w in warnings if w.startswith("PEER_PINS")])
+
     def test_unknown_yaml_key(self):
         """A YAML key that is not a setting is an error naming the key and the file."""
         path = self.write_yaml("upstream: http://x\nupstreem: http://y\n")

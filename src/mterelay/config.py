@@ -431,6 +431,10 @@ def load(flags, environ, config_path=None):
         warnings.append("IDENTITY_KEY: unset, using an ephemeral identity key; peers cannot pin this relay")
     if values.get("outbound_token") and not values.get("allowed_peers"):
         warnings.append("OUTBOUND_TOKEN: set without ALLOWED_PEERS, so every outbound request is refused (403)")
+    for origin, _ in values.get("peer_pins", ()):
+        # A pin is looked up by the peer's origin exactly as ALLOWED_PEERS spells it: this one pins nothing.
+        if origin not in values.get("allowed_peers", ()):
+            warnings.append(f"PEER_PINS: {origin} is not one of ALLOWED_PEERS, so no peer is pinned by it")
     for name, instead in _PRODUCT_NAMES.items():
         if environ.get(name) is not None:
             warnings.append(f"{name}: not read by mterelay; {instead}")
