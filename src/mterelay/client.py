@@ -53,6 +53,7 @@ from mterelay.codec import (
     RelayHeader,
     b64decode,
     b64encode,
+    check_id,
     decode_header_block,
     encode_header_block,
     request_binding,
@@ -65,8 +66,8 @@ log = Logger()
 
 #: Longest answer the client reads whole: discovery, pairing, and refused answers read off for connection reuse.
 MAX_SMALL_ANSWER = 1 << 16
-#: A signed client id as relays hand it out: ``<id>.<signature>`` (the signature's form is the relay's business).
-_TOKEN = re.compile(r"[A-Za-z0-9_-]{16,64}\.[A-Za-z0-9_-]{1,128}")
+#: The signature part of a client id token ``<id>.<signature>`` (its exact form is the relay's business).
+_SIGNATURE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 #: Headers that describe the encoded message itself, never protected or sent as they were.
 _FRAMING = (b"content-length", b"transfer-encoding", b"host")
 
@@ -406,10 +407,15 @@ class Client:
         header is not authenticated, and adopting it would break every later request.
         """
         token = response.headers.getRawHeaders(CLIENT_ID_HEADER, [b""])[-1].decode("latin-1")
-        if _TOKEN.fullmatch(token):
-            self._token = token
-            return True
-        return False
+        client_id, _, signature = token.partition(".")
+        try:
+            check_id(client_id, "client id")
+        except CodecError:
+            return False
+        if not _SIGNATURE.fullmatch(signature):
+            return False
+        self._token = token
+        return True
 
     async def _client_token(self):
         """Discover the relay once (concurrent callers share the answer): a signed client id."""
@@ -453,11 +459,7 @@ class Client:
             self._agent.request(b"POST", self._url(b"/api/mte-pair"), headers, FileBodyProducer(io.BytesIO(body)))
         )
         if response.code != 200:
-            if response.code == 566:
-                # The relay no longer takes our client id (its secret was rotated, or it is another relay now):
-                # the retry starts from a new one. Pairing is where a client holding no pair finds that out.
-                self._forget_client()
-            raise _answered_error(response.code)
+            raise self._refusal(response.code)
         self._note_token(response)
         try:
             reply = json.loads(answer)
@@ -476,6 +478,16 @@ class Client:
             raise RelayError(565, "the relay's pairing answer is malformed") from None
         self.identity = reply["identity"]
         return _Pair(state)
+
+    def _refusal(self, code):
+        """
+        The error for the relay's refusal ``code`` of a message or a pairing. On 566 the relay no longer takes our
+        client id (its secret was rotated, or another relay answers now): it is dropped with its pairs, so that the
+        retry starts from a new one (for a client holding no pair, pairing is where it finds that out).
+        """
+        if code == 566:
+            self._forget_client()
+        return _answered_error(code)
 
     def _forget_client(self):
         """The relay no longer accepts our client id: start again with a new one and new pairs."""
@@ -577,12 +589,10 @@ class Client:
         elif entry is not None and entry.repair:
             await self._read_off(response)
             pool.discard(pair)
-            if response.code == 566:
-                self._forget_client()
-            elif response.code == 560:
+            if response.code == 560:
                 # The relay lost this pair, so most likely the others too (a restart without Redis).
                 pool.discard_idle()
-            raise RepairNeeded(response.code)
+            raise self._refusal(response.code)
         else:
             # The relay answered itself (a JSON error). An MTE pair is dropped: whether the relay moved its ratchet
             # before failing cannot be told from here.

@@ -38,15 +38,6 @@ INBOUND_PATHS = ("/api/mte-relay", "/api/mte-pair")
 ORIGIN_FORM = re.compile(rb"/[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*(\?[A-Za-z0-9\-._~!$&'()*+,;=:@/%?]*)?")
 OUTBOUND_TOKEN_HEADER = b"x-mte-outbound-token"
 UPSTREAM_HEADER = b"x-mte-upstream"
-
-
-def is_outbound(request):
-    """
-    Whether ``request`` is for the outbound role: it carries the outbound token or names a peer relay (a request
-    naming a peer without the token is refused with 401, not taken for an inbound or pass-through one).
-    """
-    headers = request.requestHeaders
-    return headers.hasHeader(OUTBOUND_TOKEN_HEADER) or headers.hasHeader(UPSTREAM_HEADER)
 #: Seconds a client connection may stay silent while the relay reads from it (Twisted's default is 12 hours); the
 #: clock stops while the relay works on a request.
 CLIENT_IDLE_TIMEOUT = 60
@@ -67,6 +58,15 @@ def compile_routes(patterns):
         return None
     alternatives = "|".join(".*".join(map(re.escape, pattern.split("*"))) for pattern in patterns)
     return re.compile(f"(?:{alternatives})")
+
+
+def is_outbound(request):
+    """
+    Whether ``request`` is for the outbound role: it carries the outbound token or names a peer relay (a request
+    naming a peer without the token is refused with 401, not taken for an inbound or pass-through one).
+    """
+    headers = request.requestHeaders
+    return headers.hasHeader(OUTBOUND_TOKEN_HEADER) or headers.hasHeader(UPSTREAM_HEADER)
 
 
 def _json(request, code, payload, phrase=None):
