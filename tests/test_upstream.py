@@ -33,7 +33,7 @@ from mterelay.upstream import (
 def message_keys():
     """One direction's keys of a message under a random key (the body codec needs no pair for this)."""
     key = os.urandom(32)
-    return MessageKeys(lambda: key, 0, 1, bytes(20))
+    return MessageKeys(key, None, 0, 1, bytes(20))
 
 
 class ReadLog(io.BytesIO):

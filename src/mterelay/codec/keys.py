@@ -2,12 +2,17 @@
 Per-message keys: sealing and opening of the url and header-block items and the streamed body records.
 
 A ``MessageKeys`` holds one message key for one direction of one message. Every item is AES-256-GCM with a nonce made
-of the item kind and record index (unique under a key used for one message only) and associated data binding the
-protocol version, encode type, direction, counter, pair id, item kind, record index, final flag and a caller binding.
+of the item kind, final flag and record index (unique under a key used for one message only, as in the STREAM
+construction) and associated data binding the protocol version, encode type, direction, counter, pair id, item kind
+and a caller binding: the same for every record of a body, so a record costs no associated data of its own.
 """
 
+import functools
+
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
 from mterelay.codec.errors import DECODE_FAILED, CodecError
 from mterelay.codec.wire import ENCODE_TYPES, PROTOCOL_VERSION, lp
@@ -22,6 +27,8 @@ S2C = 1
 URL = "url"
 HEADERS = "headers"
 _KINDS = {URL: 1, HEADERS: 2}
+#: Hash algorithm objects are immutable descriptions: one serves every derivation instead of one built per call.
+_SHA256 = hashes.SHA256()
 _BODY = 3
 
 
@@ -59,62 +66,74 @@ def response_binding(status, flags=NO_FLAGS):
     return b"resp" + lp(b"%d" % status, _flags(flags))
 
 
-def message_context(encode_type, counter, pair_id):
-    """The associated-data fields one message shares in both directions (the direction byte goes after two bytes)."""
-    return (
-        bytes((PROTOCOL_VERSION, ENCODE_TYPES.index(encode_type) + 1))
-        + counter.to_bytes(8, "big")
-        + lp(pair_id.encode("ascii"))
-    )
+@functools.lru_cache(maxsize=4096)
+def message_heads(encode_type, pair_id):
+    """
+    What one pair's messages share in their associated data: the head of each direction (version, type, direction)
+    and ``LP(pair_id)``; cached (bounded) because every message of a pair needs them.
+    """
+    kind = ENCODE_TYPES.index(encode_type) + 1
+    return bytes((PROTOCOL_VERSION, kind, C2S)), bytes((PROTOCOL_VERSION, kind, S2C)), lp(pair_id.encode("ascii"))
 
 
-def _nonce(kind, index):
-    return bytes((kind, 0, 0, 0)) + index.to_bytes(8, "big")
+def expand(key, info, length=32):
+    """HKDF-Expand with SHA-256 (RFC 5869): ``length`` bytes from the pseudorandom key ``key``."""
+    return HKDFExpand(_SHA256, length, info).derive(key)
 
 
-_BODY_NONCE = _nonce(_BODY, 0)[:4]
+def _nonce(kind, final, index):
+    return bytes((kind, final, 0, 0)) + index.to_bytes(8, "big")
+
+
+#: The first four nonce bytes of a body record: non-final, final.
+_BODY_NONCES = (_nonce(_BODY, 0, 0)[:4], _nonce(_BODY, 1, 0)[:4])
 
 
 class MessageKeys:
     """
     Seals or opens the items of one message in one direction; decoding failures raise ``CodecError(562)``.
 
-    ``derive_key`` returns the 32-byte message key; it is called on first use, so a side that only ever uses one
-    direction of a message (and a message without body, url or header items) derives no key it does not need.
+    The message key is ``secret`` itself when ``info`` is None, else ``expand(secret, info)``, derived on first use,
+    so a side that only ever uses one direction of a message (and a message without body, url or header items)
+    derives no key it does not need. ``prefix`` is the associated data's version, type, direction, counter and
+    ``LP(pair_id)``.
     """
 
-    __slots__ = ("_derive", "_cipher", "_prefix", "counter", "direction")
+    __slots__ = ("_secret", "_info", "_cipher", "_prefix", "counter", "direction")
 
-    def __init__(self, derive_key, direction, counter, context):
-        self._derive = derive_key
+    def __init__(self, secret, info, direction, counter, prefix):
+        self._secret = secret
+        self._info = info
         self._cipher = None
         self.counter = counter
         self.direction = direction
-        self._prefix = context[:2] + bytes((direction,)) + context[2:]
+        self._prefix = prefix
 
     def __repr__(self):
         return f"<MessageKeys {('c2s', 's2c')[self.direction]} counter={self.counter}>"
 
     @property
     def _aead(self):
-        if self._cipher is None:
-            self._cipher = AESGCM(self._derive())
-            self._derive = None
-        return self._cipher
+        cipher = self._cipher
+        if cipher is None:
+            key = self._secret if self._info is None else expand(self._secret, self._info)
+            cipher = self._cipher = AESGCM(key)
+            self._secret = self._info = None
+        return cipher
 
-    def _ad(self, kind, index, final, binding):
-        return self._prefix + bytes((kind,)) + index.to_bytes(8, "big") + (b"\x01" if final else b"\x00") + binding
+    def _ad(self, kind, binding):
+        return self._prefix + bytes((kind,)) + binding
 
     def seal(self, kind, plaintext, binding=b""):
         """Seal the ``url`` or ``headers`` item."""
         code = _KINDS[kind]
-        return self._aead.encrypt(_nonce(code, 0), plaintext, self._ad(code, 0, True, binding))
+        return self._aead.encrypt(_nonce(code, 1, 0), plaintext, self._ad(code, binding))
 
     def open(self, kind, data, binding=b""):
         """Open the ``url`` or ``headers`` item, or raise ``CodecError(562)``."""
         code = _KINDS[kind]
         try:
-            return self._aead.decrypt(_nonce(code, 0), data, self._ad(code, 0, True, binding))
+            return self._aead.decrypt(_nonce(code, 1, 0), data, self._ad(code, binding))
         except InvalidTag:
             raise CodecError(DECODE_FAILED, f"{kind} item failed authentication") from None
 
@@ -129,22 +148,28 @@ class MessageKeys:
 
 class _Records:
     """
-    Record bookkeeping shared by the encoder and the decoder: the pending input, the next index, finished state.
+    A streaming body transform: ``feed(bytes) -> [bytes]`` for every complete record so far, ``finish() -> [bytes]``
+    for the final record. The encoder and the decoder differ only in their AEAD direction and record step, so one
+    class does both (fewer calls per message: a message's fixed cost is what separates the codec from raw AES-GCM).
 
     Output is a list of records, each the AEAD's own ``bytes`` (what Twisted's transports take, with
     ``writeSequence``), so a record is never copied after it was sealed or opened. Whole records are read straight
     from the caller's buffer; only the rest that starts the next record is kept (see ``_hold``) and joined once.
     """
 
-    __slots__ = ("_transform", "_head", "_tails", "_step", "_pending", "_pending_size", "_index", "_done")
+    __slots__ = ("_transform", "_ad", "_step", "_pending", "_pending_size", "_index", "_done")
 
-    def __init__(self, transform, keys, binding, step):
+    #: Whether records are opened (a decoder) rather than sealed.
+    _OPENS = False
+
+    def __init__(self, keys, binding, record_size):
+        aead = keys._aead
         # The AEAD's encrypt or decrypt: (nonce, data, associated data) -> bytes.
-        self._transform = transform
-        # AD = head || u64(index) || final || binding; precomputed because a record's Python overhead adds up.
-        self._head = keys._prefix + bytes((_BODY,))
-        self._tails = (b"\x00" + binding, b"\x01" + binding)
-        self._step = step
+        if self._OPENS:
+            self._transform, self._step = aead.decrypt, record_size + TAG_SIZE
+        else:
+            self._transform, self._step = aead.encrypt, record_size
+        self._ad = keys._ad(_BODY, binding)
         self._pending = []
         self._pending_size = 0
         self._index = 0
@@ -159,35 +184,44 @@ class _Records:
         if self._done:
             raise CodecError(DECODE_FAILED, "body stream already finished or failed")
 
-    def _records(self, data):
-        """Transform every complete non-final record of the pending input + ``data``; hold the rest (< a record)."""
+    def _failed(self):
+        self._done = True
+        return CodecError(DECODE_FAILED, "body record failed authentication")
+
+    def feed(self, data):
+        """
+        The records (a list of ``bytes``) of every complete non-final record of the input seen so far: sealed by an
+        encoder, opened and authenticated by a decoder (``CodecError(562)`` if one fails). The rest is held.
+        """
         self._check_open()
         view = memoryview(data).cast("B")
         size = len(view)
         step = self._step
+        transform, ad, index, prefix = self._transform, self._ad, self._index, _BODY_NONCES[0]
         out = []
         pos = 0
-        if self._pending_size:
-            pos = step - self._pending_size
-            if size < pos:
-                if size:
-                    self._hold(view, view)
-                return out
-            self._pending.append(view[:pos])
-            out.append(self._record(b"".join(self._pending), False))
-            self._pending.clear()
-            self._pending_size = 0
-        end = pos + (size - pos) // step * step
-        if end > pos:
-            # _record inlined: a call per record is a measurable share of a record's cost at AES-GCM's speed.
-            transform, head, tail, index = self._transform, self._head, self._tails[False], self._index
-            for start in range(pos, end, step):
-                nonce_index = index.to_bytes(8, "big")
-                out.append(transform(_BODY_NONCE + nonce_index, view[start : start + step], head + nonce_index + tail))
+        try:
+            if self._pending_size:
+                pos = step - self._pending_size
+                if size < pos:
+                    if size:
+                        self._hold(view, view)
+                    return out
+                self._pending.append(view[:pos])
+                out.append(transform(prefix + index.to_bytes(8, "big"), b"".join(self._pending), ad))
                 index += 1
+                self._pending.clear()
+                self._pending_size = 0
+            for start in range(pos, pos + (size - pos) // step * step, step):
+                out.append(transform(prefix + index.to_bytes(8, "big"), view[start : start + step], ad))
+                index += 1
+        except InvalidTag:
+            raise self._failed() from None
+        finally:
             self._index = index
-        if end < size:
-            self._hold(view[end:], view)
+        pos += (size - pos) // step * step
+        if pos < size:
+            self._hold(view[pos:], view)
         return out
 
     def _hold(self, rest, whole):
@@ -207,35 +241,28 @@ class _Records:
             pending.append(bytearray(rest))
         self._pending_size += len(rest)
 
-    def _record(self, data, final):
-        index = self._index.to_bytes(8, "big")
-        self._index += 1
-        return self._transform(_BODY_NONCE + index, data, self._head + index + self._tails[final])
-
-    def _final(self):
+    def finish(self):
+        """
+        The final record (the pending rest, shorter than a record), sealed or opened, as a one-item list; a decoder
+        raises ``CodecError(562)`` if the stream was truncated or the final record fails.
+        """
         self._check_open()
         self._done = True
+        if self._OPENS and self._pending_size < TAG_SIZE:
+            raise CodecError(DECODE_FAILED, "body truncated: no final record")
         pending = self._pending
         data = pending[0] if len(pending) == 1 else b"".join(pending)
         pending.clear()
-        return [self._record(data, True)]
+        try:
+            return [self._transform(_BODY_NONCES[1] + self._index.to_bytes(8, "big"), data, self._ad)]
+        except InvalidTag:
+            raise self._failed() from None
 
 
 class BodyEncoder(_Records):
     """Cuts plaintext into records of exactly ``record_size`` bytes and a shorter final record."""
 
     __slots__ = ()
-
-    def __init__(self, keys, binding, record_size):
-        super().__init__(keys._aead.encrypt, keys, binding, record_size)
-
-    def feed(self, data):
-        """Encoded records (a list of ``bytes``) for every complete ``record_size`` bytes seen so far."""
-        return self._records(data)
-
-    def finish(self):
-        """The final record (the pending rest, shorter than a record), as a one-item list."""
-        return self._final()
 
     def output_length(self, n):
         """The encoded size of an ``n``-byte body (so a relay can keep Content-Length)."""
@@ -246,30 +273,7 @@ class BodyDecoder(_Records):
     """Opens records; a record of ``record_size + 16`` bytes is never final, so no look-ahead is needed."""
 
     __slots__ = ()
-
-    def __init__(self, keys, binding, record_size):
-        super().__init__(keys._aead.decrypt, keys, binding, record_size + TAG_SIZE)
-
-    def _failed(self):
-        self._done = True
-        return CodecError(DECODE_FAILED, "body record failed authentication")
-
-    def feed(self, data):
-        """Plaintext (a list of ``bytes``) of every complete authenticated non-final record seen so far."""
-        try:
-            return self._records(data)
-        except InvalidTag:
-            raise self._failed() from None
-
-    def finish(self):
-        """Plaintext of the final record, as a one-item list; ``CodecError(562)`` if the stream was truncated."""
-        if not self._done and self._pending_size < TAG_SIZE:
-            self._done = True
-            raise CodecError(DECODE_FAILED, "body truncated: no final record")
-        try:
-            return self._final()
-        except InvalidTag:
-            raise self._failed() from None
+    _OPENS = True
 
     def output_length(self, m):
         """The plaintext size of an ``m``-byte encoded body, or ``CodecError(562)`` if none encodes to ``m``."""

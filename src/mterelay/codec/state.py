@@ -10,11 +10,9 @@ MTE: one chain per direction; step ``n`` expands ``CK_n`` into the message key a
 """
 
 import attrs
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
 from mterelay.codec.errors import EXHAUSTED, REPLAY, UNKNOWN_STATE, CodecError
-from mterelay.codec.keys import C2S, S2C, MessageKeys, message_context
+from mterelay.codec.keys import C2S, S2C, MessageKeys, expand, message_heads
 from mterelay.codec.wire import ENCODE_TYPES, check_id
 
 #: Messages per MKE epoch: counter c belongs to epoch c // EPOCH_SIZE.
@@ -29,24 +27,15 @@ MAX_STEPS = 1 << 32
 _STATE_FORMAT = 1
 _ROLES = {"client": 1, "relay": 2}
 _KEY = 32
-#: Hash algorithm objects are immutable descriptions: one serves every derivation instead of one built per call.
-_SHA256 = hashes.SHA256()
-
-
-def _expand(key, info, length=_KEY):
-    return HKDFExpand(_SHA256, length, info).derive(key)
+_MKE_MESSAGE = b"mterelay/1 mke message"
 
 
 def _next_epoch(key):
-    return _expand(key, b"mterelay/1 mke epoch")
-
-
-def _mke_message_key(epoch_key, counter):
-    return _expand(epoch_key, b"mterelay/1 mke message" + counter.to_bytes(8, "big"))
+    return expand(key, b"mterelay/1 mke epoch")
 
 
 def _mte_step(chain_key):
-    out = _expand(chain_key, b"mterelay/1 mte step", 2 * _KEY)
+    out = expand(chain_key, b"mterelay/1 mte step", 2 * _KEY)
     return out[:_KEY], out[_KEY:]
 
 
@@ -70,19 +59,30 @@ class _PairState:
     prev_c2s: bytes | None = attrs.field(default=None, repr=False)
     prev_s2c: bytes | None = attrs.field(default=None, repr=False)
 
-    def _keys(self, c2s_key, s2c_key, counter):
-        """The message's two ``MessageKeys``; each key is a zero-argument callable, run on the direction's first use."""
-        context = message_context(self.encode_type, counter, self.pair_id)
-        return MessageKeys(c2s_key, C2S, counter, context), MessageKeys(s2c_key, S2C, counter, context)
+    def _moved(self, position, c2s, s2c, prev_c2s=None, prev_s2c=None):
+        """This state at a new position with new keys (built directly: ``attrs.evolve`` costs microseconds)."""
+        return type(self)(self.client_id, self.pair_id, self.encode_type, position, c2s, s2c, prev_c2s, prev_s2c)
+
+    def _keys(self, counter, c2s, s2c, info):
+        """
+        ``(c2s, s2c)`` ``MessageKeys`` of one message: each direction's key is its secret (``info`` None) or
+        ``expand(secret, info)``, derived on the direction's first use.
+        """
+        c2s_head, s2c_head, pair = message_heads(self.encode_type, self.pair_id)
+        tail = counter.to_bytes(8, "big") + pair
+        return (
+            MessageKeys(c2s, info, C2S, counter, c2s_head + tail),
+            MessageKeys(s2c, info, S2C, counter, s2c_head + tail),
+        )
 
     def _mke(self, counter):
         if not isinstance(counter, int) or not 0 <= counter < 1 << 64:
             raise CodecError(REPLAY, "counter out of range")
         epoch = counter // EPOCH_SIZE
-        if epoch >= MAX_EPOCHS:
-            raise CodecError(EXHAUSTED, "MKE epochs used up")
         if epoch == self.position:
             state, c2s, s2c = self, self.c2s, self.s2c
+        elif epoch >= MAX_EPOCHS:
+            raise CodecError(EXHAUSTED, "MKE epochs used up")
         elif epoch == self.position - 1 and self.prev_c2s is not None:
             state, c2s, s2c = self, self.prev_c2s, self.prev_s2c
         elif epoch < self.position:
@@ -93,10 +93,8 @@ class _PairState:
             prev_c2s, prev_s2c, c2s, s2c = self.prev_c2s, self.prev_s2c, self.c2s, self.s2c
             for _ in range(epoch - self.position):
                 prev_c2s, prev_s2c, c2s, s2c = c2s, s2c, _next_epoch(c2s), _next_epoch(s2c)
-            state = attrs.evolve(self, position=epoch, c2s=c2s, s2c=s2c, prev_c2s=prev_c2s, prev_s2c=prev_s2c)
-        # Derived on first use (closures, not partials: a partial's repr would show the epoch key).
-        request, response = (lambda: _mke_message_key(c2s, counter)), (lambda: _mke_message_key(s2c, counter))
-        return (state, *self._keys(request, response, counter))
+            state = self._moved(epoch, c2s, s2c, prev_c2s, prev_s2c)
+        return (state, *self._keys(counter, c2s, s2c, _MKE_MESSAGE + counter.to_bytes(8, "big")))
 
     def _mte(self, counter):
         if counter != self.position:
@@ -105,8 +103,8 @@ class _PairState:
             raise CodecError(EXHAUSTED, "MTE ratchet used up")
         c2s_message, c2s_next = _mte_step(self.c2s)
         s2c_message, s2c_next = _mte_step(self.s2c)
-        state = attrs.evolve(self, position=self.position + 1, c2s=c2s_next, s2c=s2c_next)
-        return (state, *self._keys(lambda: c2s_message, lambda: s2c_message, counter))
+        state = self._moved(self.position + 1, c2s_next, s2c_next)
+        return (state, *self._keys(counter, c2s_message, s2c_message, None))
 
     def to_bytes(self):
         """Compact versioned bytes for the registry (``load_state`` reads them back)."""
