@@ -12,6 +12,8 @@ from twisted.web.test.requesthelper import DummyRequest
 from mterelay.config import Settings
 from mterelay.errors import RelayError, error_table
 from mterelay.web import (
+    BODY_MIN_RATE,
+    BODY_TIMEOUT,
     HEAD_TIMEOUT,
     DrainingService,
     InFlight,
@@ -351,3 +353,78 @@ class HeadTimeoutTests(SynchronousTestCase):
         clock.advance(HEAD_TIMEOUT)
         self.assertFalse(transport.disconnecting)
         self.assertNotIn(b"408", transport.value())
+
+
+class BodyTimeoutTests(SynchronousTestCase):
+    """A request body must keep coming at BODY_MIN_RATE bytes a second or faster, or the client gets a JSON 408."""
+
+    def _channel(self, **changes):
+        clock = Clock()
+        site = RelaySite(build_resource(settings(**changes), None, clock), settings(**changes))
+        channel = site.buildProtocol(None)
+        channel.callLater = clock.callLater
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        return clock, channel, transport
+
+    def assert408(self, transport):
+        head, _, body = transport.value().partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 408 "), head)
+        self.assertEqual(json.loads(body)["code"], 408)
+        self.assertTrue(transport.disconnecting)
+
+    def test_stalled_body_answered_408(self):
+        """A body that stops arriving is answered 408 (and closed) after BODY_TIMEOUT, not dropped silently after
+        the idle timeout."""
+        clock, channel, transport = self._channel()
+        channel.dataReceived(b"POST /api/mte-echo/hi HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n0123456789")
+        clock.advance(BODY_TIMEOUT - 1)
+        self.assertEqual(transport.value(), b"")
+        clock.advance(1)
+        self.assert408(transport)
+
+    def test_trickled_body_answered_408(self):
+        """A chunked body trickling in below the minimum rate (each piece well within the idle timeout) runs out of
+        time within a few periods."""
+        clock, channel, transport = self._channel()
+        channel.dataReceived(b"POST /api/mte-echo/hi HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for second in range(3 * BODY_TIMEOUT):
+            if transport.disconnecting:
+                break
+            channel.dataReceived(b"a\r\n0123456789\r\n")
+            clock.advance(1)
+        self.assertLess(second, 2 * BODY_TIMEOUT)
+        self.assert408(transport)
+
+    def test_burst_buys_no_more_than_one_period(self):
+        """A burst of body bytes followed by silence buys at most one more BODY_TIMEOUT, however large the burst."""
+        clock, channel, transport = self._channel()
+        channel.dataReceived(b"POST /api/mte-echo/hi HTTP/1.1\r\nHost: a\r\nContent-Length: 300000\r\n\r\n")
+        channel.dataReceived(b"x" * 200000)
+        clock.advance(BODY_TIMEOUT)
+        clock.advance(BODY_TIMEOUT)
+        self.assert408(transport)
+
+    def test_body_at_minimum_rate_answered(self):
+        """A long body arriving at the minimum rate is read to its end and answered, and leaves no timer behind
+        for the next request on the connection."""
+        clock, channel, transport = self._channel()
+        seconds = 3 * BODY_TIMEOUT
+        channel.dataReceived(
+            b"POST /api/mte-echo/hi HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % (seconds * BODY_MIN_RATE)
+        )
+        for _ in range(seconds):
+            clock.advance(1)
+            channel.dataReceived(b"x" * BODY_MIN_RATE)
+        self.assertIn(b'"echo":"hi"', transport.value())
+        clock.advance(2 * BODY_TIMEOUT)  # still within the idle timeout of a kept-alive connection
+        self.assertFalse(transport.disconnecting)
+        self.assertNotIn(b"408", transport.value())
+
+    def test_refused_body_answered_once(self):
+        """A request refused on its head (413) gets that answer only: no 408 follows while its body never comes."""
+        clock, channel, transport = self._channel(max_body_size=10)
+        channel.dataReceived(b"POST /api/mte-echo/hi HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n")
+        clock.advance(2 * BODY_TIMEOUT)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 413 "))
+        self.assertEqual(transport.value().count(b"HTTP/1.1"), 1)

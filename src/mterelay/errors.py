@@ -27,7 +27,7 @@ _TABLE = (
     ErrorCode(401, "unauthorized", "The x-mte-outbound-token header is missing or wrong."),
     ErrorCode(403, "forbidden", "The x-mte-upstream relay is not one of ALLOWED_PEERS."),
     ErrorCode(404, "not-found", "No pass-through or MTE route matches this path."),
-    ErrorCode(408, "request-timeout", "The request's head did not arrive in time."),
+    ErrorCode(408, "request-timeout", "The request did not arrive in time."),
     ErrorCode(413, "body-too-large", "The body is larger than MAX_BODY_SIZE."),
     ErrorCode(431, "headers-too-large", "The request's headers are too many or too long to encode."),
     ErrorCode(501, "not-implemented", "This route is not served by this relay."),

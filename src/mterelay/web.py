@@ -43,6 +43,10 @@ UPSTREAM_HEADER = b"x-mte-upstream"
 CLIENT_IDLE_TIMEOUT = 60
 #: Seconds a request's whole head may take to arrive, from its first byte.
 HEAD_TIMEOUT = 20
+#: A request body must keep coming: BODY_TIMEOUT seconds for its first bytes, then one more second per BODY_MIN_RATE
+#: bytes received (Apache mod_reqtimeout's rule, its default rate), at most BODY_TIMEOUT seconds ahead.
+BODY_TIMEOUT = 20
+BODY_MIN_RATE = 500
 #: Relay headers a browser client must be able to send and read.
 MTE_HEADERS = (RELAY_HEADER, ENCODED_HEADERS, CLIENT_ID_HEADER, IDENTITY_HEADER)
 CORS_ALLOW_HEADERS = b", ".join(
@@ -213,7 +217,7 @@ class RelayRequest(server.Request):
         # The body is never read: answer at once and close, so the client stops sending. No "100 Continue" either.
         self._refused = True
         self.requestHeaders.removeHeader(b"expect")
-        _answer_and_close(self.channel, RelayError(413))
+        self.channel.answer_and_close(RelayError(413))
         log.info("refused a request body over {limit} bytes", limit=self.channel.site.max_body_size)
 
 
@@ -224,15 +228,19 @@ class RelayChannel(http.HTTPChannel):
     line or head over Twisted's 16 KiB, 400 for anything else that is not well-formed HTTP/1.1 (bad request line,
     header, Content-Length or chunked framing). Twisted itself answers a bare status line, or closes the connection.
 
-    A request's head must arrive whole within ``site.head_timeout`` seconds of its first byte (408 otherwise):
-    Twisted's idle timeout starts again at every byte, so a client sending one header line at a time could hold a
-    connection for ever.
+    A request's head must arrive whole within ``site.head_timeout`` seconds of its first byte, and its body at
+    ``site.body_min_rate`` bytes a second or faster (408 otherwise): Twisted's idle timeout starts again at every
+    byte, so a client sending one header line or a few body bytes at a time could hold a connection for ever, and a
+    body that stops coming was closed without an answer.
 
     A client that half-closes once its request is complete (it has nothing more to send) is answered before the
     connection closes; Twisted would take the half-close for the client going away and drop the request.
     """
 
     _head_timer = None
+    _body_timer = None
+    #: Body bytes received since the body timer was last set.
+    _body_bytes = 0
 
     def readConnectionLost(self):
         if self._handlingRequest:
@@ -251,25 +259,57 @@ class RelayChannel(http.HTTPChannel):
         super().dataReceived(data)
 
     def allHeadersReceived(self):
-        self._stop_head_timer()
+        self._head_timer = _cancel(self._head_timer)
         super().allHeadersReceived()
+        # A body is due unless there is none or the request was refused (413) on its head.
+        if self.length != 0 and not self.transport.disconnecting:
+            self._body_bytes = 0
+            self._body_timer = self.callLater(self.site.body_timeout, self._body_check)
+
+    def rawDataReceived(self, data):
+        self._body_bytes += len(data)
+        super().rawDataReceived(data)
+
+    def allContentReceived(self):
+        self._body_timer = _cancel(self._body_timer)
+        super().allContentReceived()
 
     def connectionLost(self, reason):
-        self._stop_head_timer()
+        self._head_timer = _cancel(self._head_timer)
+        self._body_timer = _cancel(self._body_timer)
         super().connectionLost(reason)
 
-    def _stop_head_timer(self):
-        if self._head_timer is not None:
-            if self._head_timer.active():
-                self._head_timer.cancel()
-            self._head_timer = None
+    def answer_and_close(self, error):
+        """
+        Answer ``error`` straight on the connection, then close it: for refusals made before (or instead of) reading a
+        whole request, when there is no request to answer through. Nothing else is timed or answered after it.
+        """
+        self._head_timer = _cancel(self._head_timer)
+        self._body_timer = _cancel(self._body_timer)
+        body = error.body()
+        head = [b"HTTP/1.1 %d %s" % (error.code, _REASONS[error.code]), b"Content-Type: application/json"]
+        head += [b"Connection: close", b"Content-Length: %d" % (len(body),)]
+        head += [b"%s: %s" % (n.encode("latin-1"), v.encode("latin-1")) for n, v in self.site.headers]
+        self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        self.loseConnection()
 
     def _head_too_slow(self):
         self._head_timer = None
-        _answer_and_close(self, RelayError(408, f"the request's head did not arrive within {self.site.head_timeout} s"))
+        self.answer_and_close(RelayError(408, f"the request's head did not arrive within {self.site.head_timeout} s"))
+
+    def _body_check(self):
+        # The bytes of the last period buy the next one; a body slower than the minimum rate runs out of time.
+        credit = min(self._body_bytes / self.site.body_min_rate, self.site.body_timeout)
+        self._body_bytes = 0
+        if credit >= 1:
+            self._body_timer = self.callLater(credit, self._body_check)
+            return
+        self._body_timer = None
+        rate = self.site.body_min_rate
+        self.answer_and_close(RelayError(408, f"the request's body came slower than {rate} bytes a second"))
 
     def lineLengthExceeded(self, line):
-        _answer_and_close(self, RelayError(431, f"a request line or header is longer than {self.MAX_LENGTH} bytes"))
+        self.answer_and_close(RelayError(431, f"a request line or header is longer than {self.MAX_LENGTH} bytes"))
 
     def _respondToBadRequestAndDisconnect(self):
         if self._receivedHeaderSize > self.totalHeadersSize:
@@ -278,7 +318,7 @@ class RelayChannel(http.HTTPChannel):
             error = RelayError(431, f"the request has more than {self.maxHeaders} headers")
         else:
             error = RelayError(400, "the request is not well-formed HTTP/1.1")
-        _answer_and_close(self, error)
+        self.answer_and_close(error)
 
 
 _REASONS = {
@@ -289,23 +329,16 @@ _REASONS = {
 }
 
 
+def _cancel(call):
+    """Cancel the ``IDelayedCall`` ``call`` if it is still pending; None, for the attribute that held it."""
+    if call is not None and call.active():
+        call.cancel()
+
+
 def _set_headers(request, headers):
     """Set HEADERS (``(name, value)`` text pairs) on ``request``'s answer."""
     for name, value in headers:
         request.setHeader(name.encode("latin-1"), value.encode("latin-1"))
-
-
-def _answer_and_close(channel, error):
-    """
-    Answer ``error`` straight on ``channel``'s connection, then close it: for refusals made before (or instead of)
-    reading a whole request, when there is no request to answer through.
-    """
-    body = error.body()
-    head = [b"HTTP/1.1 %d %s" % (error.code, _REASONS[error.code]), b"Content-Type: application/json"]
-    head += [b"Connection: close", b"Content-Length: %d" % (len(body),)]
-    head += [b"%s: %s" % (n.encode("latin-1"), v.encode("latin-1")) for n, v in channel.site.headers]
-    channel.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
-    channel.loseConnection()
 
 
 class RelaySite(server.Site):
@@ -327,6 +360,8 @@ class RelaySite(server.Site):
         )
         self.max_body_size = settings.max_body_size
         self.head_timeout = HEAD_TIMEOUT
+        self.body_timeout = BODY_TIMEOUT
+        self.body_min_rate = BODY_MIN_RATE
         self.debug = settings.debug
         self.headers = settings.headers
 
