@@ -111,6 +111,16 @@ class RoundTripTests(PassThroughTestCase):
                 self.assertEqual(body, b"")
 
     @inlineCallbacks
+    def test_invalid_status_is_bad_gateway(self):
+        """An upstream status outside 100-599 (invalid, RFC 9110 15) is answered as the relay's JSON 502, not passed
+        on to a client that may not parse it."""
+        relay = yield self.relay()
+        for code in (600, 799, 999):
+            response = yield self.request(relay, "GET", f"/status/{code}")
+            body = json.loads((yield readBody(response)))
+            self.assertEqual((response.code, body["code"]), (502, 502))
+
+    @inlineCallbacks
     def test_untyped_body_stays_untyped(self):
         """An upstream answer without Content-Type gets none from the relay (twisted.web's default is text/html,
         which a browser would render as a page)."""

@@ -524,6 +524,11 @@ async def forward(request, upstream, url, headers, clock, timeout, request_trans
     if client_gone:
         discard_body(response)
         return None
+    if not 100 <= response.code <= 599:
+        # RFC 9110 15: a status outside 100-599 is invalid and is to be taken as a server error.
+        discard_body(response)
+        log.info("upstream answered an invalid status {code}", code=response.code)
+        raise RelayError(502, f"the upstream answered an invalid status ({response.code})")
     try:
         transform = None if prepare_response is None else prepare_response(response, request)
     except RelayError:
