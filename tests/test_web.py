@@ -421,6 +421,27 @@ class BodyTimeoutTests(SynchronousTestCase):
         self.assertFalse(transport.disconnecting)
         self.assertNotIn(b"408", transport.value())
 
+    def test_nothing_processed_after_408(self):
+        """Body bytes that still arrive after the 408 (a TLS connection delivers them until the client acknowledges
+        the close) complete nothing: the request is never processed and nothing more is written."""
+        clock, channel, transport = self._channel()
+        channel.dataReceived(b"POST /api/mte-echo/hi HTTP/1.1\r\nHost: a\r\nContent-Length: 20\r\n\r\n0123456789")
+        clock.advance(BODY_TIMEOUT)
+        self.assert408(transport)
+        answered = transport.value()
+        channel.dataReceived(b"0123456789GET /api/mte-echo/again HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.assertEqual(transport.value(), answered)
+
+    def test_half_close_mid_body_not_timed(self):
+        """A client that half-closes mid-body loses its request with the connection; no 408 follows while the
+        connection drains."""
+        clock, channel, transport = self._channel()
+        channel.dataReceived(b"POST /api/mte-echo/hi HTTP/1.1\r\nHost: a\r\nContent-Length: 20\r\n\r\n0123456789")
+        channel.readConnectionLost()
+        clock.advance(BODY_TIMEOUT)
+        self.assertEqual(transport.value(), b"")
+        self.assertTrue(transport.disconnecting)
+
     def test_refused_body_answered_once(self):
         """A request refused on its head (413) gets that answer only: no 408 follows while its body never comes."""
         clock, channel, transport = self._channel(max_body_size=10)

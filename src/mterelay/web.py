@@ -239,6 +239,9 @@ class RelayChannel(http.HTTPChannel):
 
     _head_timer = None
     _body_timer = None
+    #: Set once the channel answered and closed on its own: a TLS connection still delivers data until the client
+    #: acknowledges the close, and a request completed by it must not be processed after its refusal.
+    _closing = False
     #: Body bytes received since the body timer was last set.
     _body_bytes = 0
 
@@ -247,13 +250,17 @@ class RelayChannel(http.HTTPChannel):
             # Answer the request in hand, then close (Twisted closes a connection that is not persistent).
             self.persistent = False
         else:
-            # Mid-head or mid-body: the request can never be complete.
+            # Mid-head or mid-body: the request can never be complete, so it is not timed either.
+            self._head_timer = _cancel(self._head_timer)
+            self._body_timer = _cancel(self._body_timer)
             self.loseConnection()
 
     def writeConnectionLost(self):
         self.loseConnection()
 
     def dataReceived(self, data):
+        if self._closing:
+            return
         if self._head_timer is None and self.line_mode and not self._handlingRequest:
             self._head_timer = self.callLater(self.site.head_timeout, self._head_too_slow)
         super().dataReceived(data)
@@ -284,6 +291,7 @@ class RelayChannel(http.HTTPChannel):
         Answer ``error`` straight on the connection, then close it: for refusals made before (or instead of) reading a
         whole request, when there is no request to answer through. Nothing else is timed or answered after it.
         """
+        self._closing = True
         self._head_timer = _cancel(self._head_timer)
         self._body_timer = _cancel(self._body_timer)
         body = error.body()
