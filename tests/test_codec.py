@@ -489,6 +489,15 @@ class StateTests(CodeAssertions, SynchronousTestCase):
         else:
             self.assertEqual(state.to_bytes(), data)
 
+    def test_positions_beyond_the_schedule_rejected(self):
+        """A stored MKE epoch of MAX_EPOCHS or more, or an MTE step beyond MAX_STEPS, is no state the codec writes:
+        560, not keys of an exhausted pair."""
+        limits = ((PAIRS["MKE"][1], state_module.MAX_EPOCHS), (PAIRS["MTE"][1], state_module.MAX_STEPS + 1))
+        for state, position in limits:
+            data = attrs.evolve(state, position=position).to_bytes()
+            self.assertCode(560, load_state, data)
+            self.assertEqual(load_state(attrs.evolve(state, position=position - 1).to_bytes()).position, position - 1)
+
     def test_mangled_states_rejected(self):
         """Truncated, extended or re-versioned states raise 560."""
         data = PAIRS["MKE"][1].to_bytes()

@@ -180,6 +180,9 @@ def load_state(data):
             raise ValueError
         chunks = [keys[i : i + _KEY] for i in range(0, len(keys), _KEY)] + [None, None]
         encode_type = ENCODE_TYPES[kind - 1]
+        # No schedule reaches a position beyond these (the key schedules rely on it).
+        if position >= MAX_EPOCHS if encode_type == "MKE" else position > MAX_STEPS:
+            raise ValueError
         if encode_type == "MTE" and chunks[2] is not None:
             raise ValueError
         return _CLASSES[role](ids[0], ids[1], encode_type, position, *chunks[:4])
