@@ -316,21 +316,24 @@ class DrainingServiceTests(SynchronousTestCase):
         self.assertEqual(self.closed, [True])
 
 
+def channel_on_clock(**changes):
+    """A relay channel on a ``StringTransport`` whose timers run on a ``Clock``: (clock, channel, transport)."""
+    clock = Clock()
+    site = RelaySite(build_resource(settings(**changes), None, clock), settings(**changes))
+    channel = site.buildProtocol(None)
+    channel.callLater = clock.callLater
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    return clock, channel, transport
+
+
 class HeadTimeoutTests(SynchronousTestCase):
     """A request's head must arrive whole within HEAD_TIMEOUT of its first byte, however it trickles in."""
-
-    def _channel(self):
-        clock = Clock()
-        channel = RelaySite(build_resource(settings(), None, clock), settings()).buildProtocol(None)
-        channel.callLater = clock.callLater
-        transport = StringTransport()
-        channel.makeConnection(transport)
-        return clock, channel, transport
 
     def test_trickled_head_answered_408(self):
         """A client sending one header line at a time (each within the idle timeout) gets a JSON 408 and a close
         once HEAD_TIMEOUT has passed since the head's first byte."""
-        clock, channel, transport = self._channel()
+        clock, channel, transport = channel_on_clock()
         channel.dataReceived(b"GET /api/mte-echo HTTP/1.1\r\nHost: a\r\n")
         for _ in range(HEAD_TIMEOUT - 1):
             clock.advance(1)
@@ -345,7 +348,7 @@ class HeadTimeoutTests(SynchronousTestCase):
     def test_head_in_time_not_timed_out(self):
         """A head that arrives within HEAD_TIMEOUT, slowly, is answered, and leaves no head timer behind for the
         next request on the connection."""
-        clock, channel, transport = self._channel()
+        clock, channel, transport = channel_on_clock()
         channel.dataReceived(b"GET /api/mte-echo/hi HTTP/1.1\r\n")
         clock.advance(HEAD_TIMEOUT - 1)
         channel.dataReceived(b"Host: a\r\n\r\n")
@@ -358,15 +361,6 @@ class HeadTimeoutTests(SynchronousTestCase):
 class BodyTimeoutTests(SynchronousTestCase):
     """A request body must keep coming at BODY_MIN_RATE bytes a second or faster, or the client gets a JSON 408."""
 
-    def _channel(self, **changes):
-        clock = Clock()
-        site = RelaySite(build_resource(settings(**changes), None, clock), settings(**changes))
-        channel = site.buildProtocol(None)
-        channel.callLater = clock.callLater
-        transport = StringTransport()
-        channel.makeConnection(transport)
-        return clock, channel, transport
-
     def assert408(self, transport):
         head, _, body = transport.value().partition(b"\r\n\r\n")
         self.assertTrue(head.startswith(b"HTTP/1.1 408 "), head)
@@ -376,7 +370,7 @@ class BodyTimeoutTests(SynchronousTestCase):
     def test_stalled_body_answered_408(self):
         """A body that stops arriving is answered 408 (and closed) after BODY_TIMEOUT, not dropped silently after
         the idle timeout."""
-        clock, channel, transport = self._channel()
+        clock, channel, transport = channel_on_clock()
         channel.dataReceived(b"POST /api/mte-echo/hi HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n0123456789")
         clock.advance(BODY_TIMEOUT - 1)
         self.assertEqual(transport.value(), b"")
@@ -386,7 +380,7 @@ class BodyTimeoutTests(SynchronousTestCase):
     def test_trickled_body_answered_408(self):
         """A chunked body trickling in below the minimum rate (each piece well within the idle timeout) runs out of
         time within a few periods."""
-        clock, channel, transport = self._channel()
+        clock, channel, transport = channel_on_clock()
         channel.dataReceived(b"POST /api/mte-echo/hi HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
         for second in range(3 * BODY_TIMEOUT):
             if transport.disconnecting:
@@ -398,7 +392,7 @@ class BodyTimeoutTests(SynchronousTestCase):
 
     def test_burst_buys_no_more_than_one_period(self):
         """A burst of body bytes followed by silence buys at most one more BODY_TIMEOUT, however large the burst."""
-        clock, channel, transport = self._channel()
+        clock, channel, transport = channel_on_clock()
         channel.dataReceived(b"POST /api/mte-echo/hi HTTP/1.1\r\nHost: a\r\nContent-Length: 300000\r\n\r\n")
         channel.dataReceived(b"x" * 200000)
         clock.advance(BODY_TIMEOUT)
@@ -408,7 +402,7 @@ class BodyTimeoutTests(SynchronousTestCase):
     def test_body_at_minimum_rate_answered(self):
         """A long body arriving at the minimum rate is read to its end and answered, and leaves no timer behind
         for the next request on the connection."""
-        clock, channel, transport = self._channel()
+        clock, channel, transport = channel_on_clock()
         seconds = 3 * BODY_TIMEOUT
         channel.dataReceived(
             b"POST /api/mte-echo/hi HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % (seconds * BODY_MIN_RATE)
@@ -424,7 +418,7 @@ class BodyTimeoutTests(SynchronousTestCase):
     def test_nothing_processed_after_408(self):
         """Body bytes that still arrive after the 408 (a TLS connection delivers them until the client acknowledges
         the close) complete nothing: the request is never processed and nothing more is written."""
-        clock, channel, transport = self._channel()
+        clock, channel, transport = channel_on_clock()
         channel.dataReceived(b"POST /api/mte-echo/hi HTTP/1.1\r\nHost: a\r\nContent-Length: 20\r\n\r\n0123456789")
         clock.advance(BODY_TIMEOUT)
         self.assert408(transport)
@@ -435,7 +429,7 @@ class BodyTimeoutTests(SynchronousTestCase):
     def test_half_close_mid_body_not_timed(self):
         """A client that half-closes mid-body loses its request with the connection; no 408 follows while the
         connection drains."""
-        clock, channel, transport = self._channel()
+        clock, channel, transport = channel_on_clock()
         channel.dataReceived(b"POST /api/mte-echo/hi HTTP/1.1\r\nHost: a\r\nContent-Length: 20\r\n\r\n0123456789")
         channel.readConnectionLost()
         clock.advance(BODY_TIMEOUT)
@@ -444,7 +438,7 @@ class BodyTimeoutTests(SynchronousTestCase):
 
     def test_refused_body_answered_once(self):
         """A request refused on its head (413) gets that answer only: no 408 follows while its body never comes."""
-        clock, channel, transport = self._channel(max_body_size=10)
+        clock, channel, transport = channel_on_clock(max_body_size=10)
         channel.dataReceived(b"POST /api/mte-echo/hi HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n")
         clock.advance(2 * BODY_TIMEOUT)
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 413 "))
