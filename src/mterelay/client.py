@@ -700,8 +700,6 @@ def _read_small(response):
     return body.done
 
 
-
-
 def _answered_error(code):
     """
     The error for a relay's refusal of ``code``. Its message is the error table's, never the answer's: that is
@@ -733,7 +731,7 @@ def _parse_args(argv):
     )
     parser.add_argument(
         "url",
-        type=_checked(lambda url: url if _origin(url) else None, "an http(s) URL"),
+        type=_checked(lambda url: _origin(url) and url, "an http(s) URL"),
         help="the relay URL with the path to request, e.g. http://127.0.0.1:8080/anything",
     )
     parser.add_argument("-X", "--request", dest="method", default=None, help="method (default GET, or POST with -d)")

@@ -251,8 +251,7 @@ class RelayChannel(http.HTTPChannel):
             self.persistent = False
         else:
             # Mid-head or mid-body: the request can never be complete, so it is not timed either.
-            self._head_timer = _cancel(self._head_timer)
-            self._body_timer = _cancel(self._body_timer)
+            self._stop_timers()
             self.loseConnection()
 
     def writeConnectionLost(self):
@@ -282,8 +281,7 @@ class RelayChannel(http.HTTPChannel):
         super().allContentReceived()
 
     def connectionLost(self, reason):
-        self._head_timer = _cancel(self._head_timer)
-        self._body_timer = _cancel(self._body_timer)
+        self._stop_timers()
         super().connectionLost(reason)
 
     def answer_and_close(self, error):
@@ -292,14 +290,17 @@ class RelayChannel(http.HTTPChannel):
         whole request, when there is no request to answer through. Nothing else is timed or answered after it.
         """
         self._closing = True
-        self._head_timer = _cancel(self._head_timer)
-        self._body_timer = _cancel(self._body_timer)
+        self._stop_timers()
         body = error.body()
         head = [b"HTTP/1.1 %d %s" % (error.code, _REASONS[error.code]), b"Content-Type: application/json"]
         head += [b"Connection: close", b"Content-Length: %d" % (len(body),)]
         head += [b"%s: %s" % (n.encode("latin-1"), v.encode("latin-1")) for n, v in self.site.headers]
         self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
         self.loseConnection()
+
+    def _stop_timers(self):
+        self._head_timer = _cancel(self._head_timer)
+        self._body_timer = _cancel(self._body_timer)
 
     def _head_too_slow(self):
         self._head_timer = None

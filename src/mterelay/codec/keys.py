@@ -212,16 +212,16 @@ class _Records:
                 index += 1
                 self._pending.clear()
                 self._pending_size = 0
-            for start in range(pos, pos + (size - pos) // step * step, step):
+            end = pos + (size - pos) // step * step
+            for start in range(pos, end, step):
                 out.append(transform(prefix + index.to_bytes(8, "big"), view[start : start + step], ad))
                 index += 1
         except InvalidTag:
             raise self._failed() from None
         finally:
             self._index = index
-        pos += (size - pos) // step * step
-        if pos < size:
-            self._hold(view[pos:], view)
+        if end < size:
+            self._hold(view[end:], view)
         return out
 
     def _hold(self, rest, whole):
