@@ -10,7 +10,9 @@ import sys
 
 from treq.client import HTTPClient
 from twisted.internet import reactor, task
-from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.protocols.policies import WrappingFactory
 
@@ -125,3 +127,34 @@ def rss_kib(pid="self"):
     with open(f"/proc/{pid}/status") as f:
         fields = dict(line.split(":", 1) for line in f)
     return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+
+
+class _Collect(Protocol):
+    """Sends raw bytes and collects everything the server sends until it closes the connection."""
+
+    def __init__(self, data, half_close):
+        self._data = data
+        self._half_close = half_close
+        self._received = []
+        self.closed = Deferred()
+
+    def connectionMade(self):
+        self.transport.write(self._data)
+        if self._half_close:
+            self.transport.loseWriteConnection()
+
+    def dataReceived(self, data):
+        self._received.append(data)
+
+    def connectionLost(self, reason):
+        self.closed.callback(b"".join(self._received))
+
+
+async def raw_exchange(port, data, half_close=False):
+    """
+    Send ``data`` to 127.0.0.1:``port`` (then half-close, with ``half_close``): everything received until the server
+    closed the connection.
+    """
+    collect = _Collect(data, half_close)
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), collect)
+    return await collect.closed.addTimeout(10, reactor)

@@ -29,6 +29,10 @@ def run_cli(*args):
     return getProcessOutputAndValue(sys.executable, ("-m", "mterelay.client") + args, env=os.environ, reactor=reactor)
 
 
+#: A well-formed client id token, as a stand-in relay hands it out.
+TOKEN = b"A" * 22 + b"." + b"B" * 43
+
+
 class _Answering(Resource):
     """Answers every request with ``code`` and ``headers`` and an empty body, counting them."""
 
@@ -274,7 +278,7 @@ class ClientTests(RelayHarness, TestCase):
         """
 
         async def run():
-            elsewhere = _Answering(200, [(CLIENT_ID_HEADER, b"A" * 22 + b"." + b"B" * 43)])
+            elsewhere = _Answering(200, [(CLIENT_ID_HEADER, TOKEN)])
             other = f"http://127.0.0.1:{await serve(self, Site(elsewhere))}"
             redirect = (302, [(b"location", other.encode() + b"/api/mte-relay")])
             for code, headers in (redirect, (200, [(CLIENT_ID_HEADER, b"a")])):
@@ -284,7 +288,7 @@ class ClientTests(RelayHarness, TestCase):
                 self.assertEqual(ctx.exception.code, 502, code)
             self.assertEqual(elsewhere.asked, 0)
             # The same client takes a well-formed id (the test's own stand-in answers discovery alike).
-            self.assertEqual(await self.client(other)._client_token(), "A" * 22 + "." + "B" * 43)
+            self.assertEqual(await self.client(other)._client_token(), TOKEN.decode())
 
         return ensureDeferred(run())
 
@@ -292,13 +296,12 @@ class ClientTests(RelayHarness, TestCase):
         """A relay named by an IPv6 literal (``http://[::1]:port``) is discovered like any other."""
 
         async def run():
-            token = b"A" * 22 + b"." + b"B" * 43
             port = await TCP6ServerEndpoint(reactor, 0, interface="::1").listen(
-                Site(_Answering(200, [(CLIENT_ID_HEADER, token)]))
+                Site(_Answering(200, [(CLIENT_ID_HEADER, TOKEN)]))
             )
             self.addCleanup(port.stopListening)
             client = self.client(f"http://[::1]:{port.getHost().port}")
-            self.assertEqual(await client._client_token(), token.decode())
+            self.assertEqual(await client._client_token(), TOKEN.decode())
 
         return ensureDeferred(run())
 
@@ -519,12 +522,9 @@ class MTEPoolTests(SynchronousTestCase):
         replacement = self._paired()
         self.assertIs(self.successResultOf(later), replacement)
 
-
     def test_failed_replacement_leaves_no_waiter_stranded(self):
         """A replacement pairing that fails fails its own waiter; the next waiter gets a pairing of its own."""
-        first = ensureDeferred(self.pool.acquire())
-        pair = self._paired()
-        self.successResultOf(first)
+        pair = self._paired_for(ensureDeferred(self.pool.acquire()))
         waiters = [ensureDeferred(self.pool.acquire()) for _ in range(2)]
         self.pool.discard(pair)
         self.pairings[-1].errback(RelayError(565, "pairing failed"))
@@ -563,7 +563,7 @@ class _RefusingRelay(Resource):
     def render(self, request):
         if request.method == b"HEAD":
             self.discoveries += 1
-            request.setHeader(CLIENT_ID_HEADER, b"A" * 22 + b"." + b"B" * 43)
+            request.setHeader(CLIENT_ID_HEADER, TOKEN)
             return b""
         request.setResponseCode(self.code)
         return json.dumps({"code": self.code, "message": "PEER TEXT <script>"}).encode()

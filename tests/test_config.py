@@ -129,7 +129,8 @@ class ErrorTests(ConfigTestCase):
         )
         path = self.write_yaml("allowedPeers:\n- https://peer/path\n")
         self.assertEqual(
-            self.error(environ=BASE_ENV, path=path), f"allowedPeers (file {path}): an origin has no path: 'https://peer'"
+            self.error(environ=BASE_ENV, path=path),
+            f"allowedPeers (file {path}): an origin has no path: 'https://peer'",
         )
 
     def test_url_errors_quote_no_credentials(self):
@@ -155,8 +156,12 @@ class ErrorTests(ConfigTestCase):
         """The product's own setting names, and an outbound token with no peer allowed, are warned about at start."""
         env = dict(BASE_ENV, PASSTHROUGH_ROUTES="/x", SERVER_ID="s", AWS_REGION="eu-west-1", OUTBOUND_TOKEN="t" * 20)
         _, warnings = load({}, env)
-        for name in ("PASSTHROUGH_ROUTES: not read by mterelay; it is spelled PASS_THROUGH_ROUTES", "SERVER_ID:",
-                     "AWS_REGION:", "OUTBOUND_TOKEN: set without ALLOWED_PEERS"):
+        for name in (
+            "PASSTHROUGH_ROUTES: not read by mterelay; it is spelled PASS_THROUGH_ROUTES",
+            "SERVER_ID:",
+            "AWS_REGION:",
+            "OUTBOUND_TOKEN: set without ALLOWED_PEERS",
+        ):
             self.assertTrue(any(w.startswith(name) for w in warnings), (name, warnings))
         _, warnings = load({}, dict(BASE_ENV, OUTBOUND_TOKEN="t" * 20, ALLOWED_PEERS="https://peer"))
         self.assertFalse([w for w in warnings if w.startswith(("OUTBOUND_TOKEN", "PASSTHROUGH", "SERVER_ID"))])

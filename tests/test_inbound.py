@@ -9,9 +9,7 @@ import os
 import tempfile
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
+from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import Clock, Cooperator, deferLater
 from twisted.trial.unittest import TestCase
 
@@ -30,7 +28,7 @@ from mterelay.client import RepairNeeded
 from mterelay.errors import RelayError
 from mterelay.redis_registry import RedisRegistry
 from mterelay.registry import MemoryRegistry
-from tests.relay_harness import SECRET, RelayHarness, rss_kib
+from tests.relay_harness import SECRET, RelayHarness, raw_exchange, rss_kib
 from tests.upstream_server import pattern, pattern_sha256
 
 METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH")
@@ -479,29 +477,6 @@ class RefusalTests(RelayHarness, TestCase):
             self.assertNotIn(SECRET.encode(), body)
 
         return ensureDeferred(run())
-
-
-class _Collect(Protocol):
-    def __init__(self, request):
-        self.request = request
-        self.received = []
-        self.closed = Deferred()
-
-    def connectionMade(self):
-        self.transport.write(self.request)
-
-    def dataReceived(self, data):
-        self.received.append(data)
-
-    def connectionLost(self, reason):
-        self.closed.callback(b"".join(self.received))
-
-
-async def raw_exchange(port, request):
-    """Send ``request`` bytes to 127.0.0.1:``port``; everything received until the server closed the connection."""
-    collect = _Collect(request)
-    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), collect)
-    return await collect.closed.addTimeout(10, reactor)
 
 
 class AbandonedVerificationTests(RelayHarness, TestCase):

@@ -8,7 +8,6 @@ import socket
 from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred, inlineCallbacks
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
@@ -17,24 +16,10 @@ from twisted.web.http_headers import Headers
 
 from mterelay.config import Settings
 from mterelay.upstream import RequestBodyProducer
-from tests.relay_harness import RelayHarness, rss_kib
+from tests.relay_harness import RelayHarness, raw_exchange, rss_kib
 from tests.upstream_server import UpstreamServer, pattern_sha256, serve_relay
 
 SECRET = "s" * 40
-
-
-class _Collect(Protocol):
-    """Collects a raw HTTP answer until the server closes the connection."""
-
-    def __init__(self, done):
-        self.data = b""
-        self.done = done
-
-    def dataReceived(self, data):
-        self.data += data
-
-    def connectionLost(self, reason):
-        self.done.callback(self.data)
 
 
 class PassThroughTestCase(TestCase):
@@ -224,12 +209,12 @@ class FailureTests(PassThroughTestCase):
         answer, then the connection closes; one that half-closes mid-head gets no answer and nothing goes upstream."""
         relay = yield self.relay()
         port = int(relay.url.rsplit(":", 1)[1])
-        answer = yield self._raw(port, b"GET /slow/0.2 HTTP/1.1\r\nHost: a\r\n\r\n", half_close=True)
+        answer = yield ensureDeferred(raw_exchange(port, b"GET /slow/0.2 HTTP/1.1\r\nHost: a\r\n\r\n", half_close=True))
         head, _, body = answer.partition(b"\r\n\r\n")
         self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
         self.assertIn(b'"path": "/slow/0.2"', body)
         self.assertTrue(body.endswith(b"\r\n0\r\n\r\n"), body)  # the chunked body's end: the whole answer
-        answer = yield self._raw(port, b"GET /echo/cut HTTP/1.1\r\nHost: a\r\n", half_close=True)
+        answer = yield ensureDeferred(raw_exchange(port, b"GET /echo/cut HTTP/1.1\r\nHost: a\r\n", half_close=True))
         self.assertEqual(answer, b"")
         self.assertEqual([r.path for r in self.upstream.received], ["/slow/0.2"])
 
@@ -256,7 +241,7 @@ class FailureTests(PassThroughTestCase):
             + b"a" * 1000
             + b"\r\n1\r\nb\r\n",
         ):
-            answer = yield self._raw(port, head)
+            answer = yield ensureDeferred(raw_exchange(port, head))
             status, _, rest = answer.partition(b"\r\n")
             self.assertEqual(status, b"HTTP/1.1 413 Payload Too Large")
             self.assertEqual(json.loads(rest.split(b"\r\n\r\n", 1)[1])["code"], 413)
@@ -269,19 +254,6 @@ class FailureTests(PassThroughTestCase):
         relay = yield self.relay(mte_routes=("/api/*",))
         response = yield self.request(relay, "GET", "/nowhere")
         yield self.assertError(response, 404)
-
-    def _raw(self, port, data, half_close=False):
-        done = Deferred()
-        protocol = _Collect(done)
-        d = connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), protocol)
-
-        def send(connected):
-            connected.transport.write(data)
-            if half_close:
-                connected.transport.loseWriteConnection()
-
-        d.addCallback(send)
-        return d.addCallback(lambda _: done)
 
     @inlineCallbacks
     def _until(self, condition, seconds=5.0):

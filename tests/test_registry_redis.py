@@ -297,7 +297,8 @@ class RedisFailureTests(RedisTestMixin, TestCase):
         self.assertEqual(record.pair_id, "pair-1")
 
     async def test_demoted_primary_left(self):
-        """A server demoted to a replica (READONLY) is left: its connections close and reconnect (finding the new primary)."""
+        """A server demoted to a replica (READONLY) is left: its connections close and reconnect (finding the new
+        primary)."""
         registry = await self.connect(timeout=1.0, reconnect_delay=0.1, max_reconnect_delay=0.3)
         await registry.create_pair(pair())
         before = list(registry._factory.pool)

@@ -327,6 +327,14 @@ def channel_on_clock(**changes):
     return clock, channel, transport
 
 
+def assert_408(case, transport):
+    """``transport`` carries the relay's JSON 408 and nothing else, and is closing."""
+    head, _, body = transport.value().partition(b"\r\n\r\n")
+    case.assertTrue(head.startswith(b"HTTP/1.1 408 "), head)
+    case.assertEqual(json.loads(body)["code"], 408)
+    case.assertTrue(transport.disconnecting)
+
+
 class HeadTimeoutTests(SynchronousTestCase):
     """A request's head must arrive whole within HEAD_TIMEOUT of its first byte, however it trickles in."""
 
@@ -340,10 +348,7 @@ class HeadTimeoutTests(SynchronousTestCase):
             channel.dataReceived(b"x-h: a\r\n")
         self.assertEqual(transport.value(), b"")
         clock.advance(1)
-        head, _, body = transport.value().partition(b"\r\n\r\n")
-        self.assertTrue(head.startswith(b"HTTP/1.1 408 "), head)
-        self.assertEqual(json.loads(body)["code"], 408)
-        self.assertTrue(transport.disconnecting)
+        assert_408(self, transport)
 
     def test_head_in_time_not_timed_out(self):
         """A head that arrives within HEAD_TIMEOUT, slowly, is answered, and leaves no head timer behind for the
@@ -361,12 +366,6 @@ class HeadTimeoutTests(SynchronousTestCase):
 class BodyTimeoutTests(SynchronousTestCase):
     """A request body must keep coming at BODY_MIN_RATE bytes a second or faster, or the client gets a JSON 408."""
 
-    def assert408(self, transport):
-        head, _, body = transport.value().partition(b"\r\n\r\n")
-        self.assertTrue(head.startswith(b"HTTP/1.1 408 "), head)
-        self.assertEqual(json.loads(body)["code"], 408)
-        self.assertTrue(transport.disconnecting)
-
     def test_stalled_body_answered_408(self):
         """A body that stops arriving is answered 408 (and closed) after BODY_TIMEOUT, not dropped silently after
         the idle timeout."""
@@ -375,7 +374,7 @@ class BodyTimeoutTests(SynchronousTestCase):
         clock.advance(BODY_TIMEOUT - 1)
         self.assertEqual(transport.value(), b"")
         clock.advance(1)
-        self.assert408(transport)
+        assert_408(self, transport)
 
     def test_trickled_body_answered_408(self):
         """A chunked body trickling in below the minimum rate (each piece well within the idle timeout) runs out of
@@ -388,7 +387,7 @@ class BodyTimeoutTests(SynchronousTestCase):
             channel.dataReceived(b"a\r\n0123456789\r\n")
             clock.advance(1)
         self.assertLess(second, 2 * BODY_TIMEOUT)
-        self.assert408(transport)
+        assert_408(self, transport)
 
     def test_burst_buys_no_more_than_one_period(self):
         """A burst of body bytes followed by silence buys at most one more BODY_TIMEOUT, however large the burst."""
@@ -397,7 +396,7 @@ class BodyTimeoutTests(SynchronousTestCase):
         channel.dataReceived(b"x" * 200000)
         clock.advance(BODY_TIMEOUT)
         clock.advance(BODY_TIMEOUT)
-        self.assert408(transport)
+        assert_408(self, transport)
 
     def test_body_at_minimum_rate_answered(self):
         """A long body arriving at the minimum rate is read to its end and answered, and leaves no timer behind
@@ -421,7 +420,7 @@ class BodyTimeoutTests(SynchronousTestCase):
         clock, channel, transport = channel_on_clock()
         channel.dataReceived(b"POST /api/mte-echo/hi HTTP/1.1\r\nHost: a\r\nContent-Length: 20\r\n\r\n0123456789")
         clock.advance(BODY_TIMEOUT)
-        self.assert408(transport)
+        assert_408(self, transport)
         answered = transport.value()
         channel.dataReceived(b"0123456789GET /api/mte-echo/again HTTP/1.1\r\nHost: a\r\n\r\n")
         self.assertEqual(transport.value(), answered)

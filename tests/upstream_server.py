@@ -240,7 +240,6 @@ def serve_relay(reactor, settings):
 
     @return: a Deferred firing with a ``RelayUnderTest``; stop it in a cleanup.
     """
-
     from mterelay.codec import RelayIdentity
     from mterelay.eager import EagerTCPReactor
     from mterelay.registry import MemoryRegistry

@@ -41,7 +41,12 @@ _TABLE = (
     ErrorCode(563, "replay", "The message counter was already used or lies outside the receive window."),
     ErrorCode(564, "exhausted", "The pair's epochs or ratchet are used up; pair again.", repair=True),
     ErrorCode(565, "pairing-failed", "The pair request could not be completed."),
-    ErrorCode(566, "bad-client-id", "The x-mte-client-id is missing, forged or signed with a retired secret; fetch a new one.", repair=True),
+    ErrorCode(
+        566,
+        "bad-client-id",
+        "The x-mte-client-id is missing, forged or signed with a retired secret; fetch a new one.",
+        repair=True,
+    ),
     ErrorCode(567, "pair-limit", "Too many pairs for this client or for the relay; reuse or let old pairs expire."),
     ErrorCode(568, "unsupported-version", "The protocol version or encode type is not supported."),
     ErrorCode(569, "missing-header", "A required x-mte-* header is missing or malformed."),

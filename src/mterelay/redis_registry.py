@@ -217,6 +217,7 @@ redis.call('ZREM', KEYS[2], ARGV[3])
 return 1
 """
 
+
 class _ReconnectingFactory(txredisapi.RedisFactory):
     """
     txredisapi stops reconnecting for good when AUTH or SELECT fails on a new connection, and any passing failure
@@ -445,8 +446,9 @@ class RedisRegistry(Service):
         if self._warned_at is not None and now - self._warned_at < 1:
             self._unwarned += 1
             return
-        self.log.warn("Redis unavailable: {why} ({more} more failures since the last warning)", why=why,
-                      more=self._unwarned)
+        self.log.warn(
+            "Redis unavailable: {why} ({more} more failures since the last warning)", why=why, more=self._unwarned
+        )
         self._warned_at, self._unwarned = now, 0
 
     def _eval(self, script, keys, args):
