@@ -285,6 +285,26 @@ class BodyTests(CodeAssertions, SynchronousTestCase):
         for cut in range(len(encoded)):
             self.assertCode(562, decode_body, rreq, encoded[:cut])
 
+    def test_no_whole_body_before_its_end_opened(self):
+        """
+        A body cut at a record boundary and given a forged final record: before ``finish`` fails, the decoder has
+        released less than every record it opened, so a reader told (by a forged length) to expect exactly those
+        records never holds them all; a genuine end releases the held record.
+        """
+        _, _, creq, _, rreq, _ = message(*PAIRS["MKE"])
+        data = os.urandom(3 * SMALL + 7)
+        encoded = encode_body(creq, data)
+        cut = encoded[: 3 * (SMALL + 16)] + bytes(16)
+        for chunks in (1, 3, 40):
+            decoder = rreq.body_decoder(b"", SMALL)
+            step = max(1, len(cut) // chunks)
+            released = b"".join(p for i in range(0, len(cut), step) for p in decoder.feed(cut[i : i + step]))
+            self.assertEqual(released, data[: 2 * SMALL], chunks)
+            self.assertCode(562, decoder.finish)
+            decoder = rreq.body_decoder(b"", SMALL)
+            released = b"".join(p for i in range(0, len(encoded), step) for p in decoder.feed(encoded[i : i + step]))
+            self.assertEqual(released + b"".join(decoder.finish()), data, chunks)
+
     def test_reordered_dropped_and_foreign_records_rejected(self):
         """Swapped, dropped, duplicated or foreign records and trailing bytes fail with 562."""
         client, relay = pair()

@@ -14,17 +14,19 @@ from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.protocol import Factory
+from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.web.client import FileBodyProducer
+from twisted.web.client import FileBodyProducer, ResponseFailed
 from twisted.logger import Logger, formatEvent, globalLogPublisher
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 from twisted.trial.unittest import TestCase
 
-from mterelay.codec import RelayIdentity
+from mterelay.codec import RECORD_SIZE, RelayIdentity
 from mterelay.demo import WireRecorder
 from tests.relay_harness import RelayHarness, agent, serve
+from tests.upstream_server import pattern
 
 TOKEN = "outbound-token-for-tests-0123456789"
 
@@ -360,21 +362,35 @@ class ImpossibleLengthTests(RelayHarness, TestCase):
         return ensureDeferred(run())
 
 
+def _flip_last_byte(body):
+    return body[:-1] + bytes((body[-1] ^ 1,)), b""
+
+
+def _cut_after_two_records(body):
+    """Keep two whole records and forge an empty final record (16 bytes) in place of the rest."""
+    whole = 2 * (RECORD_SIZE + 16)
+    return (body[:whole], bytes(16)) if len(body) > whole else (body, b"")
+
+
 class _FailingBalancer(Resource):
     """
     A load balancer (or a man in the middle) in front of relay B that passes the pairing endpoints (``/api/...``)
     through and answers every other request itself: by default with a chunked 502 (no content-length), as balancers
-    do when their backend fails. With ``code=None`` it passes every request through, flipping the last byte of the
-    other answers' bodies.
+    do when their backend fails. With ``code=None`` it passes every request through, damaging the other answers'
+    bodies with ``damage(body) -> (head, tail)``: the head is sent at once, the tail a moment later (so that A's
+    client can read all of the head first), with a content-length that fits them.
     """
 
     isLeaf = True
 
-    def __init__(self, backend, case, code=502, headers=(), body=b"<html>backend failed</html>"):
+    def __init__(
+        self, backend, case, code=502, headers=(), body=b"<html>backend failed</html>", damage=_flip_last_byte
+    ):
         super().__init__()
         self._backend = backend
         self._http = HTTPClient(agent(case))
         self._answer = code, headers, body
+        self._damage = damage
 
     def render(self, request):
         flip = not request.path.startswith(b"/api/")
@@ -397,11 +413,15 @@ class _FailingBalancer(Resource):
             request.setResponseCode(response.code)
             for name, values in response.headers.getAllRawHeaders():
                 request.responseHeaders.setRawHeaders(name, values)
-            body = await response.content()
-            if flip and body:
-                body = body[:-1] + bytes((body[-1] ^ 1,))
+            head, tail = await response.content(), b""
+            if flip and head:
+                head, tail = self._damage(head)
+                request.setHeader(b"content-length", b"%d" % (len(head) + len(tail)))
             if request.method != b"HEAD":
-                request.write(body)
+                request.write(head)
+                if tail:
+                    await deferLater(reactor, 0.2, lambda: None)
+                    request.write(tail)
             request.finish()
 
         # A failure here is logged, which fails the test (trial reports logged errors).
@@ -441,6 +461,31 @@ class BalancerTests(RelayHarness, TestCase):
             self.assertEqual((code, json.loads(body)["code"]), (562, 562))
             self.assertFalse(headers.hasHeader(b"x-upstream"))
             self.assertEqual(len(self.upstream.received), 1)
+
+        return ensureDeferred(run())
+
+    def test_answer_cut_at_a_record_boundary_is_never_complete(self):
+        """
+        An answer cut after two whole records, with a forged final record and a content-length changed to match, never
+        reaches the application as a complete response: A holds the second record back until the final one opens,
+        so the application gets less than the length it was told, then a broken connection.
+        """
+
+        async def run():
+            upstream = await self.start_upstream()
+            b_url, _, _ = await self.start_relay(upstream.url)
+            balancer = _FailingBalancer(b_url, self, code=None, damage=_cut_after_two_records)
+            peer = f"http://127.0.0.1:{await serve(self, Site(balancer))}"
+            a_url, _, _ = await self.start_relay(upstream.url, outbound_token=TOKEN, allowed_peers=(peer,))
+            for encode_type in ("MKE", "MTE"):
+                response = await HTTPClient(agent(self)).get(
+                    a_url + "/bytes/300000",
+                    headers={"x-mte-outbound-token": TOKEN, "x-mte-upstream": peer, "x-mte-encode-type": encode_type},
+                )
+                self.assertEqual((response.code, response.length), (200, 2 * RECORD_SIZE), encode_type)
+                received = []
+                await self.assertFailure(treq.collect(response, received.append), ResponseFailed)
+                self.assertEqual(b"".join(received), pattern(300000)[:RECORD_SIZE], encode_type)
 
         return ensureDeferred(run())
 

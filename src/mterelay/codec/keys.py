@@ -191,7 +191,8 @@ class _Records:
     def feed(self, data):
         """
         The records (a list of ``bytes``) of every complete non-final record of the input seen so far: sealed by an
-        encoder, opened and authenticated by a decoder (``CodecError(562)`` if one fails). The rest is held.
+        encoder, opened and authenticated by a decoder (``CodecError(562)`` if one fails; see ``BodyDecoder`` for the
+        one it holds back). The rest is held.
         """
         self._check_open()
         view = memoryview(data).cast("B")
@@ -270,10 +271,30 @@ class BodyEncoder(_Records):
 
 
 class BodyDecoder(_Records):
-    """Opens records; a record of ``record_size + 16`` bytes is never final, so no look-ahead is needed."""
+    """
+    Opens records; a record of ``record_size + 16`` bytes is never final, so no look-ahead is needed.
 
-    __slots__ = ()
+    The newest opened record is held back until the next one opens, and the last one until the final record proved
+    the body whole: so a reader never holds all of a body before its end was authenticated. Cut at a record boundary,
+    with a length changed to match, a body would otherwise be all delivered before the forged end failed.
+    """
+
+    __slots__ = ("_held",)
     _OPENS = True
+
+    def __init__(self, keys, binding, record_size):
+        super().__init__(keys, binding, record_size)
+        self._held = []
+
+    def feed(self, data):
+        out = super().feed(data)
+        if out:
+            self._held, out = out[-1:], self._held + out[:-1]
+        return out
+
+    def finish(self):
+        held, self._held = self._held, []
+        return held + super().finish()
 
     def output_length(self, m):
         """The plaintext size of an ``m``-byte encoded body, or ``CodecError(562)`` if none encodes to ``m``."""
