@@ -204,6 +204,31 @@ class FailureTests(PassThroughTestCase):
         yield self._until(lambda: self.upstream.abandoned == 1)
 
     @inlineCallbacks
+    def test_steady_upload_longer_than_the_timeout(self):
+        """
+        UPSTREAM_TIMEOUT counts from the request body's last progress, not from the request's start: an upload to an
+        upstream that reads in bursts (each pause shorter than the timeout, all of them longer) is answered 200;
+        an upstream that stops reading for longer than the timeout is 504.
+        """
+        pauses, readers = [], []
+        build = lambda: readers.append(_BurstReader(pauses)) or readers[-1]  # noqa: E731
+        port = reactor.listenTCP(0, Factory.forProtocol(build), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        # A reader left paused by the relay's abort only learns of it once it reads again.
+        self.addCleanup(lambda: [reader.transport.abortConnection() for reader in readers])
+        # Small receive buffers: a paused reader soon stops its sender.
+        port.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        relay = yield self.relay(upstream=f"http://127.0.0.1:{port.getHost().port}", upstream_timeout=1.0)
+        body = os.urandom(16 << 20)
+        pauses.extend([0.25] * 6)
+        response = yield self.request(relay, "POST", "/echo/upload", data=body)
+        self.assertEqual((response.code, (yield readBody(response))), (200, b"%d" % len(body)))
+        self.assertEqual(pauses, [])
+        pauses.append(2.0)
+        response = yield self.request(relay, "POST", "/echo/upload", data=body)
+        yield self.assertError(response, 504)
+
+    @inlineCallbacks
     def test_half_closed_client_answered(self):
         """A client that half-closes once its request is sent (it has nothing more to say) still gets the whole
         answer, then the connection closes; one that half-closes mid-head gets no answer and nothing goes upstream."""
@@ -262,6 +287,43 @@ class FailureTests(PassThroughTestCase):
                 return
             yield deferLater(reactor, 0.02, lambda: None)
         self.fail("condition not reached in time")
+
+
+class _BurstReader(Protocol):
+    """
+    An upstream that reads a request in bursts: after every MiB it stops reading for the next of ``pauses`` (popped
+    as used), then answers 200 with the body's length once the whole body (by Content-Length) arrived.
+    """
+
+    def __init__(self, pauses):
+        self._pauses = pauses
+        self._head = b""
+        self._length = None
+        self._body = 0
+        self._since_pause = 0
+        self._resume = None
+
+    def dataReceived(self, data):
+        if self._length is None:
+            self._head += data
+            if b"\r\n\r\n" not in self._head:
+                return
+            self._head, _, data = self._head.partition(b"\r\n\r\n")
+            self._length = int(self._head.lower().partition(b"content-length: ")[2].split(b"\r\n")[0])
+        self._body += len(data)
+        self._since_pause += len(data)
+        if self._body >= self._length:
+            answer = b"%d" % self._body
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer))
+            self.transport.loseConnection()
+        elif self._since_pause >= 1 << 20 and self._pauses:
+            self._since_pause = 0
+            self.transport.pauseProducing()
+            self._resume = reactor.callLater(self._pauses.pop(0), self.transport.resumeProducing)
+
+    def connectionLost(self, reason):
+        if self._resume is not None and self._resume.active():
+            self._resume.cancel()
 
 
 class _PatternFile:

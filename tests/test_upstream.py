@@ -20,7 +20,9 @@ from mterelay.codec.keys import RECORD_SIZE, TAG_SIZE, MessageKeys
 from mterelay.errors import RelayError
 from mterelay.upstream import (
     AgentUpstreamClient,
+    IdleDeadline,
     IUpstreamClient,
+    READ_SIZE,
     RequestBodyProducer,
     copy_response_head,
     filter_headers,
@@ -133,6 +135,38 @@ class HeaderTests(SynchronousTestCase):
             self.assertFalse(headers.hasHeader(name), name)
 
 
+def _late(result, seconds):
+    raise RelayError(504, f"late after {seconds}")
+
+
+class IdleDeadlineTests(SynchronousTestCase):
+    def test_time_starts_over_at_each_touch(self):
+        """The wait expires ``seconds`` after the last touch, not after the start: the Deferred is then cancelled
+        and fails with what ``on_timeout`` raises; no timer is left behind."""
+        clock = Clock()
+        deadline = IdleDeadline(clock, 5, _late)
+        d = deadline.bound(Deferred())
+        for _ in range(4):
+            clock.advance(4)
+            deadline.touch()
+        self.assertNoResult(d)
+        clock.advance(5)
+        self.assertEqual(self.failureResultOf(d, RelayError).value.detail, "late after 5")
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_result_in_time_passes_and_stops_the_timer(self):
+        """A result before the time runs out passes through unchanged, and a later touch is harmless."""
+        clock = Clock()
+        deadline = IdleDeadline(clock, 5, _late)
+        pending = Deferred()
+        d = deadline.bound(pending)
+        clock.advance(3)
+        pending.callback("answer")
+        deadline.touch()
+        self.assertEqual(self.successResultOf(d), "answer")
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+
 class BodyProducerTests(SynchronousTestCase):
     def setUp(self):
         self.clock = Clock()
@@ -155,6 +189,18 @@ class BodyProducerTests(SynchronousTestCase):
         self.run_clock()
         self.assertIsNone(self.successResultOf(done))
         self.assertEqual(consumer.value(), b"ABC" * 30000 + b"END")
+
+    def test_progress_after_every_chunk(self):
+        """``progress`` is called once per chunk the consumer took and once at the end (what keeps a steadily
+        moving upload from timing out)."""
+        calls = []
+        source = io.BytesIO(b"x" * 100_000)
+        producer = RequestBodyProducer(source, 100_000, None, self.cooperator, progress=lambda: calls.append(1))
+        producer.startProducing(StringTransport())
+        self.clock.advance(1)
+        self.assertEqual(len(calls), 1)
+        self.run_clock()
+        self.assertEqual(len(calls), -(-100_000 // READ_SIZE) + 1)
 
     def test_unknown_length(self):
         """A transform that cannot tell its output size makes the length unknown (chunked upstream)."""

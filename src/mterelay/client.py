@@ -60,7 +60,7 @@ from mterelay.codec import (
     response_binding,
 )
 from mterelay.errors import CODES, RelayError
-from mterelay.upstream import BoundedPool, RequestBodyProducer, filter_headers
+from mterelay.upstream import BoundedPool, IdleDeadline, RequestBodyProducer, filter_headers
 
 log = Logger()
 
@@ -374,7 +374,7 @@ class Client:
     ``agent`` is an ``IAgent`` (give it a persistent ``HTTPConnectionPool``): every exchange goes through it as it is
     (no redirect following, cookie jar or content decoding may touch it; IPv6 literal hosts work, which treq's URL
     handling refuses). ``clock`` bounds every exchange by ``timeout`` seconds: until an encoded answer's
-    headers, and to the end of discovery and pairing answers (which are read whole, up to ``MAX_SMALL_ANSWER``
+    headers (counted from the request body's last progress), and to the end of discovery and pairing answers (which are read whole, up to ``MAX_SMALL_ANSWER``
     bytes); ``pin`` is the relay's Ed25519 public key or its SHA-256 fingerprint (bytes), checked at every pairing.
     """
 
@@ -572,12 +572,14 @@ class Client:
             if has_body and relay.headers:
                 out.setRawHeaders(b"content-type", [b"application/octet-stream"])
             path = b"/" + b64encode(request_keys.seal(URL, target, binding)).encode("ascii") if encode_url else target
+            # The wait for the answer counts from the body's last progress: a long upload is not a late relay.
+            deadline = IdleDeadline(self._clock, self._timeout, _late)
             producer = None
             if has_body:
-                producer = RequestBodyProducer(source, length, request_keys.body_encoder(binding))
-            response = await self._bounded(
-                self._agent.request(method, self._url(path), out, producer)
-            )
+                producer = RequestBodyProducer(
+                    source, length, request_keys.body_encoder(binding), progress=deadline.touch
+                )
+            response = await deadline.bound(self._agent.request(method, self._url(path), out, producer))
         except BaseException:
             # An MTE step that may or may not have reached the relay leaves the pair out of step for good.
             pool.discard(pair) if encode_type == "MTE" else pool.release(pair)

@@ -214,6 +214,41 @@ def upstream_headers(request, extra=(), opened=(), hidden=()):
     return headers
 
 
+class IdleDeadline:
+    """
+    ``Deferred.addTimeout`` whose time starts over at every ``touch()``: a request's wait for its answer is counted
+    from the last byte of its body that went out, so an upload that keeps moving never times out however long it
+    is, while one the other side stops reading does.
+    """
+
+    def __init__(self, clock, seconds, on_timeout):
+        self._clock = clock
+        self._seconds = seconds
+        self._on_timeout = on_timeout
+        self._call = None
+
+    def touch(self):
+        """Start the time over (body progress)."""
+        if self._call is not None and self._call.active():
+            self._call.reset(self._seconds)
+
+    def bound(self, d):
+        """Cancel ``d`` once the time runs out; it then fails with what ``on_timeout(result, seconds)`` raises."""
+        expired = []
+
+        def expire():
+            expired.append(True)
+            d.cancel()
+
+        def settle(result):
+            if self._call.active():
+                self._call.cancel()
+            return self._on_timeout(result, self._seconds) if expired else result
+
+        self._call = self._clock.callLater(self._seconds, expire)
+        return d.addBoth(settle)
+
+
 def _feed(transform, data):
     return (data,) if transform is None else transform.feed(data)
 
@@ -231,13 +266,15 @@ class RequestBodyProducer:
     Produces a request body read from the file ``source`` (positioned at its start) through an optional transform.
 
     ``length`` is the transform's output length for ``input_length`` input bytes when it can tell, else unknown (the
-    agent then sends it chunked). Pausing pauses the reading, so at most one chunk waits in memory.
+    agent then sends it chunked). Pausing pauses the reading, so at most one chunk waits in memory. ``progress``,
+    when given, is called after every chunk the consumer took (``IdleDeadline.touch``).
     """
 
-    def __init__(self, source, input_length, transform=None, cooperator=task):
+    def __init__(self, source, input_length, transform=None, cooperator=task, progress=None):
         self._source = source
         self._transform = transform
         self._cooperator = cooperator
+        self._progress = progress
         self._task = None
         self._read_size = getattr(transform, "read_size", READ_SIZE)
         self._small = input_length is not UNKNOWN_LENGTH and input_length <= self._read_size
@@ -270,10 +307,14 @@ class RequestBodyProducer:
                 break
             for piece in _feed(transform, chunk):
                 consumer.write(piece)
+            if self._progress is not None:
+                self._progress()
             yield None
         if transform is not None:
             for piece in transform.finish():
                 consumer.write(piece)
+        if self._progress is not None:
+            self._progress()
 
     def pauseProducing(self):
         self._control("pause")
@@ -294,7 +335,7 @@ class RequestBodyProducer:
             pass
 
 
-def request_body_producer(request, transform=None, cooperator=task):
+def request_body_producer(request, transform=None, cooperator=task, progress=None):
     """A ``RequestBodyProducer`` for ``request``'s (spooled) body, or None when the request has no body."""
     headers = request.requestHeaders
     if not headers.hasHeader(b"content-length") and not headers.hasHeader(b"transfer-encoding"):
@@ -303,7 +344,7 @@ def request_body_producer(request, transform=None, cooperator=task):
     source.seek(0, 2)
     length = source.tell()
     source.seek(0)
-    return RequestBodyProducer(source, length, transform, cooperator)
+    return RequestBodyProducer(source, length, transform, cooperator, progress)
 
 
 def abort_client(request):
@@ -496,7 +537,8 @@ async def forward(request, upstream, url, headers, clock, timeout, request_trans
     Forward ``request`` to ``url`` through ``upstream`` and stream the answer back (a coroutine: the inbound role
     awaits it, the pass-through route wraps it in ``ensureDeferred``).
 
-    ``timeout`` seconds (measured on ``clock``) bound the wait for the response headers. ``prepare_response(response,
+    ``timeout`` seconds (measured on ``clock``) bound the wait for the response headers, counted from the request
+    body's last progress (``IdleDeadline``). ``prepare_response(response,
     request)``, when given, runs once the headers arrived and returns the response body transform (or None); it may set
     response headers or raise a ``RelayError``. A client that disconnects cancels the upstream request.
 
@@ -504,8 +546,9 @@ async def forward(request, upstream, url, headers, clock, timeout, request_trans
     sent to the client yet.
     """
     client_gone = []
-    pending = upstream.request(request.method, url, headers, request_body_producer(request, request_transform))
-    pending.addTimeout(timeout, clock, onTimeoutCancel=_timed_out)
+    deadline = IdleDeadline(clock, timeout, _timed_out)
+    producer = request_body_producer(request, request_transform, progress=deadline.touch)
+    pending = deadline.bound(upstream.request(request.method, url, headers, producer))
 
     def gone(reason):
         client_gone.append(reason)
