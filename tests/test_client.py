@@ -16,8 +16,9 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.http_headers import Headers
 
-from mterelay.client import _Pool
+from mterelay.client import RelayResponse, _Pool
 from mterelay.codec import CLIENT_ID_HEADER, RelayIdentity
 from mterelay.errors import RelayError
 from mterelay.keygen import main as keygen
@@ -76,11 +77,11 @@ class ClientTests(RelayHarness, TestCase):
         """``--pin`` with the relay's key works; with another key the CLI fails with 565 and nothing goes upstream."""
 
         async def run():
-            out, err, code = await run_cli(self.relay_url + "/echo/pinned", "--pin", self.identity.public_b64())
+            out, err, code = await run_cli(self.relay_url + "/echo/pinned", "--pin=" + self.identity.public_b64())
             self.assertEqual(code, 0, err)
             self.assertEqual(json.loads(out)["path"], "/echo/pinned", out)
             self.upstream.received.clear()
-            out, err, code = await run_cli(self.relay_url + "/x", "--pin", RelayIdentity.generate().public_b64())
+            out, err, code = await run_cli(self.relay_url + "/x", "--pin=" + RelayIdentity.generate().public_b64())
             self.assertEqual((code, out), (1, b""))
             self.assertIn(b"565", err)
             self.assertEqual(self.upstream.received, [])
@@ -532,6 +533,16 @@ class MTEPoolTests(SynchronousTestCase):
         self.assertEqual(len(self.pairings), 3)
         replacement = self._paired()
         self.assertIs(self.successResultOf(waiters[1]), replacement)
+
+
+class RelayResponseTests(SynchronousTestCase):
+    def test_repr_holds_no_opened_header(self):
+        """Opened headers (cookies, credentials) stay out of a response's repr, which a log or traceback may show."""
+        headers = Headers({b"set-cookie": [b"session=SECRET-abc"], b"authorization": [b"Bearer tok-secret"]})
+        text = repr(RelayResponse(200, b"OK", headers, object()))
+        self.assertIn("200", text)
+        self.assertNotIn("SECRET", text)
+        self.assertNotIn("tok-secret", text)
 
 
 class KeygenTests(SynchronousTestCase):

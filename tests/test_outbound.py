@@ -195,6 +195,19 @@ class ChainTests(RelayHarness, TestCase):
 
         return ensureDeferred(run())
 
+    def test_reason_phrase_never_crosses(self):
+        """The upstream's reason phrase (free text nothing seals) does not travel between the relays: the
+        application gets the standard phrase of the status."""
+
+        async def run():
+            phrase = "Locked for jim.halpert"
+            response, _ = await self.send("GET", "/status/403?phrase=" + phrase.replace(" ", "%20"))
+            self.assertEqual((response.code, response.phrase), (403, b"Forbidden"))
+            self.assertEqual(self.upstream.received[-1].path, "/status/403")
+            self.assertNotIn(b"jim.halpert", self.recorder.wire)
+
+        return ensureDeferred(run())
+
     def test_refusals(self):
         """Missing or wrong token 401, a peer not in ALLOWED_PEERS 403, x-mte-upstream given twice (an allowed peer
         and another) or unknown option values 400 naming the header, a target the peer would refuse once decoded
@@ -338,6 +351,27 @@ class _Tamperer(WireRecorder):
 
     def rewrite(self, direction, data):
         return data.replace(self.old, self.new) if direction == "<" else data
+
+
+class RewrittenPhraseTests(RelayHarness, TestCase):
+    def test_phrase_rewritten_between_the_relays_is_not_passed_on(self):
+        """A reason phrase rewritten between the relays (it is not sealed) does not reach the application."""
+
+        async def run():
+            upstream = await self.start_upstream()
+            b_url, _, _ = await self.start_relay(upstream.url)
+            tamperer = _Tamperer("127.0.0.1", int(b_url.rsplit(":", 1)[1]), b" 200 OK\r\n", b" 200 Hi\r\n")
+            peer = f"http://127.0.0.1:{await serve(self, tamperer)}"
+            a_url, _, _ = await self.start_relay(upstream.url, outbound_token=TOKEN, allowed_peers=(peer,))
+            response = await agent(self).request(
+                b"GET",
+                (a_url + "/echo/x").encode(),
+                Headers({b"x-mte-outbound-token": [TOKEN.encode()], b"x-mte-upstream": [peer.encode()]}),
+            )
+            await treq.content(response)
+            self.assertEqual((response.code, response.phrase), (200, b"OK"))
+
+        return ensureDeferred(run())
 
 
 class ImpossibleLengthTests(RelayHarness, TestCase):

@@ -17,7 +17,8 @@ Paths (anything else behaves like ``/echo``):
     200 with a JSON summary of the request: method, path, query, headers (name -> list of values), body_sha256,
     body_length. Bodies are read in chunks, never held whole.
 ``/status/<code>``
-    Answers ``code`` (no body for 204 and 304), with the JSON summary otherwise.
+    Answers ``code`` (no body for 204 and 304), with the JSON summary otherwise; ``?phrase=<text>`` sets the reason
+    phrase.
 ``/cookies/<n>``
     200 with ``n`` Set-Cookie headers ``c<i>=v<i>; Path=/``; ``?pad=<k>`` adds ``k`` bytes to each value.
 ``/redirect?to=<url>``
@@ -134,7 +135,7 @@ class _Upstream(Resource):
         query = parse_qs(received.query)
         request.setHeader(b"x-upstream", b"test")
         if route == "status":
-            request.setResponseCode(int(argument))
+            request.setResponseCode(int(argument), *(phrase.encode() for phrase in query.get("phrase", [])[-1:]))
             if int(argument) in (204, 304):
                 return b""
         elif route == "cookies":

@@ -12,7 +12,7 @@ all. An MTE pair is a strict ratchet that carries one request at a time: the MTE
 and further requests wait for a pair to come back.
 
 Command line, like curl: ``python -m mterelay.client URL [-X METHOD] [-d DATA|@file] [-H 'Name: value']
-[--encode-type MKE|MTE] [--pin KEY]``.
+[--encode-type MKE|MTE] [--pin=KEY]`` (``--pin=``: a base64url key may start with ``-``).
 """
 
 import argparse
@@ -38,7 +38,7 @@ from twisted.web.client import (
     ResponseFailed,
     ResponseNeverReceived,
 )
-from twisted.web.http import PotentialDataLoss
+from twisted.web.http import RESPONSES, PotentialDataLoss
 from twisted.web.http_headers import Headers
 
 from mterelay.codec import (
@@ -278,6 +278,10 @@ def _no_pair_in_time(result, timeout):
     raise RelayError(503, f"no MTE pair became free within {timeout} s")
 
 
+def _phrase(code):
+    return RESPONSES.get(code, b"")
+
+
 def _late(result, timeout):
     # Whatever a cancelled request failed with, it failed because the relay was late.
     raise RelayError(504, f"the relay did not answer within {timeout} s")
@@ -327,8 +331,10 @@ class RelayResponse:
     """
 
     code: int
+    #: The standard phrase of ``code``: the one on the wire is not authenticated.
     phrase: bytes
-    headers: Headers
+    #: Opened headers may hold cookies and credentials: kept out of the repr.
+    headers: Headers = attrs.field(repr=False)
     original: object = attrs.field(repr=False)
     #: The body transform that opens the sealed records (None when the body is plain or absent).
     decoder: object = attrs.field(repr=False, default=None)
@@ -610,7 +616,8 @@ class Client:
             if encode_type == "MKE" and response.code == 563 and source is not None:
                 await self._read_off(response)
                 raise CounterRefused(563)
-            return RelayResponse(response.code, response.phrase, response.headers, response, None, relay_error=True)
+            code = response.code
+            return RelayResponse(code, _phrase(code), response.headers, response, None, relay_error=True)
         try:
             opened = self._open_response(response, method, relay, response_keys)
         except CodecError:
@@ -639,7 +646,7 @@ class Client:
         for name, value in opened:
             headers.addRawHeader(name, value)
         decoder = keys.body_decoder(binding) if has_body else None
-        return RelayResponse(response.code, response.phrase, headers, response, decoder)
+        return RelayResponse(response.code, _phrase(response.code), headers, response, decoder)
 
 
 def _split_headers(pairs, encode_headers):
@@ -745,7 +752,7 @@ def _parse_args(argv):
     parser.add_argument(
         "--pin",
         type=_checked(b64decode, "the relay's identity key or its fingerprint, in base64url"),
-        help="the relay's identity key (base64url), refused when it differs",
+        help="the relay's identity key (base64url, as --pin=KEY: a key may start with -), refused when it differs",
     )
     parser.add_argument("-i", "--include", action="store_true", help="print the status and decoded headers first")
     parser.add_argument("--timeout", type=float, default=30.0)

@@ -14,7 +14,7 @@ import json
 from twisted.internet import task
 from twisted.internet.defer import ensureDeferred
 from twisted.logger import Logger
-from twisted.web import server
+from twisted.web import http, server
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from mterelay.codec import (
@@ -336,10 +336,13 @@ class Inbound:
         """
         Seal the upstream answer's head: move the protected headers into the sealed block (every end-to-end header
         when the request came with a header block, else content-type), and return the body encoder. Content-Length
-        is never among them: the agent keeps it out of ``response.headers``, and the client computes the plaintext
-        length from the encoded one.
+        of a body is never among them (the agent keeps it out of ``response.headers``, and the client computes the
+        plaintext length from the encoded one); that of an answer without body (HEAD, 304) is, when protected.
         """
         status = response.code
+        # The upstream's reason phrase is free text outside the seal (it could carry data, and be rewritten on the
+        # way): the sealed answer goes out with the standard phrase of its status.
+        response.phrase = http.RESPONSES.get(status, b"")
         has_body = request.method != b"HEAD" and status not in _NO_BODY and status >= 200
         end_to_end = filter_headers(response.headers)
         if header.headers:
