@@ -1,5 +1,6 @@
 """Tests for mterelay.codec: pairing, the MKE and MTE encodings, body records, state and the x-mte-relay header."""
 
+import json
 import os
 import tracemalloc
 
@@ -20,6 +21,7 @@ from mterelay.codec import (
     CodecError,
     RelayHeader,
     RelayIdentity,
+    UnencodableHeader,
     b64decode,
     b64encode,
     decode_header_block,
@@ -610,19 +612,25 @@ class HeaderTests(CodeAssertions, SynchronousTestCase):
         self.assertEqual(decode_header_block(encode_header_block(pairs)), pairs)
 
     def test_header_block_refuses_what_could_split_headers(self):
-        """Names that are not tokens and values with CR, LF, NUL or any other control character raise 562: no opened
-        block can forge a header or hand the upstream a head its parser refuses."""
+        """Names that are not tokens and values with CR, LF, NUL or any other control character raise 562 when
+        opened (no opened block can forge a header or hand the upstream a head its parser refuses), and are refused
+        when sealing, naming the header but not its value (the sender learns why instead of getting a 562)."""
         for pairs in (
             [(b"x: y", b"v")],
             [(b"x y", b"v")],
-            [(b"x", b"a\r\nb: c")],
-            [(b"x", b"a\nb")],
+            [(b"x", b"a\r\nb: c-secret")],
+            [(b"x", b"a\nb-secret")],
             [(b"x", b"\x00")],
             [(b"x", b"a\x0bb")],
             [(b"x", b"a\x01")],
             [(b"x", b"\x7f")],
         ):
-            self.assertCode(562, decode_header_block, encode_header_block(pairs))
+            block = json.dumps([[n.decode("latin-1"), v.decode("latin-1")] for n, v in pairs]).encode()
+            self.assertCode(562, decode_header_block, block)
+            with self.assertRaises(UnencodableHeader) as caught:
+                encode_header_block(pairs)
+            self.assertIn(pairs[0][0].decode()[:1], str(caught.exception))
+            self.assertNotIn("secret", str(caught.exception))
         self.assertCode(562, decode_header_block, b"[" * 100000)
 
     def test_header_block_garbage_rejected(self):

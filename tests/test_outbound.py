@@ -210,8 +210,8 @@ class ChainTests(RelayHarness, TestCase):
 
     def test_refusals(self):
         """Missing or wrong token 401, a peer not in ALLOWED_PEERS 403, x-mte-upstream given twice (an allowed peer
-        and another) or unknown option values 400 naming the header, a target the peer would refuse once decoded
-        400; none of them reaches a peer."""
+        and another), unknown option values or a header value with a control character 400 naming the header, a
+        target the peer would refuse once decoded 400; none of them reaches a peer."""
 
         async def run():
             cases = [
@@ -221,6 +221,8 @@ class ChainTests(RelayHarness, TestCase):
                 ({"headers": {"x-mte-encode-type": "AES"}}, 400, "x-mte-encode-type"),
                 ({"headers": {"x-mte-encode-headers": "maybe?"}}, 400, "x-mte-encode-headers"),
                 ({"headers": {"x-mte-encode-url": "yes"}}, 400, "x-mte-encode-url"),
+                # A header no block may carry: named by A, instead of the peer's bare 562.
+                ({"headers": {"x-foo": "a\x01b"}}, 400, "X-Foo"),
             ]
             for kwargs, code, named in cases:
                 response, body = await self.send("GET", "/echo/x", **kwargs)

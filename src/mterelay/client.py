@@ -51,6 +51,7 @@ from mterelay.codec import (
     ClientPairing,
     CodecError,
     RelayHeader,
+    UnencodableHeader,
     b64decode,
     b64encode,
     check_id,
@@ -510,7 +511,8 @@ class Client:
         gone), or, for MKE, after 563 (its counter fell behind the relay's window while it was being sent).
 
         @return: a Deferred firing with a ``RelayResponse`` (``relay_error`` True when the relay answered an error
-            itself), or failing with a ``RelayError``: 431 for headers a block cannot hold, 504 on timeout, the
+            itself), or failing with a ``RelayError``: 400 for a header no block may hold (a name that is not a
+            token, a control character in a value), 431 for headers a block cannot hold, 504 on timeout, the
             relay's code when a message sent again is refused again.
         """
         return ensureDeferred(self._request(method, url, headers, data, encode_type, encode_headers, encode_url))
@@ -551,6 +553,8 @@ class Client:
         protected, visible = _split_headers(pairs, encode_headers)
         try:
             plain_block = encode_header_block(protected)
+        except UnencodableHeader as e:
+            raise RelayError(400, str(e)) from None
         except ValueError as e:
             raise RelayError(431, str(e)) from None
         pool = self._pools[encode_type]

@@ -13,6 +13,7 @@ from mterelay.codec.header import (
     RELAY_HEADER,
     VERSION_HEADER,
     RelayHeader,
+    UnencodableHeader,
     decode_header_block,
     encode_header_block,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "CodecError",
     "RelayHeader",
     "encode_header_block",
+    "UnencodableHeader",
     "decode_header_block",
     "MAX_HEADER_PAIRS",
     "MAX_HEADER_BLOCK",

@@ -110,17 +110,28 @@ class RelayHeader:
 _COMPACT = json.JSONEncoder(separators=(",", ":"))
 
 
+class UnencodableHeader(ValueError):
+    """A header whose name is not an HTTP token or whose value holds a control character (named, value left out)."""
+
+
 def encode_header_block(pairs):
     """
     The plain header-block item: a JSON array of ``[name, value]`` strings, bytes mapped one-to-one by Latin-1 so
     every header byte survives; repeated names (several Set-Cookie) stay separate pairs, in order.
 
-    Raises ``ValueError`` for more than ``MAX_HEADER_PAIRS`` pairs or a block over ``MAX_HEADER_BLOCK`` bytes: the
-    other side would refuse to open it, so it is refused before anything is sent.
+    Raises ``UnencodableHeader`` for a pair ``decode_header_block`` would refuse, and ``ValueError`` for more than
+    ``MAX_HEADER_PAIRS`` pairs or a block over ``MAX_HEADER_BLOCK`` bytes: the other side would refuse to open it,
+    so it is refused before anything is sent.
     """
     if len(pairs) > MAX_HEADER_PAIRS:
         raise ValueError(f"{len(pairs)} headers are more than the {MAX_HEADER_PAIRS} a header block holds")
-    block = _COMPACT.encode([[name.decode("latin-1"), value.decode("latin-1")] for name, value in pairs])
+    texts = [[name.decode("latin-1"), value.decode("latin-1")] for name, value in pairs]
+    for name, value in texts:
+        if not _TOKEN.fullmatch(name):
+            raise UnencodableHeader(f"header name {name[:40]!r} is not an HTTP token")
+        if _FORBIDDEN_IN_VALUE.search(value):
+            raise UnencodableHeader(f"header {name} has a control character in its value")
+    block = _COMPACT.encode(texts)
     if len(block) > MAX_HEADER_BLOCK:
         raise ValueError(f"the headers take {len(block)} bytes, more than the {MAX_HEADER_BLOCK} a header block holds")
     return block.encode("ascii")
