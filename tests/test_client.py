@@ -16,10 +16,12 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 
-from mterelay.client import RelayResponse, _Pool
-from mterelay.codec import CLIENT_ID_HEADER, RelayIdentity
+from mterelay.client import Client, RelayResponse, _Pool
+from mterelay.codec import CLIENT_ID_HEADER, RelayIdentity, b64decode, b64encode, relay_pair
 from mterelay.errors import RelayError
 from mterelay.keygen import main as keygen
 from mterelay.registry import MemoryRegistry
@@ -444,6 +446,62 @@ class SharedPairingTests(SynchronousTestCase):
         self.assertEqual(len(self.pairings), 2)
 
 
+class _ScriptedAnswer:
+    """A response to a scripted request: ``code``, ``headers`` and a body delivered at once."""
+
+    phrase = b""
+
+    def __init__(self, code, headers=(), body=b""):
+        self.code, self.headers, self.body, self.length = code, Headers(dict(headers)), body, len(body)
+
+    def deliverBody(self, protocol):
+        protocol.makeConnection(SimpleNamespace(stopProducing=lambda: None))
+        if self.body:
+            protocol.dataReceived(self.body)
+        protocol.connectionLost(Failure(ResponseDone()))
+
+
+class _ScriptedAgent:
+    """An IAgent whose requests wait in ``sent`` (method, path, headers, body producer, Deferred) for the test."""
+
+    def __init__(self):
+        self.sent = []
+
+    def request(self, method, url, headers=None, producer=None):
+        self.sent.append((method, url.split(b"/", 3)[-1], headers, producer, Deferred()))
+        return self.sent[-1][-1]
+
+
+class ClientIdRaceTests(SynchronousTestCase):
+    def test_pair_made_under_a_dropped_client_id_is_not_used(self):
+        """
+        A 566 for one request's pairing drops the client id while another request's pairing is on its way: that
+        pair, made under the old id, is not used (it was sent with no client id at all, and failed with an
+        AttributeError); the request starts over from a new discovery.
+        """
+        identity, agent = RelayIdentity.generate(), _ScriptedAgent()
+        client = Client("http://relay.example", agent, Clock(), pool_size=1)
+        first = client.request("GET", "/x", encode_type="MKE")
+        agent.sent[0][-1].callback(_ScriptedAnswer(200, [(CLIENT_ID_HEADER, [TOKEN])]))
+        second = client.request("GET", "/y", encode_type="MTE")
+        self.assertEqual([sent[1] for sent in agent.sent], [b"api/mte-relay", b"api/mte-pair", b"api/mte-pair"])
+        agent.sent[2][-1].callback(_ScriptedAnswer(566))
+        # The refused request starts over from a new discovery.
+        self.assertEqual(agent.sent[-1][:2], (b"HEAD", b"api/mte-relay"))
+        producer, answer = agent.sent[1][3:]
+        item = json.loads(producer._inputFile.getvalue())[0]
+        client_id = TOKEN.split(b".")[0].decode()
+        _, reply = relay_pair(identity, client_id, item["pairId"], "MKE", b64decode(item["publicKey"]))
+        sealed = {"ciphertext": b64encode(reply.ciphertext), "signature": b64encode(reply.signature)}
+        pairs = [{"pairId": item["pairId"], **sealed}]
+        body = json.dumps({"identity": identity.public_b64(), "pairs": pairs}).encode()
+        answer.callback(_ScriptedAnswer(200, body=body))
+        # The first request waits for that discovery too, instead of being sent under the dropped id.
+        self.assertNoResult(first)
+        self.assertNoResult(second)
+        self.assertEqual([sent[1] for sent in agent.sent[3:]], [b"api/mte-relay"])
+
+
 class MTEPoolTests(SynchronousTestCase):
     """An MTE pool keeps its size through discards, timeouts and cancellations."""
 
@@ -461,6 +519,17 @@ class MTEPoolTests(SynchronousTestCase):
         pair = SimpleNamespace(pair_id=self.asked_ids[-1] or f"drawn-{len(self.pairings)}")
         self.pairings[-1].callback(pair)
         return pair
+
+    def test_waiters_paired_after_clear(self):
+        """After ``clear`` (a new client id), a request already waiting for a pair gets one of the new generation at
+        once, rather than waiting out its timeout while the old pair, when it returns, is dropped."""
+        pair = self._paired_for(ensureDeferred(self.pool.acquire()))
+        waiter = ensureDeferred(self.pool.acquire())
+        self.pool.clear()
+        self.pool.release(pair)
+        self.assertEqual(len(self.pairings), 2)
+        fresh = self._paired()
+        self.assertIs(self.successResultOf(waiter), fresh)
 
     def test_discarded_pair_id_paired_again(self):
         """The pair replacing a discarded one is paired under its id (so it replaces it at the relay), a failed

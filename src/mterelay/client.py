@@ -273,6 +273,9 @@ class _Pool:
         self._spare_ids.clear()
         self._shared = None
         self._count = 0
+        # Pairs lent out before are dropped when they return: nothing else would start pairings for those waiting.
+        while self._waiting and self._count < self._size:
+            self._pair_for_next()
 
 
 def _no_pair_in_time(result, timeout):
@@ -380,9 +383,10 @@ class Client:
 
     ``agent`` is an ``IAgent`` (give it a persistent ``HTTPConnectionPool``): every exchange goes through it as it is
     (no redirect following, cookie jar or content decoding may touch it; IPv6 literal hosts work, which treq's URL
-    handling refuses). ``clock`` bounds every exchange by ``timeout`` seconds: until an encoded answer's
-    headers (counted from the request body's last progress), and to the end of discovery and pairing answers (which are read whole, up to ``MAX_SMALL_ANSWER``
-    bytes); ``pin`` is the relay's Ed25519 public key or its SHA-256 fingerprint (bytes), checked at every pairing.
+    handling refuses). ``clock`` bounds every exchange by ``timeout`` seconds: until an encoded answer's headers
+    (counted from the request body's last progress), and to the end of discovery and pairing answers (which are read
+    whole, up to ``MAX_SMALL_ANSWER`` bytes); ``pin`` is the relay's Ed25519 public key or its SHA-256 fingerprint
+    (bytes), checked at every pairing.
     """
 
     def __init__(self, relay_url, agent, clock, pool_size=25, pin=None, timeout=30.0):
@@ -560,8 +564,12 @@ class Client:
         pool = self._pools[encode_type]
         pair = await pool.acquire()
         try:
+            token = self._token
+            if token is None or token.partition(".")[0] != pair.state.client_id:
+                # A 566 for another request dropped our client id while this pair was being made under it.
+                raise RepairNeeded(566, "the client id was dropped while this pair was being made")
             counter, request_keys, response_keys = pair.message_keys()
-            out = Headers({CLIENT_ID_HEADER: [self._token.encode("ascii")]})
+            out = Headers({CLIENT_ID_HEADER: [token.encode("ascii")]})
             for name, value in visible:
                 out.addRawHeader(name, value)
             has_body = source is not None
