@@ -166,20 +166,21 @@ class ChainTests(RelayHarness, TestCase):
                 {"x-mte-encode-type": "MTE", "x-mte-encode-headers": "false", "x-mte-encode-url": "false"},
                 {
                     "x-mte-encode-type": "mke",
-                    "x-mte-encode-headers": "authorization,cookie",
+                    # Any token names a header, "_" and "." included.
+                    "x-mte-encode-headers": "authorization,cookie,x_api.key",
                     "x-mte-encode-url": "true",
                 },
             ):
                 self.recorder.recorded.clear()
-                response, answer = await self.send(
-                    "POST", "/echo/login?x=1", {**options, "Authorization": "Bearer b", "Cookie": "c=1"}, b"{}"
-                )
+                headers = {**options, "Authorization": "Bearer b", "Cookie": "c=1", "x_api.key": "k-9"}
+                response, answer = await self.send("POST", "/echo/login?x=1", headers, b"{}")
                 self.assertEqual(response.code, 200, answer)
                 echo = json.loads(answer)
                 self.assertEqual((echo["path"], echo["headers"]["authorization"]), ("/echo/login", ["Bearer b"]))
                 self.assertFalse([name for name in echo["headers"] if name.startswith("x-mte-")])
             # The last request protected its headers by name and its URL: none of them crossed in plaintext.
-            for plain in (b"Bearer b", b"c=1", b"/echo/login"):
+            self.assertEqual(echo["headers"]["x_api.key"], ["k-9"])
+            for plain in (b"Bearer b", b"c=1", b"/echo/login", b"k-9"):
                 self.assertNotIn(plain, self.recorder.wire)
 
         return ensureDeferred(run())

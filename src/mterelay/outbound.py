@@ -15,7 +15,7 @@ from twisted.web import server
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from mterelay.client import Client
-from mterelay.codec import CodecError, b64decode
+from mterelay.codec import CodecError, b64decode, is_token
 from mterelay.config import normalize_origin
 from mterelay.errors import CODES, RelayError
 from mterelay.upstream import abort_client, discard_body, end_to_end, merge_end_to_end, stream_response
@@ -49,7 +49,7 @@ def _encode_headers(value):
     if value.lower() in _BOOLEANS:
         return _BOOLEANS[value.lower()]
     names = [name.strip() for name in value.split(b",") if name.strip()]
-    if not names or any(not name.replace(b"-", b"").isalnum() for name in names):
+    if not names or not all(is_token(name.decode("latin-1")) for name in names):
         raise ValueError
     return names
 

@@ -16,6 +16,7 @@ from mterelay.codec.header import (
     UnencodableHeader,
     decode_header_block,
     encode_header_block,
+    is_token,
 )
 from mterelay.codec.identity import RelayIdentity, fingerprint
 from mterelay.codec.keys import (
@@ -37,6 +38,7 @@ __all__ = [
     "RelayHeader",
     "encode_header_block",
     "UnencodableHeader",
+    "is_token",
     "decode_header_block",
     "MAX_HEADER_PAIRS",
     "MAX_HEADER_BLOCK",

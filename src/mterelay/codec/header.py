@@ -110,6 +110,11 @@ class RelayHeader:
 _COMPACT = json.JSONEncoder(separators=(",", ":"))
 
 
+def is_token(name):
+    """Whether the text ``name`` is an HTTP token (RFC 9110 5.6.2), as every header name must be."""
+    return _TOKEN.fullmatch(name) is not None
+
+
 class UnencodableHeader(ValueError):
     """A header whose name is not an HTTP token or whose value holds a control character (named, value left out)."""
 
@@ -127,7 +132,7 @@ def encode_header_block(pairs):
         raise ValueError(f"{len(pairs)} headers are more than the {MAX_HEADER_PAIRS} a header block holds")
     texts = [[name.decode("latin-1"), value.decode("latin-1")] for name, value in pairs]
     for name, value in texts:
-        if not _TOKEN.fullmatch(name):
+        if not is_token(name):
             raise UnencodableHeader(f"header name {name[:40]!r} is not an HTTP token")
         if _FORBIDDEN_IN_VALUE.search(value):
             raise UnencodableHeader(f"header {name} has a control character in its value")
