@@ -265,14 +265,16 @@ class DrainingServiceTests(SynchronousTestCase):
         self.clock = Clock()
         self.closed = []
         tracker = InFlight(self.clock)
-        self.service = DrainingService(tracker, 10, on_stopped=lambda: self.closed.append(True))
+        self.site = RelaySite(build_resource(settings(), None, self.clock), settings(), self.clock)
+        self.service = DrainingService(tracker, 10, lambda: self.closed.append(True), self.site)
         self.service.startService()
         self.request = make_request(b"GET", b"/")
         tracker.track(self.request)
 
     def test_stop_waits_for_requests_then_closes(self):
-        """Stopping waits for in-flight requests, then runs the close hook."""
+        """Stopping drains the site's open connections, waits for in-flight requests, then runs the close hook."""
         stopping = self.service.stopService()
+        self.assertTrue(self.site.draining)
         self.assertNoResult(stopping)
         self.clock.advance(9)
         self.assertEqual(self.closed, [])
@@ -308,6 +310,30 @@ class DrainingServiceTests(SynchronousTestCase):
         self.assertEqual(stopped, ["first"])
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
 
+    def _stop_with_open_connection(self):
+        """Stop with one idle kept-alive connection open and the one request answered: (stopping, transport)."""
+        channel, transport = connect_channel(self.site, self.clock)
+        stopping = self.service.stopService()
+        self.request.finish()
+        self.assertTrue(transport.disconnecting)
+        return channel, stopping
+
+    def test_stop_waits_for_connections_to_close(self):
+        """Once every request is answered, stopping still waits for the drained connections to close, having sent
+        their last bytes (a stopping reactor drops what is still buffered)."""
+        channel, stopping = self._stop_with_open_connection()
+        self.assertNoResult(stopping)
+        channel.connectionLost(None)
+        self.successResultOf(stopping)
+        self.assertEqual(self.closed, [True])
+
+    def test_wait_for_connections_bounded_by_drain_timeout(self):
+        """A connection that does not close (a client reading nothing) delays stopping by DRAIN_TIMEOUT only."""
+        _, stopping = self._stop_with_open_connection()
+        self.clock.advance(10)
+        self.successResultOf(stopping)
+        self.assertEqual(self.closed, [True])
+
     def test_stop_bounded_by_drain_timeout(self):
         """A request that never finishes delays stopping by DRAIN_TIMEOUT only."""
         stopping = self.service.stopService()
@@ -316,15 +342,49 @@ class DrainingServiceTests(SynchronousTestCase):
         self.assertEqual(self.closed, [True])
 
 
+class SiteDrainTests(SynchronousTestCase):
+    """Draining the site: no connection takes a new request, none is cut off in the middle of one."""
+
+    def test_idle_connection_closed_at_once(self):
+        """A kept-alive connection with no request in hand is closed when the drain starts: a balancer's next
+        request on it would otherwise be taken and then cut off unanswered when the drain ends."""
+        _, channel, transport = channel_on_clock()
+        channel.dataReceived(b"GET /api/mte-echo/a HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 "))
+        self.assertFalse(transport.disconnecting)
+        channel.site.drain()
+        self.assertTrue(transport.disconnecting)
+
+    def test_request_in_hand_answered_with_connection_close(self):
+        """A request still arriving when the drain starts is answered, saying ``Connection: close``, and then the
+        connection closes; a closed connection leaves the site's table."""
+        _, channel, transport = channel_on_clock()
+        channel.dataReceived(b"POST /api/mte-echo/hi HTTP/1.1\r\nHost: a\r\nContent-Length: 20\r\n\r\n0123456789")
+        channel.site.drain()
+        self.assertFalse(transport.disconnecting)
+        channel.dataReceived(b"0123456789")
+        head = transport.value().partition(b"\r\n\r\n")[0]
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
+        self.assertIn(b"\r\nConnection: close", head)
+        self.assertTrue(transport.disconnecting)
+        channel.connectionLost(None)
+        self.assertEqual(channel.site.channels, set())
+
+
 def channel_on_clock(**changes):
     """A relay channel on a ``StringTransport`` whose timers run on a ``Clock``: (clock, channel, transport)."""
     clock = Clock()
-    site = RelaySite(build_resource(settings(**changes), None, clock), settings(**changes))
+    site = RelaySite(build_resource(settings(**changes), None, clock), settings(**changes), clock)
+    return (clock, *connect_channel(site, clock))
+
+
+def connect_channel(site, clock):
+    """A connection to ``site`` on a ``StringTransport``, its timers on ``clock``: (channel, transport)."""
     channel = site.buildProtocol(None)
     channel.callLater = clock.callLater
     transport = StringTransport()
     channel.makeConnection(transport)
-    return clock, channel, transport
+    return channel, transport
 
 
 def assert_408(case, transport):

@@ -30,4 +30,4 @@ def build_site(settings, reactor, agent, registry, identity, tracker=None, coope
     inbound = Inbound(settings, identity, registry, upstream, reactor, signer, cooperator)
     outbound = None if settings.outbound_token is None else Outbound(settings, agent, reactor)
     resource = build_resource(settings, upstream, reactor, inbound=inbound, outbound=outbound, tracker=tracker)
-    return RelaySite(resource, settings)
+    return RelaySite(resource, settings, reactor)

@@ -130,7 +130,7 @@ def makeService(options):
     # Upstream and peer connections share the listening side's eager sending (see mterelay.eager).
     agent = upstream.make_agent(options.network, pool)
     relay_site = site.build_site(settings, reactor, agent, registry, options.identity, tracker)
-    relay = web.DrainingService(tracker, settings.drain_timeout, on_stopped=pool.closeCachedConnections)
+    relay = web.DrainingService(tracker, settings.drain_timeout, pool.closeCachedConnections, relay_site)
     for description in settings.listen:
         # strports services raise when they cannot listen, so twistd exits (and systemd restarts it) instead of
         # running on without the port.

@@ -132,20 +132,33 @@ class InFlight:
 
 
 class DrainingService(MultiService):
-    """Stops listening first, then lets in-flight requests finish for up to ``drain_timeout`` seconds."""
+    """
+    Stops listening first, then has ``site`` (a ``RelaySite``, when given) take no further request on its open
+    connections, and lets in-flight requests finish for up to ``drain_timeout`` seconds.
+    """
 
-    def __init__(self, tracker, drain_timeout, on_stopped=None):
+    def __init__(self, tracker, drain_timeout, on_stopped=None, site=None):
         super().__init__()
         self._tracker = tracker
         self._drain_timeout = drain_timeout
         self._on_stopped = on_stopped
+        self._site = site
 
     def stopService(self):
         stopping = super().stopService()
 
         def drain(_):
+            if self._site is not None:
+                self._site.drain()
             log.info("draining {count} in-flight requests", count=len(self._tracker))
-            return self._tracker.wait(self._drain_timeout)
+            return self._tracker.wait(self._drain_timeout).addCallback(flushed)
+
+        def flushed(complete):
+            # Every request is answered, but its last bytes may still wait in a connection's buffer: the drained
+            # connections close once they sent them (a client that reads nothing gets the drain timeout again).
+            if not complete or self._site is None:
+                return complete
+            return self._site.closed(self._drain_timeout)
 
         def drained(complete):
             if not complete:
@@ -280,9 +293,33 @@ class RelayChannel(http.HTTPChannel):
         self._body_timer = _cancel(self._body_timer)
         super().allContentReceived()
 
+    def connectionMade(self):
+        super().connectionMade()
+        self.site.channels.add(self)
+
     def connectionLost(self, reason):
+        self.site.forget(self)
         self._stop_timers()
         super().connectionLost(reason)
+
+    def checkPersistence(self, request, version):
+        if self.site.draining:
+            request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+            return False
+        return super().checkPersistence(request, version)
+
+    def drain(self):
+        """
+        Take no further request: an idle connection closes now; one with a request in hand closes once it was
+        answered (with ``Connection: close``, which ``checkPersistence`` adds to a request still arriving).
+        """
+        if not self.requests:
+            self.loseConnection()
+            return
+        self.persistent = False
+        for request in self.requests:
+            if not request.startedWriting:
+                request.responseHeaders.setRawHeaders(b"connection", [b"close"])
 
     def answer_and_close(self, error):
         """
@@ -361,7 +398,7 @@ class RelaySite(server.Site):
     protocol = RelayChannel
     noisy = False
 
-    def __init__(self, resource, settings):
+    def __init__(self, resource, settings, clock):
         # The relay never reads form arguments: Twisted's form parsing would read a whole urlencoded or multipart body
         # into memory (and parse every POST's content-type with the slow email package).
         super().__init__(
@@ -373,6 +410,39 @@ class RelaySite(server.Site):
         self.body_min_rate = BODY_MIN_RATE
         self.debug = settings.debug
         self.headers = settings.headers
+        self._clock = clock
+        #: The open connections (a relay channel adds and removes itself), for ``drain``.
+        self.channels = set()
+        self.draining = False
+        self._closed = []
+
+    def drain(self):
+        """
+        Stop taking requests on open connections (once the listeners stopped): a load balancer would otherwise send
+        new ones on its kept-alive connections, and they would be cut off unanswered when the drain ends.
+        """
+        self.draining = True
+        for channel in list(self.channels):
+            channel.drain()
+
+    def forget(self, channel):
+        """A connection closed."""
+        self.channels.discard(channel)
+        if not self.channels:
+            closed, self._closed = self._closed, []
+            for waiting in closed:
+                waiting.callback(True)
+
+    def closed(self, timeout):
+        """
+        After ``drain``: a Deferred firing with True once every connection closed, each having sent what it was
+        given (a stopping reactor drops what is still buffered), or with False after ``timeout`` seconds.
+        """
+        if not self.channels:
+            return succeed(True)
+        waiting = Deferred()
+        self._closed.append(waiting)
+        return waiting.addTimeout(timeout, self._clock, onTimeoutCancel=lambda *_: False)
 
     def log(self, request):
         # Answers below 400 are logged under DEBUG only: a line per request costs more than relaying it.
