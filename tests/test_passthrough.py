@@ -268,7 +268,7 @@ class FailureTests(PassThroughTestCase):
         ):
             answer = yield ensureDeferred(raw_exchange(port, head))
             status, _, rest = answer.partition(b"\r\n")
-            self.assertEqual(status, b"HTTP/1.1 413 Payload Too Large")
+            self.assertTrue(status.startswith(b"HTTP/1.1 413 "), status)
             self.assertEqual(json.loads(rest.split(b"\r\n\r\n", 1)[1])["code"], 413)
             self.assertNotIn(b"100 Continue", answer)
         self.assertEqual(self.upstream.received, [])

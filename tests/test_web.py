@@ -15,6 +15,7 @@ from mterelay.web import (
     BODY_MIN_RATE,
     BODY_TIMEOUT,
     HEAD_TIMEOUT,
+    MAX_PAIR_BODY,
     DrainingService,
     InFlight,
     RelaySite,
@@ -393,6 +394,44 @@ def assert_408(case, transport):
     case.assertTrue(head.startswith(b"HTTP/1.1 408 "), head)
     case.assertEqual(json.loads(body)["code"], 408)
     case.assertTrue(transport.disconnecting)
+
+
+class EarlyRefusalTests(SynchronousTestCase):
+    """A body nothing will read, or more than its route takes, is refused on the request's head, unread."""
+
+    def assert_refused(self, head, code, **changes):
+        _, channel, transport = channel_on_clock(**changes)
+        channel.dataReceived(head)
+        answer = transport.value()
+        self.assertTrue(answer.startswith(b"HTTP/1.1 %d " % code), answer)
+        self.assertEqual(json.loads(answer.partition(b"\r\n\r\n")[2])["code"], code)
+        self.assertTrue(transport.disconnecting)
+        return channel, transport
+
+    def test_large_pair_request_refused_on_its_head(self):
+        """A pair request announcing more than MAX_PAIR_BODY bytes is answered 413 before any of it is read, and a
+        chunked one once its chunks pass the bound (not at MAX_BODY_SIZE, 1 GiB by default)."""
+        head = b"POST /api/mte-pair HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n"
+        self.assert_refused(head % (MAX_PAIR_BODY + 1), 413)
+        _, channel, transport = channel_on_clock()
+        channel.dataReceived(b"POST /api/mte-pair HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+        chunk = b"%x\r\n%s\r\n" % (32768, b"[" * 32768)
+        channel.dataReceived(chunk * 2)
+        self.assertEqual(transport.value(), b"")
+        channel.dataReceived(b"1\r\n[\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 413 "), transport.value())
+
+    def test_body_nothing_reads_refused_on_its_head(self):
+        """A body for the inbound role without x-mte-relay is answered 569, and one outside MTE_ROUTES 404, as soon
+        as the head is in; the same requests' heads with the header (or on a pass-through route) are let through."""
+        head = b"POST /v1/x HTTP/1.1\r\nHost: a\r\nContent-Length: 100000000\r\n%s\r\n"
+        self.assert_refused(head % b"", 569)
+        self.assert_refused(head % b"", 404, mte_routes=("/v2/*",))
+        for extra, changes in ((b"x-mte-relay: 1\r\n", {}), (b"", {"pass_through_routes": ("/v1/*",)})):
+            _, channel, transport = channel_on_clock(**changes)
+            channel.dataReceived(head % extra)
+            self.assertEqual(transport.value(), b"")
+            self.assertFalse(transport.disconnecting)
 
 
 class HeadTimeoutTests(SynchronousTestCase):

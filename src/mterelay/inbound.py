@@ -40,7 +40,7 @@ from mterelay.codec import (
 from mterelay.errors import RelayError
 from mterelay.registry import PairRecord
 from mterelay.upstream import filter_headers, forward, upstream_headers
-from mterelay.web import ORIGIN_FORM, compile_routes, decoded_path, send_error
+from mterelay.web import MAX_PAIR_BODY, ORIGIN_FORM, compile_routes, decoded_path, send_error
 
 log = Logger()
 
@@ -49,9 +49,8 @@ log = Logger()
 REPLAY_WINDOW = 4096
 #: Encoded bodies up to this size are opened into memory in one pass; larger ones are verified, then streamed.
 VERIFY_IN_MEMORY = 1 << 20
-#: Bounds of a pairing request: pairs per request and bytes of JSON (an X-Wing public key is 1216 bytes).
+#: Pairs per pairing request (its bytes are bounded by web.MAX_PAIR_BODY; an X-Wing public key is 1216 bytes).
 MAX_PAIRS_PER_REQUEST = 32
-MAX_PAIR_BODY = 64 * 1024
 #: Statuses whose answers carry no body, whatever the upstream sent.
 _NO_BODY = (204, 304)
 _OCTETS = b"application/octet-stream"

@@ -32,7 +32,10 @@ log = Logger()
 
 ECHO = "/api/mte-echo"
 ERRORS = "/api/mte-errors"
-INBOUND_PATHS = ("/api/mte-relay", "/api/mte-pair")
+PAIR_PATH = "/api/mte-pair"
+INBOUND_PATHS = ("/api/mte-relay", PAIR_PATH)
+#: The largest pair request body (JSON with up to a few dozen public keys).
+MAX_PAIR_BODY = 64 * 1024
 #: An origin-form request target (RFC 9112 3.2.1) of RFC 3986 characters: what an encoded URL may hold, since
 #: nothing else is sent upstream.
 ORIGIN_FORM = re.compile(rb"/[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*(\?[A-Za-z0-9\-._~!$&'()*+,;=:@/%?]*)?")
@@ -186,9 +189,10 @@ class StopInOrder(MultiService):
 
 class RelayRequest(server.Request):
     """
-    A request that refuses a body over MAX_BODY_SIZE as soon as its size or its chunks show it (413), answers the
-    target ``*`` (but for OPTIONS) with the relay's JSON 400 rather than twisted.web's bare 405, and labels no answer
-    ``text/html`` that its upstream did not label so (a browser would render an untyped body as a page).
+    A request that refuses a body over the limit its head sets (``Router.body_limit``: MAX_BODY_SIZE, 413, for most)
+    as soon as its size or its chunks show it, answers the target ``*`` (but for OPTIONS) with the relay's JSON 400
+    rather than twisted.web's bare 405, and labels no answer ``text/html`` that its upstream did not label so (a
+    browser would render an untyped body as a page).
     """
 
     defaultContentType = None
@@ -198,9 +202,14 @@ class RelayRequest(server.Request):
     own_headers = None
     _received = 0
     _refused = False
+    #: The body limit and the error that answers a body over it (set once the head is in).
+    _limit = None
+    _over = None
 
     def gotLength(self, length):
-        if length is not None and length > self.channel.site.max_body_size:
+        # The request target is only the channel's until the whole request is in.
+        self._limit, self._over = self.channel.site.resource.body_limit(self.channel._path, self.requestHeaders)
+        if length is not None and length > self._limit:
             self._refuse()
         else:
             super().gotLength(length)
@@ -209,7 +218,7 @@ class RelayRequest(server.Request):
         if self._refused:
             return
         self._received += len(data)
-        if self._received > self.channel.site.max_body_size:
+        if self._received > self._limit:
             self._refuse()
         else:
             super().handleContentChunk(data)
@@ -230,8 +239,8 @@ class RelayRequest(server.Request):
         # The body is never read: answer at once and close, so the client stops sending. No "100 Continue" either.
         self._refused = True
         self.requestHeaders.removeHeader(b"expect")
-        self.channel.answer_and_close(RelayError(413))
-        log.info("refused a request body over {limit} bytes", limit=self.channel.site.max_body_size)
+        self.channel.answer_and_close(self._over)
+        log.info("refused a request body over {limit} bytes: {code}", limit=self._limit, code=self._over.code)
 
 
 @implementer(IHalfCloseableProtocol)
@@ -329,7 +338,9 @@ class RelayChannel(http.HTTPChannel):
         self._closing = True
         self._stop_timers()
         body = error.body()
-        head = [b"HTTP/1.1 %d %s" % (error.code, _REASONS[error.code]), b"Content-Type: application/json"]
+        # The phrase twisted.web would give the code, as on the relay's other answers.
+        phrase = http.RESPONSES.get(error.code, b"Unknown Status")
+        head = [b"HTTP/1.1 %d %s" % (error.code, phrase), b"Content-Type: application/json"]
         head += [b"Connection: close", b"Content-Length: %d" % (len(body),)]
         head += [b"%s: %s" % (n.encode("latin-1"), v.encode("latin-1")) for n, v in self.site.headers]
         self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
@@ -365,14 +376,6 @@ class RelayChannel(http.HTTPChannel):
         else:
             error = RelayError(400, "the request is not well-formed HTTP/1.1")
         self.answer_and_close(error)
-
-
-_REASONS = {
-    400: b"Bad Request",
-    408: b"Request Timeout",
-    413: b"Payload Too Large",
-    431: b"Request Header Fields Too Large",
-}
 
 
 def _cancel(call):
@@ -532,26 +535,62 @@ class Router(Resource):
         request.setResponseCode(204)
         return b""
 
+    def _route(self, path, headers):
+        """Where a request goes, from its decoded path and its headers alone (see the module docstring)."""
+        if path == ECHO or path.startswith(ECHO + "/"):
+            return "echo"
+        if path == ERRORS:
+            return "errors"
+        if headers.hasHeader(OUTBOUND_TOKEN_HEADER) or headers.hasHeader(UPSTREAM_HEADER):
+            return "outbound"
+        if path == PAIR_PATH:
+            return "pair"
+        if any(path == p or path.startswith(p + "/") for p in INBOUND_PATHS):
+            return "inbound"
+        if headers.hasHeader(RELAY_HEADER):
+            # An encoded message: its path may be encoded too, so the inbound role checks MTE_ROUTES once decoded.
+            return "inbound"
+        if self._pass_through is not None and self._pass_through.fullmatch(path):
+            return "proxy"
+        if self._mte_routes is None or self._mte_routes.fullmatch(path):
+            return "unencoded"
+        return "none"
+
+    def body_limit(self, raw_path, headers):
+        """
+        ``(limit, error)`` for a request whose head is ``raw_path`` and ``headers``: its body is refused with
+        ``error`` once over ``limit`` bytes, before it is read on. A body nothing will read (a request the inbound
+        role refuses for want of ``x-mte-relay``, or that no route takes) is refused at once, and a pair request
+        beyond ``MAX_PAIR_BODY``: else anyone could make the relay take in MAX_BODY_SIZE before refusing it.
+        """
+        try:
+            route = self._route(decoded_path(raw_path.partition(b"?")[0]), headers)
+        except RelayError as e:
+            return 0, e
+        if route == "pair":
+            return MAX_PAIR_BODY, RelayError(413, f"a pair request is at most {MAX_PAIR_BODY} bytes")
+        if route == "unencoded":
+            return 0, RelayError(569, "x-mte-relay header is missing")
+        if route == "none":
+            return 0, RelayError(404)
+        return self._settings.max_body_size, RelayError(413)
+
     def _dispatch(self, request):
         path = self._path(request)
-        if path == ECHO or path.startswith(ECHO + "/"):
+        route = self._route(path, request.requestHeaders)
+        if route == "echo":
             message = path[len(ECHO) + 1 :]
             return _json(request, 200, {"echo": message or True, "time": int(self._clock.seconds() * 1000)})
-        if path == ERRORS:
+        if route == "errors":
             return _json(request, 200, error_table())
-        if is_outbound(request):
+        if route == "outbound":
             self._check_outbound_token(request)
             return self._handle(self._outbound, request)
-        if any(path == p or path.startswith(p + "/") for p in INBOUND_PATHS):
-            return self._handle(self._inbound, request)
-        if request.requestHeaders.hasHeader(RELAY_HEADER):
-            # An encoded message: its path may be encoded too, so the inbound role checks MTE_ROUTES once decoded.
-            return self._handle(self._inbound, request)
-        if self._pass_through is not None and self._pass_through.fullmatch(path):
+        if route == "proxy":
             return self._proxy(request)
-        if self._mte_routes is None or self._mte_routes.fullmatch(path):
-            return self._handle(self._inbound, request)
-        raise RelayError(404)
+        if route == "none":
+            raise RelayError(404)
+        return self._handle(self._inbound, request)
 
     def _path(self, request):
         if not request.uri.startswith(b"/"):
