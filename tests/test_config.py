@@ -206,6 +206,15 @@ class ErrorTests(ConfigTestCase):
         for env, (value, expected) in cases.items():
             self.assertEqual(self.error(environ=dict(BASE_ENV, **{env: value})), expected)
 
+    def test_port_out_of_range(self):
+        """A port above 65535 is refused from every source (twistd would die on it with a traceback)."""
+        self.assertEqual(self.error({"port": "70000"}, BASE_ENV), "--port (flag): must be at most 65535")
+        self.assertEqual(self.error(environ=dict(BASE_ENV, PORT="70000")), "PORT (environment): must be at most 65535")
+        path = self.write_yaml("port: 65536\n")
+        self.assertEqual(self.error(environ=BASE_ENV, path=path), f"port (file {path}): must be at most 65535")
+        settings, _ = load({}, dict(BASE_ENV, PORT="65535"))
+        self.assertEqual(settings.listen, (port_endpoint(65535),))
+
     def test_errors_never_echo_secrets(self):
         """A bad Redis URL (which may hold a password) is reported without its value."""
         message = self.error(environ=dict(BASE_ENV, REDIS_URL="http://user:hunter2@host"))

@@ -179,11 +179,13 @@ def _number(value, convert, kind):
         raise ValueError(f"not {kind}: {value!r}") from None
 
 
-def _int(low):
+def _int(low, high=None):
     def parse(value):
         number = _number(value, int, "an integer")
         if number < low:
             raise ValueError(f"must be at least {low}")
+        if high is not None and number > high:
+            raise ValueError(f"must be at most {high}")
         return number
 
     return parse
@@ -317,8 +319,8 @@ OPTIONS = (
            "comma list of relay origins the outbound role may reach", "none"),
     Option("redis_url", "redis-url", "REDIS_URL", "redisURL", _redis_url, "Redis URL for the pair registry",
            "unset: in-memory registry"),
-    Option("port", "port", "PORT", "port", _int(1), "port to listen on, shorthand for --listen tcp:PORT:backlog=1024",
-           str(DEFAULT_PORT)),
+    Option("port", "port", "PORT", "port", _int(1, 65535),
+           "port to listen on, shorthand for --listen tcp:PORT:backlog=1024", str(DEFAULT_PORT)),
     Option("listen", "listen", "LISTEN", "listen", _list,
            "Twisted server endpoint, repeatable (comma list in the environment), e.g. ssl:443:privateKey=key.pem",
            port_endpoint(DEFAULT_PORT)),
