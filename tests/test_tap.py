@@ -21,6 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from mterelay import gctuning, logs, tap, web
 from mterelay.redis_registry import RedisRegistry
 from mterelay.registry import MemoryRegistry
+from tests.redis_server import self_signed_certificate
 
 SECRET = "s" * 40
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,6 +59,32 @@ class OptionsTests(SynchronousTestCase):
         options = tap.Options(environ=ENV, stderr=stderr, reactor=MemoryReactor())
         self.assertRaises(SystemExit, options.parseOptions, ["--listen", "nosuch:1"])
         self.assertTrue(stderr.getvalue().startswith("mterelay: error: --listen/LISTEN: invalid endpoint 'nosuch:1'"))
+
+    def test_endpoint_port_out_of_range(self):
+        """An endpoint's port outside 0-65535, under any wrapper, is a configuration error: listening on it would end
+        twistd with an OverflowError traceback and exit status 1, which systemd restarts forever."""
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        key, certificate = self_signed_certificate(directory)
+        pems = os.path.join(directory, "pems")
+        os.makedirs(pems)
+        for description, port in (
+            ("tcp:99999", 99999),
+            ("tcp:-1", -1),
+            ("tcp6:port=70000", 70000),
+            (f"ssl:65536:privateKey={key}:certKey={certificate}", 65536),
+            (f"tls:{pems}:port=70000", 70000),
+            ("haproxy:tcp:99999:interface=127.0.0.1", 99999),
+        ):
+            stderr = io.StringIO()
+            options = tap.Options(environ=ENV, stderr=stderr, reactor=MemoryReactor())
+            self.assertRaises(SystemExit, options.parseOptions, ["--listen", description])
+            self.assertEqual(
+                stderr.getvalue(),
+                f"mterelay: error: --listen/LISTEN: invalid endpoint {description!r}: port {port} is not 0-65535\n",
+            )
+        options, _ = parse(["--listen", "tcp:65535", "--listen", f"ssl:0:privateKey={key}:certKey={certificate}"])
+        self.assertEqual(len(options.settings.listen), 2)
 
     def test_help_lists_environment_and_defaults(self):
         """--help names every setting's environment variable and default."""
@@ -181,6 +208,14 @@ class TwistdTests(SynchronousTestCase):
         self.assertTrue(result.stderr.startswith("mterelay: error: HEADERS (environment): not a JSON object"))
         self.assertEqual(len(result.stderr.splitlines()), 1)
 
+    def test_out_of_range_ports(self):
+        """A PORT or LISTEN port beyond 65535 exits 2 with one line (not an OverflowError traceback and status 1,
+        which systemd would restart forever)."""
+        self.assertOneLineError(self.run_twistd([], dict(ENV, PORT="70000")), "PORT (environment): must be at most 65535")
+        self.assertOneLineError(
+            self.run_twistd([], dict(ENV, LISTEN="tcp:99999")),
+            "--listen/LISTEN: invalid endpoint 'tcp:99999': port 99999 is not 0-65535",
+        )
 
 
 class DeployUnitTests(SynchronousTestCase):

@@ -94,9 +94,22 @@ class Options(usage.Options):
 
     def _check_endpoint(self, description):
         try:
-            serverFromString(self.network, description)
+            port = _tcp_port(serverFromString(self.network, description))
+            if port is not None and not 0 <= port <= 65535:
+                # The parsers take any integer: listening on it would kill twistd with an OverflowError traceback.
+                raise ValueError(f"port {port} is not 0-65535")
         except Exception as e:  # endpoint parsers raise anything from ValueError to OpenSSL errors
             raise config.ConfigError(f"--listen/LISTEN: invalid endpoint {description!r}: {e}") from None
+
+
+def _tcp_port(endpoint):
+    """
+    The TCP port a parsed server endpoint listens on, or None. Twisted keeps it private: ``_port`` on its TCP and SSL
+    endpoints, which its wrappers hold as ``_wrappedEndpoint`` (``haproxy:``) or ``endpoint`` (``tls:``).
+    """
+    while (inner := getattr(endpoint, "_wrappedEndpoint", None) or getattr(endpoint, "endpoint", None)) is not None:
+        endpoint = inner
+    return getattr(endpoint, "_port", None)
 
 
 def _registry(settings, reactor):
