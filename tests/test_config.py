@@ -238,6 +238,15 @@ class ErrorTests(ConfigTestCase):
         path = self.write_yaml("- a\n")
         self.assertIn("does not hold a mapping", self.error(environ=BASE_ENV, path=path))
 
+    def test_yaml_not_utf8(self):
+        """A --config file that is not UTF-8 (say, saved as Latin-1) is a one-line error, not a decoding traceback."""
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write("upstream: http://x\n# caf\u00e9\n".encode("latin-1"))
+        self.assertEqual(
+            self.error(environ=BASE_ENV, path=path), f"--config (flag): cannot read {path!r}: not UTF-8 text"
+        )
+
 
 class SecretTests(ConfigTestCase):
     def test_short_secret_warns(self):

@@ -367,6 +367,8 @@ def _read_file(path):
             data = yaml.safe_load(f)
     except OSError as e:
         raise ConfigError(f"{where}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}: not UTF-8 text") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark is not None else ""
