@@ -215,6 +215,20 @@ class ErrorTests(ConfigTestCase):
         settings, _ = load({}, dict(BASE_ENV, PORT="65535"))
         self.assertEqual(settings.listen, (port_endpoint(65535),))
 
+    def test_integers_never_truncated(self):
+        """A fractional number for an integer setting is refused from a YAML file as from the environment, never cut
+        down (port: 8080.9 is not port 8080); an integral one such as 100.0 is refused the same way."""
+        cases = (("port", "PORT", "8080.9"), ("pairTTL", "PAIR_TTL", "1.9"), ("maxPairs", "MAX_PAIRS", "100.0"))
+        for key, env, value in cases:
+            self.assertEqual(
+                self.error(environ=dict(BASE_ENV, **{env: value})), f"{env} (environment): not an integer: '{value}'"
+            )
+            path = self.write_yaml(f"{key}: {value}\n")
+            self.assertEqual(self.error(environ=BASE_ENV, path=path), f"{key} (file {path}): not an integer: {value}")
+        path = self.write_yaml("port: 3000\npairTTL: '60'\n")
+        settings, _ = load({}, BASE_ENV, path)
+        self.assertEqual((settings.listen, settings.pair_ttl), ((port_endpoint(3000),), 60))
+
     def test_errors_never_echo_secrets(self):
         """A bad Redis URL (which may hold a password) is reported without its value."""
         message = self.error(environ=dict(BASE_ENV, REDIS_URL="http://user:hunter2@host"))

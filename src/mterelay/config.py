@@ -179,9 +179,16 @@ def _number(value, convert, kind):
         raise ValueError(f"not {kind}: {value!r}") from None
 
 
+def _whole(value):
+    # int() would truncate a YAML float (port: 8080.9 listening on 8080); the same text from the environment is refused.
+    if isinstance(value, float):
+        raise ValueError
+    return int(value)
+
+
 def _int(low, high=None):
     def parse(value):
-        number = _number(value, int, "an integer")
+        number = _number(value, _whole, "an integer")
         if number < low:
             raise ValueError(f"must be at least {low}")
         if high is not None and number > high:
