@@ -238,6 +238,19 @@ class ErrorTests(ConfigTestCase):
         for url in ("redis://:hunter2@", "redis://:hunter2@host:port/0", "unix://:hunter2@"):
             self.assertNotIn("hunter2", self.error(environ=dict(BASE_ENV, REDIS_URL=url)))
 
+    def test_redis_url_that_means_something_else(self):
+        """A REDIS_URL whose parts the registry would ignore or replace stops the start, naming REDIS_URL and its
+        source, never the password."""
+        for url in ("redis://:hunter2@h:0", "redis://:hunter2@h/-1", "redis://alice@h", "rediss://:hunter2@h?sslcert="):
+            message = self.error({"redis_url": url}, BASE_ENV)
+            self.assertTrue(message.startswith("--redis-url (flag): REDIS_URL: "), message)
+            self.assertNotIn("hunter2", message)
+        path = self.write_yaml("redisURL: redis://alice@h\n")
+        self.assertEqual(
+            self.error(environ=BASE_ENV, path=path),
+            f"redisURL (file {path}): REDIS_URL: a user needs a password (user:password@)",
+        )
+
     def test_every_redis_url_form_the_registry_takes(self):
         """REDIS_URL accepts the unix socket forms the registry connects to, as well as redis:// and rediss://."""
         for url in ("redis://h:6379/0", "rediss://:p@h", "unix:///run/redis.sock?db=1", "redis+unix:///run/r.sock"):

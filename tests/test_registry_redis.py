@@ -390,6 +390,27 @@ class RedisUrlParsingTests(SynchronousTestCase):
         for url in ["http://x", "redis://", "unix://", "redis://h/x", "redis://h:port"]:
             self.assertRaises(ValueError, RedisAddress.from_url, url)
 
+    def test_refused_rather_than_ignored(self):
+        """What the registry would ignore or replace is refused: port 0 (it became 6379), a port beyond 65535, a
+        negative or odd db number (SELECT would fail at run time), a user without a password (AUTH would be skipped)
+        and query parameters other than db and password (?sslcert= would be read as nothing)."""
+        for url, reason in (
+            ("redis://h:0", "the port must be a number from 1 to 65535"),
+            ("redis://h:65536", "the port must be a number from 1 to 65535"),
+            ("redis://h/-1", "the db number must be a non-negative integer"),
+            ("redis://h/1_0", "the db number must be a non-negative integer"),
+            ("unix:///run/redis.sock?db=-1", "the db number must be a non-negative integer"),
+            ("redis://alice@h", "a user needs a password (user:password@)"),
+            ("unix://alice:@/run/redis.sock", "a user needs a password (user:password@)"),
+            ("rediss://:p@h?sslcert=/etc/redis.pem", "db and password are the only query parameters read"),
+            ("redis://h?timeout", "db and password are the only query parameters read"),
+        ):
+            self.assertEqual(str(self.assertRaises(ValueError, RedisAddress.from_url, url)), f"REDIS_URL: {reason}")
+        self.assertEqual(
+            RedisAddress.from_url("redis://alice@h:65535/15?password=p"),
+            RedisAddress(host="h", port=65535, db=15, username="alice", password="p"),
+        )
+
     def test_repr_hides_password(self):
         """The parsed address never shows its password."""
         self.assertNotIn("s3cret", repr(RedisAddress.from_url("redis://:s3cret@h")))

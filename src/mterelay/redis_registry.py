@@ -259,31 +259,43 @@ class RedisAddress:
         """
         Parse ``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` (TLS) and the unix socket forms
         ``unix://[[user]:password@]/path[?db=N]`` and ``redis+unix://``; ``?db=N`` and ``?password=`` work for all.
+        What would otherwise be ignored or replaced (another query parameter, a user without a password, port 0) is
+        refused. The errors never quote the URL, which may hold a password.
         """
         parts = urlsplit(url)
-        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        if parts.scheme not in ("redis", "rediss", "unix", "redis+unix"):
+            raise ValueError("REDIS_URL must start with redis://, rediss://, unix:// or redis+unix://")
+        tcp = parts.scheme in ("redis", "rediss")
+        query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+        if not query.keys() <= {"db", "password"}:
+            raise ValueError("REDIS_URL: db and password are the only query parameters read")
         db = query.get("db")
-        if parts.scheme in ("redis", "rediss"):
+        if tcp:
             db = db or parts.path.strip("/")
+        if db and not (db.isascii() and db.isdigit()):  # int() would take "-1", " 1" and "1_0"
+            raise ValueError("REDIS_URL: the db number must be a non-negative integer")
         try:
-            db = int(db) if db else None
-            port = parts.port or 6379
+            port = parts.port  # raises on a port that is not a number or is beyond 65535
+            if port == 0:
+                raise ValueError
         except ValueError:
-            raise ValueError("REDIS_URL: the port and db number must be integers") from None
+            raise ValueError("REDIS_URL: the port must be a number from 1 to 65535") from None
+        password = unquote(parts.password) if parts.password else (query.get("password") or None)
+        if parts.username and password is None:
+            # Redis authenticates a user only with a password: the user would be ignored.
+            raise ValueError("REDIS_URL: a user needs a password (user:password@)")
         common = dict(
-            db=db,
+            db=int(db) if db else None,
             username=unquote(parts.username) if parts.username else None,
-            password=unquote(parts.password) if parts.password else query.get("password"),
+            password=password,
         )
-        if parts.scheme in ("redis", "rediss"):
+        if tcp:
             if not parts.hostname:
                 raise ValueError("REDIS_URL names no host")
-            return cls(host=parts.hostname, port=port, tls=parts.scheme == "rediss", **common)
-        if parts.scheme in ("unix", "redis+unix"):
-            if not parts.path:
-                raise ValueError("REDIS_URL names no socket path")
-            return cls(path=unquote(parts.path), **common)
-        raise ValueError("REDIS_URL must start with redis://, rediss://, unix:// or redis+unix://")
+            return cls(host=parts.hostname, port=6379 if port is None else port, tls=parts.scheme == "rediss", **common)
+        if not parts.path:
+            raise ValueError("REDIS_URL names no socket path")
+        return cls(path=unquote(parts.path), **common)
 
     def endpoint(self, reactor, connect_timeout, tls_options=None):
         """A client endpoint for this address; TLS checks the server's certificate against ``tls_options``."""
