@@ -286,12 +286,19 @@ class SecretTests(ConfigTestCase):
         self.assertFalse([w for w in warnings if w.startswith("CLIENT_ID_SECRET")])
 
     def test_repr_hides_secrets(self):
-        """repr(settings) holds neither the client id secret, nor the outbound token, nor the Redis URL."""
+        """repr(settings) holds neither the client id secret, nor the outbound token, nor the Redis URL, nor the
+        HEADERS (often an upstream API key)."""
         settings, _ = load(
-            {}, dict(BASE_ENV, OUTBOUND_TOKEN="token-value-xyz", REDIS_URL="redis://:pw-abc@redis.example:6379")
+            {},
+            dict(
+                BASE_ENV,
+                OUTBOUND_TOKEN="token-value-xyz",
+                REDIS_URL="redis://:pw-abc@redis.example:6379",
+                HEADERS='{"Authorization": "Bearer api-key-123"}',
+            ),
         )
         text = repr(settings)
-        for secret in (SECRET, "token-value-xyz", "pw-abc"):
+        for secret in (SECRET, "token-value-xyz", "pw-abc", "api-key-123"):
             self.assertNotIn(secret, text)
         self.assertIn("http://up.example", text)
 
