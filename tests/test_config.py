@@ -2,6 +2,7 @@
 
 import base64
 import os
+import re
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -321,14 +322,29 @@ def read_env_file(path):
     return variables
 
 
+DEPLOY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "deploy")
+
+
 class DeployExampleTests(SynchronousTestCase):
     def test_example_env_files_load(self):
         """deploy/'s minimal and full environment files are valid configurations."""
-        deploy = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "deploy")
-        minimal, _ = load({}, read_env_file(os.path.join(deploy, "mterelay.env.minimal")))
+        minimal, _ = load({}, read_env_file(os.path.join(DEPLOY, "mterelay.env.minimal")))
         self.assertEqual(minimal.upstream, "https://api.my-company.com")
-        full, _ = load({}, read_env_file(os.path.join(deploy, "mterelay.env.full")))
+        full, _ = load({}, read_env_file(os.path.join(DEPLOY, "mterelay.env.full")))
         self.assertEqual(full.mte_routes, ("/api/v1/*", "/api/v2/*"))
         self.assertEqual(full.headers, (("x-service-name", "mte-relay"),))
         self.assertEqual(full.listen, (port_endpoint(3000),))
         self.assertEqual(full.log_format, "json")
+
+    def test_keys_are_the_units_credentials(self):
+        """The full example reads its keys (identity, TLS) where the unit hands them over as credentials: its dynamic
+        user cannot read a root-owned key under /etc/mterelay."""
+        with open(os.path.join(DEPLOY, "mterelay.env.full"), encoding="utf-8") as f:
+            keys = re.findall(r"(?:IDENTITY_KEY=|privateKey=)([^:'\s]+)", f.read())
+        with open(os.path.join(DEPLOY, "mterelay.service"), encoding="utf-8") as f:
+            unit = f.read()
+        self.assertEqual(len(keys), 2)
+        for key in keys:
+            directory, name = os.path.split(key)
+            self.assertEqual(directory, "/run/credentials/mterelay.service")
+            self.assertIn(f"\n#LoadCredential={name}:/etc/mterelay/", unit)
