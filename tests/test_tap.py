@@ -21,7 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from mterelay import gctuning, logs, tap, web
 from mterelay.redis_registry import RedisRegistry
 from mterelay.registry import MemoryRegistry
-from tests.redis_server import self_signed_certificate
+from tests.redis_server import free_port, self_signed_certificate
 
 SECRET = "s" * 40
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -231,31 +231,46 @@ class DeployUnitTests(SynchronousTestCase):
 
 
 class RunScriptTests(SynchronousTestCase):
-    def test_run_script_serves_echo(self):
-        """bash scripts/run.sh (demo upstream, generated secret) serves /api/mte-echo/hi."""
-        ports = []
-        for _ in range(2):
-            with socket.socket() as probe:
-                probe.bind(("127.0.0.1", 0))
-                ports.append(probe.getsockname()[1])
+    def serve(self, args, port, **environ):
+        """
+        Start ``bash scripts/run.sh`` with ``args``, in our environment less the relay's settings plus ``environ``,
+        and wait until it serves the echo route on ``port``; returns what it has written so far.
+        """
         env = {k: v for k, v in os.environ.items() if k not in ("UPSTREAM", "CLIENT_ID_SECRET", "PORT", "LISTEN")}
-        env.update(PORT=str(ports[0]), DEMO_UPSTREAM_PORT=str(ports[1]))
+        env.update(environ)
         log_path = os.path.abspath(self.mktemp())
         with open(log_path, "wb") as log_file:
-            process = subprocess.Popen(["bash", "scripts/run.sh"], cwd=ROOT, env=env, stdout=log_file,
+            process = subprocess.Popen(["bash", "scripts/run.sh", *args], cwd=ROOT, env=env, stdout=log_file,
                                        stderr=subprocess.STDOUT, start_new_session=True)
         self.addCleanup(process.wait, 20)
         self.addCleanup(os.killpg, process.pid, signal.SIGTERM)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+        served = False
+        while not served and time.monotonic() < deadline:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/api/mte-echo/hi", timeout=2) as answer:
-                    self.assertEqual(json.loads(answer.read())["echo"], "hi")
-                    return
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/mte-echo/hi", timeout=2) as answer:
+                    served = json.loads(answer.read())["echo"] == "hi"
             except OSError:
                 time.sleep(0.2)
         with open(log_path, encoding="utf-8", errors="replace") as f:
-            self.fail("run.sh did not serve the echo route: " + f.read()[-2000:])
+            output = f.read()
+        self.assertTrue(served, "run.sh did not serve the echo route: " + output[-2000:])
+        return output
+
+    def test_run_script_serves_echo(self):
+        """bash scripts/run.sh (demo upstream, generated secret) serves /api/mte-echo/hi."""
+        port = free_port()
+        self.serve([], port, PORT=str(port), DEMO_UPSTREAM_PORT=str(free_port()))
+
+    def test_run_script_leaves_a_config_file_alone(self):
+        """With --config, run.sh exports none of its defaults (the demo UPSTREAM, a generated CLIENT_ID_SECRET,
+        PASS_THROUGH_ROUTES): the environment outranks the file, so they would replace its values."""
+        port = free_port()
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(f"upstream: http://file.example\nclientIdSecret: {SECRET}\nport: {port}\n")
+        output = self.serve([f"--config={path}"], port)
+        self.assertIn(f"mterelay serving tcp:{port}:backlog=1024 for upstream http://file.example", output)
 
 
 class LoggingTests(SynchronousTestCase):
