@@ -179,6 +179,16 @@ class ErrorTests(ConfigTestCase):
         _, warnings = load({}, env)
         self.assertFalse([w for w in warnings if w.startswith("PEER_PINS")])
 
+    def test_caller_check_names_the_source(self):
+        """A caller's check of a parsed value fails as a parser does: the one-line error names where it came from."""
+
+        def check(listen):
+            raise ValueError(f"cannot listen on {listen[-1]!r}")
+
+        path = self.write_yaml("listen:\n- tcp:0\n- unix:/x\n")
+        message = str(self.assertRaises(ConfigError, load, {}, BASE_ENV, path, {"listen": check}))
+        self.assertEqual(message, f"listen (file {path}): cannot listen on 'unix:/x'")
+
     def test_unknown_yaml_key(self):
         """A YAML key that is not a setting is an error naming the key and the file."""
         path = self.write_yaml("upstream: http://x\nupstreem: http://y\n")

@@ -36,6 +36,16 @@ def parse(argv, environ=ENV):
     return options, stderr.getvalue()
 
 
+def refuse(argv, environ=ENV):
+    """Parse ``argv`` as ``twistd mterelay`` would, expecting it to exit; returns (exit status, stderr text)."""
+    stderr = io.StringIO()
+    try:
+        tap.Options(environ=environ, stderr=stderr, reactor=MemoryReactor()).parseOptions(argv)
+    except SystemExit as e:
+        return e.code, stderr.getvalue()
+    raise AssertionError(f"accepted: {argv}")
+
+
 class OptionsTests(SynchronousTestCase):
     def test_flags_build_settings(self):
         """Flags reach the Settings and --listen is repeatable."""
@@ -46,19 +56,25 @@ class OptionsTests(SynchronousTestCase):
 
     def test_bad_value_exits_with_one_line(self):
         """An invalid setting exits with status 2 and a single 'mterelay: error:' line naming the source."""
-        exit = self.assertRaises(SystemExit, parse, [], dict(ENV, UPSTREAM="ftp://x"))
-        self.assertEqual(exit.code, 2)
-        stderr = io.StringIO()
-        options = tap.Options(environ=dict(ENV, UPSTREAM="ftp://x"), stderr=stderr, reactor=MemoryReactor())
-        self.assertRaises(SystemExit, options.parseOptions, [])
-        self.assertEqual(stderr.getvalue(), "mterelay: error: UPSTREAM (environment): not an http(s) URL: 'ftp://x'\n")
+        self.assertEqual(
+            refuse([], dict(ENV, UPSTREAM="ftp://x")),
+            (2, "mterelay: error: UPSTREAM (environment): not an http(s) URL: 'ftp://x'\n"),
+        )
 
     def test_bad_endpoint(self):
-        """An endpoint string Twisted cannot parse is a configuration error, not a traceback."""
-        stderr = io.StringIO()
-        options = tap.Options(environ=ENV, stderr=stderr, reactor=MemoryReactor())
-        self.assertRaises(SystemExit, options.parseOptions, ["--listen", "nosuch:1"])
-        self.assertTrue(stderr.getvalue().startswith("mterelay: error: --listen/LISTEN: invalid endpoint 'nosuch:1'"))
+        """An endpoint string Twisted cannot parse is a configuration error naming its source, not a traceback."""
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("listen:\n- tcp:0\n- nosuch:3\n")
+        for argv, environ, source in (
+            (["--listen", "nosuch:1"], ENV, "--listen (flag)"),
+            ([], dict(ENV, LISTEN="tcp:0,nosuch:2"), "LISTEN (environment)"),
+            (["--config", path], ENV, f"listen (file {path})"),
+        ):
+            code, stderr = refuse(argv, environ)
+            self.assertEqual(code, 2)
+            self.assertTrue(stderr.startswith(f"mterelay: error: {source}: invalid endpoint 'nosuch:"), stderr)
+            self.assertEqual(len(stderr.splitlines()), 1)
 
     def test_endpoint_port_out_of_range(self):
         """An endpoint's port outside 0-65535, under any wrapper, is a configuration error: listening on it would end
@@ -76,13 +92,8 @@ class OptionsTests(SynchronousTestCase):
             (f"tls:{pems}:port=70000", 70000),
             ("haproxy:tcp:99999:interface=127.0.0.1", 99999),
         ):
-            stderr = io.StringIO()
-            options = tap.Options(environ=ENV, stderr=stderr, reactor=MemoryReactor())
-            self.assertRaises(SystemExit, options.parseOptions, ["--listen", description])
-            self.assertEqual(
-                stderr.getvalue(),
-                f"mterelay: error: --listen/LISTEN: invalid endpoint {description!r}: port {port} is not 0-65535\n",
-            )
+            expected = f"--listen (flag): invalid endpoint {description!r}: port {port} is not 0-65535"
+            self.assertEqual(refuse(["--listen", description]), (2, f"mterelay: error: {expected}\n"))
         options, _ = parse(["--listen", "tcp:65535", "--listen", f"ssl:0:privateKey={key}:certKey={certificate}"])
         self.assertEqual(len(options.settings.listen), 2)
 
@@ -150,7 +161,8 @@ class RegistryWiringTests(SynchronousTestCase):
         self.assertEqual((registry.timeout, registry.pair_ttl), (0.5, 60))
 
     def test_identity_key_loaded_or_refused(self):
-        """IDENTITY_KEY loads the relay's key; an unreadable or non-Ed25519 file is a one-line configuration error."""
+        """IDENTITY_KEY loads the relay's key; an unreadable or non-Ed25519 file is a one-line configuration error
+        naming where the path came from."""
         from mterelay.keygen import write_identity
 
         path = self.mktemp()
@@ -160,11 +172,14 @@ class RegistryWiringTests(SynchronousTestCase):
         bad = self.mktemp()
         with open(bad, "w") as f:
             f.write("not a key")
-        stderr = io.StringIO()
-        options = tap.Options(environ=ENV, stderr=stderr, reactor=MemoryReactor())
-        self.assertRaises(SystemExit, options.parseOptions, ["--identity-key", bad])
-        self.assertTrue(stderr.getvalue().startswith("mterelay: error: --identity-key/IDENTITY_KEY: cannot load"))
-        self.assertEqual(len(stderr.getvalue().splitlines()), 1)
+        for argv, environ, source in (
+            (["--identity-key", bad], ENV, "--identity-key (flag)"),
+            ([], dict(ENV, IDENTITY_KEY=bad), "IDENTITY_KEY (environment)"),
+        ):
+            code, stderr = refuse(argv, environ)
+            self.assertEqual(code, 2)
+            self.assertTrue(stderr.startswith(f"mterelay: error: {source}: cannot load {bad!r}: "), stderr)
+            self.assertEqual(len(stderr.splitlines()), 1)
 
 
 class TwistdTests(SynchronousTestCase):
@@ -211,10 +226,12 @@ class TwistdTests(SynchronousTestCase):
     def test_out_of_range_ports(self):
         """A PORT or LISTEN port beyond 65535 exits 2 with one line (not an OverflowError traceback and status 1,
         which systemd would restart forever)."""
-        self.assertOneLineError(self.run_twistd([], dict(ENV, PORT="70000")), "PORT (environment): must be at most 65535")
+        self.assertOneLineError(
+            self.run_twistd([], dict(ENV, PORT="70000")), "PORT (environment): must be at most 65535"
+        )
         self.assertOneLineError(
             self.run_twistd([], dict(ENV, LISTEN="tcp:99999")),
-            "--listen/LISTEN: invalid endpoint 'tcp:99999': port 99999 is not 0-65535",
+            "LISTEN (environment): invalid endpoint 'tcp:99999': port 99999 is not 0-65535",
         )
 
 

@@ -399,13 +399,16 @@ _PRODUCT_NAMES = {
 }
 
 
-def load(flags, environ, config_path=None):
+def load(flags, environ, config_path=None, checks=None):
     """
     Build ``Settings`` from ``flags`` (field name -> raw value given on the command line; ``listen`` a list),
-    ``environ`` (a mapping like ``os.environ``) and the YAML file at ``config_path``.
+    ``environ`` (a mapping like ``os.environ``) and the YAML file at ``config_path``. ``checks`` maps a field name to
+    a function of its parsed value that raises ValueError as a parser does, for what only the caller can check (an
+    endpoint against its reactor, the key in a file), so that its errors name the value's source too.
 
     Returns ``(settings, warnings)``, warnings being one-line strings for the log. Raises ``ConfigError``.
     """
+    checks = checks or {}
     file_values = _read_file(config_path) if config_path else {}
     values = {}
     given = set()
@@ -422,6 +425,8 @@ def load(flags, environ, config_path=None):
                 raw = ",".join(raw)
             try:
                 values[option.field] = option.parse(raw)
+                if option.field in checks:
+                    checks[option.field](values[option.field])
             except ValueError as e:
                 raise ConfigError(f"{option.describe(source, config_path)}: {e}") from None
             given.add(option.field)

@@ -46,6 +46,7 @@ class Options(usage.Options):
         self._reactor = reactor
         self._network = None
         self.settings = None
+        self.identity = None
         self.warnings = []
 
     def opt_listen(self, endpoint):
@@ -71,35 +72,35 @@ class Options(usage.Options):
     def postOptions(self):
         flags = {option.field: self.get(option.flag) for option in config.OPTIONS}
         flags["debug"] = True if self["debug"] else None
+        checks = {"listen": self._check_endpoints, "identity_key": self._load_identity}
         try:
-            self.settings, warnings = config.load(flags, self._environ, self["config"])
-            for description in self.settings.listen:
-                self._check_endpoint(description)
-            self.identity = self._identity()
+            self.settings, warnings = config.load(flags, self._environ, self["config"], checks)
         except config.ConfigError as e:
             # twistd would print the whole usage text for a UsageError; the operator needs one line.
             self._stderr.write(f"mterelay: error: {e}\n")
             self._stderr.flush()
             raise SystemExit(2)
+        if self.identity is None:
+            self.identity = RelayIdentity.generate()  # config.load has warned about it
         self.warnings = warnings
 
-    def _identity(self):
-        path = self.settings.identity_key
-        if path is None:
-            return RelayIdentity.generate()  # config.load has warned about it
+    def _load_identity(self, path):
+        """Load IDENTITY_KEY into ``identity``; a check for ``config.load``, whose errors name where it came from."""
         try:
-            return site.load_identity(path)
+            self.identity = site.load_identity(path)
         except (OSError, ValueError) as e:
-            raise config.ConfigError(f"--identity-key/IDENTITY_KEY: cannot load {path!r}: {e}") from None
+            raise ValueError(f"cannot load {path!r}: {e}") from None
 
-    def _check_endpoint(self, description):
-        try:
-            port = _tcp_port(serverFromString(self.network, description))
-            if port is not None and not 0 <= port <= 65535:
-                # The parsers take any integer: listening on it would kill twistd with an OverflowError traceback.
-                raise ValueError(f"port {port} is not 0-65535")
-        except Exception as e:  # endpoint parsers raise anything from ValueError to OpenSSL errors
-            raise config.ConfigError(f"--listen/LISTEN: invalid endpoint {description!r}: {e}") from None
+    def _check_endpoints(self, descriptions):
+        """Parse the LISTEN endpoints (PORT's own need no check); a check for ``config.load``."""
+        for description in descriptions:
+            try:
+                port = _tcp_port(serverFromString(self.network, description))
+                if port is not None and not 0 <= port <= 65535:
+                    # The parsers take any integer: listening on it would kill twistd with an OverflowError traceback.
+                    raise ValueError(f"port {port} is not 0-65535")
+            except Exception as e:  # endpoint parsers raise anything from ValueError to OpenSSL errors
+                raise ValueError(f"invalid endpoint {description!r}: {e}") from None
 
 
 def _tcp_port(endpoint):
