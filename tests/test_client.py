@@ -61,6 +61,32 @@ class ClientTests(RelayHarness, TestCase):
         self.upstream = await self.start_upstream()
         self.relay_url, self.registry, self.identity = await self.start_relay(self.upstream.url)
 
+    def test_pair_replaced_by_another_holder_of_the_client_id(self):
+        """
+        Someone who saw a request (the client id is a bearer token; the pair id travels in x-mte-relay) pairs the
+        same pair id again: the client's next message fails to open at the relay (562), so the client pairs again
+        under that id and sends the message once more; the request succeeds and reached the upstream once.
+        """
+
+        async def run():
+            client = self.client(self.relay_url)
+            for encode_type in ("MKE", "MTE"):
+                response = await client.request("GET", "/echo/first", encode_type=encode_type)
+                self.assertEqual(response.code, 200)
+                await response.content()
+                pool = client._pools[encode_type]
+                pair_id = (pool._shared or pool._idle[0]).pair_id
+                intruder = self.client(self.relay_url)
+                intruder._token = client._token
+                await intruder.pair(encode_type, pair_id)
+                self.upstream.received.clear()
+                response = await client.request("POST", "/echo/second", data=b"body", encode_type=encode_type)
+                self.assertEqual((response.code, response.relay_error), (200, False), encode_type)
+                self.assertEqual(json.loads(await response.content())["body_length"], 4)
+                self.assertEqual([r.path for r in self.upstream.received], ["/echo/second"])
+
+        return ensureDeferred(run())
+
     def test_cli_like_curl(self):
         """``python -m mterelay.client URL -d DATA -H ...`` prints the decoded upstream answer."""
 

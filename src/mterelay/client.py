@@ -75,8 +75,9 @@ _FRAMING = (b"content-length", b"transfer-encoding", b"host")
 
 class CounterRefused(RelayError):
     """
-    The relay refused the counter of an MKE message with a body (563) before anything went upstream: the receive
-    window moved on while a long request was sent. The client sends it once more with a new counter.
+    The relay refused the counter of a message with a body (563) before anything went upstream: for MKE the receive
+    window moved on while a long request was sent, for MTE the relay's ratchet is at another step. The client sends
+    it once more with a new counter (MTE: on a pair made again).
     """
 
 
@@ -512,7 +513,9 @@ class Client:
         True (every header is protected), False (only content-type), or a list of header names to protect.
 
         A message the relay must be sent again is sent again once: after a re-pair code (the pair or client id is
-        gone), or, for MKE, after 563 (its counter fell behind the relay's window while it was being sent).
+        gone), after 562 (the relay could not open it under the keys it holds for the pair: it is paired again), or,
+        for a message with a body, after 563 (an MKE counter fell behind the relay's window while it was being sent,
+        an MTE step is not the relay's: the pair is paired again).
 
         @return: a Deferred firing with a ``RelayResponse`` (``relay_error`` True when the relay answered an error
             itself), or failing with a ``RelayError``: 400 for a header no block may hold (a name that is not a
@@ -614,6 +617,13 @@ class Client:
                 pool.discard_idle()
             raise self._refusal(response.code)
         else:
+            if response.code == 562:
+                # The relay holds other keys for this pair than ours: anyone who saw its ids (the client id is a
+                # bearer token) can pair it again. Nothing went upstream: pair again under its id (which replaces
+                # theirs) and send the message once more.
+                await self._read_off(response)
+                pool.discard(pair)
+                raise RepairNeeded(562)
             # The relay answered itself (a JSON error). An MTE pair is dropped: whether the relay moved its ratchet
             # before failing cannot be told from here.
             pool.discard(pair) if encode_type == "MTE" else pool.release(pair)
@@ -621,11 +631,12 @@ class Client:
                 # Only errors come unsealed: anything else without x-mte-relay is someone else's answer.
                 await self._read_off(response)
                 raise CodecError(562, f"the relay's {response.code} answer is neither sealed nor an error")
-            # Only a message with a body can have been refused for a window that moved on while it was sent. A
-            # bodiless one refused as a replay was most likely resent by the connection pool after the relay had
+            # Only a message with a body can have been refused for a window that moved on while it was sent (MKE),
+            # or for a ratchet that someone else's pairing under its ids set back (MTE, whose pair was dropped above).
+            # A bodiless one refused as a replay was most likely resent by the connection pool after the relay had
             # taken it (Twisted resends idempotent bodiless requests on a reused connection that broke off): sending
             # it again under a new counter would deliver it twice.
-            if encode_type == "MKE" and response.code == 563 and source is not None:
+            if response.code == 563 and source is not None:
                 await self._read_off(response)
                 raise CounterRefused(563)
             code = response.code
