@@ -160,10 +160,16 @@ class DispatchTests(RouterTestCase):
         self.assertEqual(json.loads(body)["error"], "bad-request")
 
     def test_decoded_path(self):
-        """decoded_path decodes percent escapes and refuses dot segments, plain or encoded, slash-led or not."""
+        """decoded_path decodes percent escapes and refuses dot segments, plain or encoded, slash-led or not, with a
+        ``;`` parameter (``..;``, a servlet container's ``..``) or not, and backslashes (another server's ``/``)."""
         self.assertEqual(decoded_path(b"/a/b%20c"), "/a/b c")
         self.assertEqual(decoded_path(b"/a/.b/c"), "/a/.b/c")
-        for raw in (b"/a/../b", b"/a/./b", b"/a/%2E%2e/b", b"..", b"./x", b"/a/.."):
+        self.assertEqual(decoded_path(b"/a/b;v=1/..c"), "/a/b;v=1/..c")
+        for raw in (
+            b"/a/../b", b"/a/./b", b"/a/%2E%2e/b", b"..", b"./x", b"/a/..",
+            b"/public/..;/admin", b"/public/.;x/admin", b"/public/%2e%2e;/admin", b"/public\\..\\admin",
+            b"/public/%5c../admin", b"/a\\b",
+        ):
             with self.assertRaises(RelayError):
                 decoded_path(raw)
 

@@ -466,14 +466,17 @@ class RelaySite(server.Site):
 
 def decoded_path(raw):
     """
-    The percent-decoded path of a raw request path; dot segments are refused so that no route pattern can be escaped
-    upstream (a path that starts with ``/`` and holds neither ``%`` nor ``/.`` has nothing to decode and no dot
-    segment).
+    The percent-decoded path of a raw request path. Dot segments (also with a ``;`` parameter, ``..;``, which servlet
+    containers normalise to ``..``) and backslashes (which some servers take for ``/``) are refused, so that no route
+    pattern can be escaped upstream (a path that starts with ``/`` and holds none of ``%``, ``/.`` and ``\`` has
+    nothing to decode and nothing to refuse).
     """
-    if raw.startswith(b"/") and b"%" not in raw and b"/." not in raw:
+    if raw.startswith(b"/") and b"%" not in raw and b"/." not in raw and b"\\" not in raw:
         return raw.decode("latin-1")
     path = unquote(raw.decode("latin-1"), errors="replace")
-    if any(segment in (".", "..") for segment in path.split("/")):
+    if "\\" in path:
+        raise RelayError(400, "backslashes are not allowed in the path")
+    if any(segment.partition(";")[0] in (".", "..") for segment in path.split("/")):
         raise RelayError(400, "dot segments are not allowed in the path")
     return path
 
