@@ -48,6 +48,11 @@ INPUTS = {
     "response_headers": [["set-cookie", "a=1"], ["set-cookie", "b=2"]],
     "response_body": "welcome",
     "long_body_length": 131077,
+    "edge_method": "GET",
+    "edge_target": "/v1/items?q=1",
+    "edge_status": 204,
+    "edge_response_headers": [["x-b", "3"]],
+    "exact_body_length": 131072,
 }
 
 
@@ -71,12 +76,14 @@ def _exchange(inputs, client_state, relay_state, counter):
     encoder = creq.body_encoder(binding)
     body = b"".join(encoder.feed(inputs["request_body"].encode("utf-8")) + encoder.finish())
     decoder = rreq.body_decoder(binding)
-    assert b"".join(decoder.feed(body) + decoder.finish()) == inputs["request_body"].encode("utf-8")
+    if b"".join(decoder.feed(body) + decoder.finish()) != inputs["request_body"].encode("utf-8"):
+        raise AssertionError("the relay does not open the request body")
     rbinding = response_binding(inputs["status"], flags=response_header.flags)
     rheaders = rresp.seal(HEADERS, encode_header_block(_pairs(inputs["response_headers"])), rbinding)
     rencoder = rresp.body_encoder(rbinding)
     rbody = b"".join(rencoder.feed(inputs["response_body"].encode("utf-8")) + rencoder.finish())
-    assert cresp.open(HEADERS, rheaders, rbinding)
+    if cresp.open(HEADERS, rheaders, rbinding) != encode_header_block(_pairs(inputs["response_headers"])):
+        raise AssertionError("the client does not open the response's header block")
     return {
         "x-mte-relay": header.format(),
         "request_path": "/" + b64encode(url),
@@ -89,6 +96,48 @@ def _exchange(inputs, client_state, relay_state, counter):
         "response_body": rbody.hex(),
         "relay_state_after": b64encode(relay_state.to_bytes()),
     }, client_state, relay_state, creq
+
+
+def _edge_exchange(inputs, client_state, relay_state, counter):
+    """
+    A third message that covers what the first two do not: a visible URL (bound as the target), an empty header
+    block, no request body, and a bodiless response (flags 0 for body).
+    """
+    if client_state.encode_type == "MKE":
+        client_state, creq, cresp = client_state.keys_for(counter)
+    else:
+        client_state, creq, cresp = client_state.advance()
+    relay_state, rreq, rresp = relay_state.keys_for(creq.counter)
+    header = RelayHeader(client_state.client_id, client_state.pair_id, client_state.encode_type, creq.counter,
+                         url=False, headers=True, body=False)
+    response_header = header
+    target = inputs["edge_target"].encode("ascii")
+    binding = request_binding(inputs["edge_method"].encode("ascii"), target, header.flags)
+    headers = creq.seal(HEADERS, encode_header_block([]), binding)
+    if rreq.open(HEADERS, headers, binding) != b"[]":
+        raise AssertionError("the relay does not open the edge request's header block")
+    rbinding = response_binding(inputs["edge_status"], flags=response_header.flags)
+    rheaders = rresp.seal(HEADERS, encode_header_block(_pairs(inputs["edge_response_headers"])), rbinding)
+    if cresp.open(HEADERS, rheaders, rbinding) != encode_header_block(_pairs(inputs["edge_response_headers"])):
+        raise AssertionError("the client does not open the edge response's header block")
+    return {
+        "x-mte-relay": header.format(),
+        "request_binding": binding.hex(),
+        "x-mte-relay-eh": b64encode(headers),
+        "response_binding": rbinding.hex(),
+        "response_x-mte-relay": response_header.format(),
+        "response_x-mte-relay-eh": b64encode(rheaders),
+        "relay_state_after": b64encode(relay_state.to_bytes()),
+    }, client_state, relay_state, creq
+
+
+def _sealed_body(keys, length):
+    """A zero-filled body of ``length`` bytes sealed with ``keys`` and an empty binding: (encoded length, SHA-256)."""
+    encoder = keys.body_encoder()
+    body = b"".join(encoder.feed(bytes(length)) + encoder.finish())
+    if len(body) != encoded_length(length):
+        raise AssertionError("encoded_length disagrees with the encoder")
+    return len(body), hashlib.sha256(body).hexdigest()
 
 
 def _pairs(pairs):
@@ -130,11 +179,12 @@ def compute(inputs, ciphertexts=None):
         for counter in counters:
             result, client, relay, creq = _exchange(inputs, client, relay, counter)
             section["messages"].append(result)
-        encoder = creq.body_encoder()
-        long_body = b"".join(encoder.feed(bytes(inputs["long_body_length"])) + encoder.finish())
-        assert len(long_body) == encoded_length(inputs["long_body_length"])
-        section["long_body_encoded_length"] = len(long_body)
-        section["long_body_encoded_sha256"] = hashlib.sha256(long_body).hexdigest()
+        length, digest = _sealed_body(creq, inputs["long_body_length"])
+        section["long_body_encoded_length"], section["long_body_encoded_sha256"] = length, digest
+        result, client, relay, creq = _edge_exchange(inputs, client, relay, counters[-1] + 1)
+        section["edge_message"] = result
+        length, digest = _sealed_body(creq, inputs["exact_body_length"])
+        section["exact_body_encoded_length"], section["exact_body_encoded_sha256"] = length, digest
         out[encode_type] = section
     return out
 
@@ -177,4 +227,8 @@ class ProtocolVectorTests(SynchronousTestCase):
 
 
 if __name__ == "__main__":
-    print(json.dumps(compute(INPUTS), indent=1))
+    # The relay ciphertexts already printed are kept (``--fresh``: new ones), so that the other values stay put.
+    import sys
+
+    kept = None if "--fresh" in sys.argv else {t: documented()[t]["ciphertext"] for t in ("MKE", "MTE")}
+    print(json.dumps(compute(INPUTS, kept), indent=1))
