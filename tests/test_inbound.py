@@ -197,7 +197,15 @@ class RefusalTests(RelayHarness, TestCase):
         self.assertEqual(self.upstream.received, [])
 
     async def _message(
-        self, encode_type="MKE", body=b"hello", tamper=None, counter=None, pair=None, url=b"/echo/x", block=None
+        self,
+        encode_type="MKE",
+        body=b"hello",
+        tamper=None,
+        counter=None,
+        pair=None,
+        url=b"/echo/x",
+        block=None,
+        headers_flag=True,
     ):
         """A hand-built encoded POST ``url`` (on a fresh pair unless given); ``tamper(parts)`` may alter it."""
         token = await self.client._client_token()
@@ -205,7 +213,7 @@ class RefusalTests(RelayHarness, TestCase):
         if counter is not None:
             pair.next_counter = counter
         counter, keys, _ = pair.message_keys()
-        header = RelayHeader(pair.state.client_id, pair.pair_id, encode_type, counter, True, True, True)
+        header = RelayHeader(pair.state.client_id, pair.pair_id, encode_type, counter, True, headers_flag, True)
         binding = request_binding(b"POST", flags=header.flags)
         block = [(b"content-type", b"text/plain")] if block is None else block
         # A block given as bytes is sealed as it is: what no client's encode_header_block would make.
@@ -283,6 +291,19 @@ class RefusalTests(RelayHarness, TestCase):
                 code, _ = await self._message(encode_type, pair=pair, counter=0 if encode_type == "MKE" else None)
                 self.assertEqual(code, 200)
                 self.upstream.received.clear()
+
+        return ensureDeferred(run())
+
+    def test_header_block_with_headers_flag_0(self):
+        """A message whose headers flag is 0 carries an empty block (then it is relayed); a block that holds headers
+        under that flag is answered 562 and nothing goes upstream, as the protocol says."""
+
+        async def run():
+            code, body = await self._message(block=[], headers_flag=False)
+            self.assertEqual(code, 200, body)
+            self.upstream.received.clear()
+            code, body = await self._message(headers_flag=False)
+            self.assertRefused(code, body, 562)
 
         return ensureDeferred(run())
 

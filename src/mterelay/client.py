@@ -510,7 +510,8 @@ class Client:
     def request(self, method, url, headers=None, data=None, encode_type="MKE", encode_headers=True, encode_url=True):
         """
         Send one encoded request. ``url`` is a path (``/a?b``) or an absolute URL on the relay; ``encode_headers`` is
-        True (every header is protected), False (only content-type), or a list of header names to protect.
+        True (every header is protected), False (none: every header, content-type included, stays visible), or a
+        list of header names to protect (with content-type).
 
         A message the relay must be sent again is sent again once: after a re-pair code (the pair or client id is
         gone), after 562 (the relay could not open it under the keys it holds for the pair: it is paired again), or,
@@ -770,7 +771,7 @@ def _parse_args(argv):
     parser.add_argument("-d", "--data", default=None, help="request body; @FILE reads it from FILE")
     parser.add_argument("-H", "--header", action="append", default=[], help="'Name: value' (repeatable)")
     parser.add_argument("--encode-type", choices=ENCODE_TYPES, default="MKE")
-    parser.add_argument("--no-encode-headers", action="store_true", help="send headers visibly (not content-type)")
+    parser.add_argument("--no-encode-headers", action="store_true", help="send every header visibly, content-type too")
     parser.add_argument("--no-encode-url", action="store_true", help="send the path and query visibly")
     parser.add_argument(
         "--pin",

@@ -263,7 +263,7 @@ class Inbound:
         state = load_state(record.state)
         new_state, request_keys, response_keys = state.keys_for(header.counter)
         target, binding = self._open_target(request, header, request_keys)
-        headers = self._open_headers(request, request_keys, binding)
+        headers = self._open_headers(request, header, request_keys, binding)
         body_transform = await self._open_body(request, header, request_keys, binding)
         return state, new_state, response_keys, target, headers, body_transform
 
@@ -285,14 +285,20 @@ class Inbound:
             raise RelayError(404)
         return target, binding
 
-    def _open_headers(self, request, keys, binding):
-        """The opened header block: every request has one, the item that authenticates even a bodiless GET."""
+    def _open_headers(self, request, header, keys, binding):
+        """
+        The opened header block: every request has one, the item that authenticates even a bodiless GET; empty when
+        the message's headers flag is 0 (562 otherwise, as the protocol says).
+        """
         sealed = request.getHeader(ENCODED_HEADERS)
         if sealed is None:
             raise RelayError(569, "x-mte-relay-eh header is missing")
-        return decode_header_block(
+        opened = decode_header_block(
             keys.open(HEADERS, b64decode(sealed.decode("latin-1"), 562, "x-mte-relay-eh"), binding)
         )
+        if opened and not header.headers:
+            raise CodecError(562, "the header block must be empty when the headers flag is 0")
+        return opened
 
     async def _open_body(self, request, header, keys, binding):
         """
