@@ -9,9 +9,22 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mterelay import redis_registry
 from mterelay.redis_registry import RedisAddress, RedisRegistry
-from mterelay.registry import RegistryUnavailable, UnknownPair
+from mterelay.registry import PairLimitExceeded, RegistryUnavailable, UnknownPair
 from tests.redis_server import RedisServerMixin
 from tests.test_registry import STATE, RegistryContractMixin, pair
+
+
+class SkewedClock:
+    """The reactor's time ``offset`` seconds off, as on a host whose clock is wrong; its timers run on the reactor."""
+
+    def __init__(self, offset):
+        self.offset = offset
+
+    def seconds(self):
+        return reactor.seconds() + self.offset
+
+    def callLater(self, delay, f, *args, **kwargs):
+        return reactor.callLater(delay, f, *args, **kwargs)
 
 
 class RedisTestMixin(RedisServerMixin):
@@ -22,8 +35,8 @@ class RedisTestMixin(RedisServerMixin):
     def setUp(self):
         self.server = self.start_redis(**self.redis_options)
 
-    async def connect(self, url=None, **kwargs):
-        registry = RedisRegistry.from_url(url or self.server.url, reactor, **kwargs)
+    async def connect(self, url=None, clock=reactor, **kwargs):
+        registry = RedisRegistry.from_url(url or self.server.url, clock, reactor, **kwargs)
         registry.startService()
         self.addCleanup(registry.stopService)
         await registry.whenConnected()
@@ -63,6 +76,20 @@ class RedisLimitTests(RedisTestMixin, TestCase):
         await task.deferLater(reactor, 1.6)  # the second group expired; every hint is stale
         await registry.create_pair(pair(pair_id="pair-new-0000"))
         self.assertEqual((await registry.get_client("client-a")).pair_count, 211)
+
+    async def test_expiry_agreed_whatever_the_relays_clocks(self):
+        """
+        A relay whose clock runs ten minutes ahead creates a pair: it counts against the limit while it lives, and
+        stops counting for a relay with the right time as soon as it expired (the limit sets go by Redis's clock).
+        """
+        ahead = await self.connect(clock=SkewedClock(600), pair_ttl=1, max_pairs_per_client=1)
+        right = await self.connect(pair_ttl=1, max_pairs_per_client=1)
+        await ahead.create_pair(pair(pair_id="p1"))
+        with self.assertRaises(PairLimitExceeded):
+            await right.create_pair(pair(pair_id="p2"))
+        await task.deferLater(reactor, 1.5)
+        await right.create_pair(pair(pair_id="p2"))
+        self.assertEqual((await ahead.get_client("client-a")).pair_count, 1)
 
 
 class RedisSharingTests(RedisTestMixin, TestCase):
@@ -179,10 +206,7 @@ class RedisPairCopyTests(RedisTestMixin, TestCase):
     async def test_copies_expire_unread(self):
         """A copy is dropped pair_cache_seconds after it was fetched even if nothing reads the pair again."""
         clock = task.Clock()
-        r = RedisRegistry.from_url(self.server.url, clock, reactor, pair_cache_seconds=0.5)
-        r.startService()
-        self.addCleanup(r.stopService)
-        await r.whenConnected()
+        r = await self.connect(clock=clock, pair_cache_seconds=0.5)
         for n in (1, 2):
             await r.create_pair(pair(pair_id=f"pair-{n}"))
             await r.get_pair("client-a", f"pair-{n}")

@@ -11,7 +11,11 @@ id, each percent-encoded, joined by ``:``, so that no two pairs share a tag):
 ``client:{C}`` and ``pairs``
     Sorted sets of the tags of one client's pairs and of all pairs, scored with an expiry hint (epoch ms), to enforce
     the pair limits. A hint may lag behind the key's TTL (use refreshes the TTL, not the hint): pair creation checks
-    stale hints against the key and drops the members whose pair has expired.
+    stale hints against the key and drops the members whose pair has expired. Hints are set and compared on Redis's
+    clock (``TIME``; a script may write after it from Redis 5 on), the one every relay shares: a relay whose clock runs
+    ahead would otherwise write hints that stay in the future long after the pair expired. ``created`` and ``used``
+    are the writing relay's own stamps: nothing compares them with a time (``created`` only with itself, to tell a
+    pair from one created again with the same ids).
 
 Every per-request operation is one Lua script over the two keys of one pair (one round trip, atomic, and valid in a
 cluster). Only ``create_pair``, ``delete_pair`` and ``get_client`` touch the shared sets: they need a single Redis (or
@@ -148,14 +152,15 @@ return 1
 """
 )
 
-# Limit-set scripts: KEYS[1] = client set, KEYS[2] = all pairs; ARGV[1] = now (ms), ARGV[2] = prefix.
+# Limit-set scripts: KEYS[1] = client set, KEYS[2] = all pairs; ARGV[1] = prefix.
 _PRUNE = """
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local function prune(zkey)
-  local now = tonumber(ARGV[1])
   local stale = redis.call('ZRANGEBYSCORE', zkey, '-inf', now, 'LIMIT', 0, %d)
   for _, m in ipairs(stale) do
-    local client = ARGV[2] .. 'client:{' .. string.match(m, '^[^:]*') .. '}'
-    local ttl = redis.call('PTTL', ARGV[2] .. 'pair:{' .. m .. '}')
+    local client = ARGV[1] .. 'client:{' .. string.match(m, '^[^:]*') .. '}'
+    local ttl = redis.call('PTTL', ARGV[1] .. 'pair:{' .. m .. '}')
     if ttl == -2 then
       redis.call('ZREM', KEYS[2], m)
       redis.call('ZREM', client, m)
@@ -177,26 +182,26 @@ end
     PRUNE_ROUNDS,
 )
 
-# KEYS[3] = pair, KEYS[4] = seen; ARGV[3] = tag, ARGV[4] = TTL (ms), ARGV[5] = per client, ARGV[6] = total,
-# ARGV[7..11] = enc, state, ver, created, used. Returns 1, or -1 / -2 for the per-client / total limit.
+# KEYS[3] = pair, KEYS[4] = seen; ARGV[2] = tag, ARGV[3] = TTL (ms), ARGV[4] = per client, ARGV[5] = total,
+# ARGV[6..10] = enc, state, ver, created, used. Returns 1, or -1 / -2 for the per-client / total limit.
 _CREATE = (
     _PRUNE
     + """
 prune(KEYS[1])
 prune(KEYS[2])
 if redis.call('EXISTS', KEYS[3]) == 0 then
-  prune_for(KEYS[1], tonumber(ARGV[5]))
-  prune_for(KEYS[2], tonumber(ARGV[6]))
-  if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[5]) then return -1 end
-  if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[6]) then return -2 end
+  prune_for(KEYS[1], tonumber(ARGV[4]))
+  prune_for(KEYS[2], tonumber(ARGV[5]))
+  if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then return -1 end
+  if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[5]) then return -2 end
 end
 redis.call('DEL', KEYS[3], KEYS[4])
-redis.call('HSET', KEYS[3], 'enc', ARGV[7], 'state', ARGV[8], 'ver', ARGV[9], 'created', ARGV[10], 'used', ARGV[11],
+redis.call('HSET', KEYS[3], 'enc', ARGV[6], 'state', ARGV[7], 'ver', ARGV[8], 'created', ARGV[9], 'used', ARGV[10],
   'ctr', 0, 'hi', -1)
-redis.call('PEXPIRE', KEYS[3], ARGV[4])
-local expiry = tonumber(ARGV[1]) + tonumber(ARGV[4])
-redis.call('ZADD', KEYS[1], expiry, ARGV[3])
-redis.call('ZADD', KEYS[2], expiry, ARGV[3])
+redis.call('PEXPIRE', KEYS[3], ARGV[3])
+local expiry = now + tonumber(ARGV[3])
+redis.call('ZADD', KEYS[1], expiry, ARGV[2])
+redis.call('ZADD', KEYS[2], expiry, ARGV[2])
 return 1
 """
 )
@@ -209,11 +214,11 @@ return redis.call('ZCARD', KEYS[1])
 """
 )
 
-# KEYS[3] = pair, KEYS[4] = seen; ARGV[3] = tag.
+# KEYS[3] = pair, KEYS[4] = seen; ARGV[2] = tag.
 _DELETE = """
 redis.call('DEL', KEYS[3], KEYS[4])
-redis.call('ZREM', KEYS[1], ARGV[3])
-redis.call('ZREM', KEYS[2], ARGV[3])
+redis.call('ZREM', KEYS[1], ARGV[2])
+redis.call('ZREM', KEYS[2], ARGV[2])
 return 1
 """
 
@@ -506,7 +511,7 @@ class RedisRegistry(Service):
         if pair_id is not None:
             tag = _tag(client_id, pair_id)
             keys += [f"{self._prefix}pair:{{{tag}}}", f"{self._prefix}seen:{{{tag}}}"]
-        return self._eval(script, keys, [int(self._clock.seconds() * 1000), self._prefix, *args])
+        return self._eval(script, keys, [self._prefix, *args])
 
     def _ttl_ms(self):
         return max(1, int(self.pair_ttl * 1000))
