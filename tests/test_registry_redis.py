@@ -190,6 +190,28 @@ class RedisPairCopyTests(RedisTestMixin, TestCase):
         with self.assertRaises(UnknownPair):
             await r.get_pair("client-a", "pair-1")
 
+    async def test_read_under_way_keeps_no_copy_older_than_own_change(self):
+        """
+        A read that was under way when this instance swapped, created again or deleted the pair keeps no copy of what
+        it fetched: the next read sees the change.
+        """
+        r = await self.connect(pair_cache_seconds=60, poolsize=1)  # one connection: the read reaches Redis first
+        changes = {
+            "pair-1": lambda: r.swap_state("client-a", "pair-1", 0, b"changed"),
+            "pair-2": lambda: r.create_pair(pair(pair_id="pair-2", state=b"changed", now=5.0)),
+            "pair-3": lambda: r.delete_pair("client-a", "pair-3"),
+        }
+        for pair_id, change in changes.items():
+            await r.create_pair(pair(pair_id=pair_id))
+            reading = r.get_pair("client-a", pair_id)
+            await change()
+            self.assertEqual((await reading).state, STATE)
+        self.assertEqual((await r.get_pair("client-a", "pair-1")).state, b"changed")
+        self.assertEqual((await r.get_pair("client-a", "pair-2")).state, b"changed")
+        with self.assertRaises(UnknownPair):
+            await r.get_pair("client-a", "pair-3")
+        self.assertEqual(r._reading, {}, "reads that ended are no longer tracked")
+
     async def test_replaced_pair_found_out(self):
         """A copy of a pair another instance deleted and created again fails the mark (560) and is dropped."""
         one, two = await self.connect(pair_cache_seconds=60), await self.connect()

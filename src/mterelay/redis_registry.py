@@ -360,6 +360,10 @@ class RedisRegistry(Service):
         self._cache = OrderedDict()
         self._cache_seconds = min(pair_cache_seconds, pair_ttl / 2) if pair_cache_size > 0 else 0
         self._cache_size = pair_cache_size
+        # (client id, pair id) -> a token of the newest get_pair reading the pair from Redis, until it ends; forget
+        # drops it, so that a read under way when this process changed the pair keeps no copy from before the change.
+        # As bounded as the reads in flight.
+        self._reading = {}
         # Copies also expire while no request reads them.
         self._sweep = task.LoopingCall(lambda: self._expire(clock.seconds()))
         self._sweep.clock = clock
@@ -573,7 +577,8 @@ class RedisRegistry(Service):
         The pair's record. An MKE pair is answered from the copy fetched less than ``pair_cache_seconds`` ago, when
         there is one: the relay's ``mark_seen`` goes to Redis anyway, so a relayed MKE message costs one round trip,
         not two. A sweep every ``pair_cache_seconds`` drops the expired copies, so none holds the state (its keys) in
-        this process for more than twice that.
+        this process for more than twice that. A read that was under way when this process changed the pair (or
+        called ``forget``) keeps no copy: it may have fetched the pair from before the change.
         """
         key = (client_id, pair_id)
         now = self._clock.seconds()
@@ -583,16 +588,23 @@ class RedisRegistry(Service):
                 return defer.succeed(cached[1].used_at(now))
             del self._cache[key]
 
+        token = self._reading[key] = object()
+
         def keep(loaded):
             record = loaded[0]
-            if record.encode_type == "MKE" and self._cache_seconds > 0:
+            if record.encode_type == "MKE" and self._cache_seconds > 0 and self._reading.get(key) is token:
                 self._cache.pop(key, None)
                 while len(self._cache) >= self._cache_size:
                     self._cache.popitem(last=False)
                 self._cache[key] = (self._clock.seconds(), record)
             return record
 
-        return self._load(client_id, pair_id).addCallback(keep)
+        def done(result):
+            if self._reading.get(key) is token:
+                del self._reading[key]
+            return result
+
+        return self._load(client_id, pair_id).addCallback(keep).addBoth(done)
 
     def _fresh(self, fetched, now):
         # A clock that went back also ends a copy's life: its age is then unknown.
@@ -605,6 +617,7 @@ class RedisRegistry(Service):
             cache.popitem(last=False)
 
     def forget(self, client_id, pair_id):
+        self._reading.pop((client_id, pair_id), None)
         return self._cache.pop((client_id, pair_id), None) is not None
 
     def mark_seen(self, client_id, pair_id, counter, window, created=None):
