@@ -35,10 +35,15 @@ class RedisTestMixin(RedisServerMixin):
     def setUp(self):
         self.server = self.start_redis(**self.redis_options)
 
-    async def connect(self, url=None, clock=reactor, **kwargs):
+    def start(self, url=None, clock=reactor, **kwargs):
+        """A registry started (connecting in the background), stopped by the test's cleanup."""
         registry = RedisRegistry.from_url(url or self.server.url, clock, reactor, **kwargs)
         registry.startService()
         self.addCleanup(registry.stopService)
+        return registry
+
+    async def connect(self, url=None, **kwargs):
+        registry = self.start(url, **kwargs)
         await registry.whenConnected()
         return registry
 
@@ -295,9 +300,7 @@ class RedisFailureTests(RedisTestMixin, TestCase):
     async def test_unreachable_times_out(self):
         """A registry pointed at a port where nothing listens answers 503 within its timeout."""
         self.server.stop()
-        registry = RedisRegistry.from_url(self.server.url, reactor, timeout=0.3)
-        registry.startService()
-        self.addCleanup(registry.stopService)
+        registry = self.start(timeout=0.3)
         for d in [registry.whenConnected(), registry.get_pair("client-a", "pair-1")]:
             with self.assertRaises(RegistryUnavailable):
                 await d
@@ -306,9 +309,7 @@ class RedisFailureTests(RedisTestMixin, TestCase):
         """With Redis unreachable from the start, operations beyond MAX_PENDING answer 503 at once, queueing nothing."""
         self.server.stop()
         self.patch(redis_registry, "MAX_PENDING", 50)
-        registry = RedisRegistry.from_url(self.server.url, reactor, timeout=0.3)
-        registry.startService()
-        self.addCleanup(registry.stopService)
+        registry = self.start(timeout=0.3)
         waiting = [registry.get_pair("client-a", "pair-1") for _ in range(50)]
         with self.assertRaises(RegistryUnavailable) as caught:
             await registry.get_pair("client-a", "pair-1")
@@ -321,9 +322,7 @@ class RedisFailureTests(RedisTestMixin, TestCase):
         """A server refusing the password makes every operation answer 503, without a hang."""
         self.server.stop()
         self.server = self.start_redis(password="right")
-        registry = RedisRegistry.from_url(self.server.url.replace("right", "wrong"), reactor, timeout=0.5)
-        registry.startService()
-        self.addCleanup(registry.stopService)
+        registry = self.start(self.server.url.replace("right", "wrong"), timeout=0.5)
         with self.assertRaises(RegistryUnavailable):
             await registry.get_pair("client-a", "pair-1")
 
@@ -408,9 +407,7 @@ class RedisTLSTests(RedisTestMixin, TestCase):
 
     async def test_tls_refuses_unknown_certificate(self):
         """A server whose certificate the registry does not trust is unavailable (503), never used."""
-        registry = RedisRegistry.from_url(self.server.url, reactor, timeout=1.0)
-        registry.startService()
-        self.addCleanup(registry.stopService)
+        registry = self.start(timeout=1.0)
         with self.assertRaises(RegistryUnavailable):
             await registry.get_pair("client-a", "pair-1")
 
