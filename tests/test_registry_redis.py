@@ -5,6 +5,7 @@ Redis, races between them, and a Redis restart.
 
 from twisted.internet import defer, reactor, task
 from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mterelay import redis_registry
@@ -341,6 +342,32 @@ class RedisFailureTests(RedisTestMixin, TestCase):
         record = await self.eventually(lambda: registry.get_pair("client-a", "pair-1"), seconds=5)
         self.assertEqual(record.pair_id, "pair-1")
 
+    async def test_refused_first_login_then_connected(self):
+        """
+        When Redis refuses the first login (a password being rotated) and accepts a later one, the registry knows it
+        is connected: whenConnected fires, and once that connection is lost operations answer 503 at once instead of
+        waiting for the timeout.
+        """
+        self.server.stop()
+        self.server = self.start_redis(password="right")
+        url = self.server.url
+        self.server.command("CONFIG", "SET", "requirepass", "other")
+        self.server.password = "other"
+        events = self.logged()
+        registry = self.start(url, timeout=2.0, reconnect_delay=0.1, max_reconnect_delay=0.3)
+        await self.until(lambda: any(e["log_level"] == LogLevel.error for e in events))
+        self.server.command("CONFIG", "SET", "requirepass", "right")
+        self.server.password = "right"
+        await registry.whenConnected()
+        await registry.create_pair(pair())
+        self.server.stop()
+        await self.until(lambda: not registry._factory.size)
+        started = reactor.seconds()
+        with self.assertRaises(RegistryUnavailable) as caught:
+            await registry.get_pair("client-a", "pair-1")
+        self.assertEqual(caught.exception.detail, "Redis connection lost; reconnecting")
+        self.assertLess(reactor.seconds() - started, registry.timeout / 2)
+
     async def test_demoted_primary_left(self):
         """A server demoted to a replica (READONLY) is left: its connections close and reconnect (finding the new
         primary)."""
@@ -354,6 +381,26 @@ class RedisFailureTests(RedisTestMixin, TestCase):
         self.server.command("REPLICAOF", "NO", "ONE")
         await self.eventually(lambda: registry.create_pair(pair(pair_id="pair-2")), seconds=5)
         self.assertEqual([connection for connection in before if connection.connected], [])
+
+    def logged(self):
+        """The registries' log events from now on: a list that grows."""
+        events = []
+
+        def keep(event):
+            if event.get("log_namespace") == RedisRegistry.log.namespace:
+                events.append(event)
+
+        globalLogPublisher.addObserver(keep)
+        self.addCleanup(globalLogPublisher.removeObserver, keep)
+        return events
+
+    async def until(self, condition, seconds=5):
+        """Wait for ``condition()`` to hold, checking every 0.05 s; fail after ``seconds``."""
+        deadline = reactor.seconds() + seconds
+        while not condition():
+            if reactor.seconds() > deadline:
+                self.fail(f"still not {condition} after {seconds} s")
+            await task.deferLater(reactor, 0.05)
 
     async def eventually(self, operation, seconds=10):
         """The first result of ``operation`` that is not a RegistryUnavailable, trying every 0.1 s."""

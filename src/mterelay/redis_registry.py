@@ -228,10 +228,27 @@ class _ReconnectingFactory(txredisapi.RedisFactory):
     txredisapi stops reconnecting for good when AUTH or SELECT fails on a new connection, and any passing failure
     there (maxclients reached, a reset during the handshake) then leaves the relay without Redis until restarted.
     Here such a connection is only closed, and reconnects with the usual backoff; ``disconnect`` still stops all.
+
+    txredisapi's ``deferred`` fires at most once, and never once a first login failed, even if a later one succeeds:
+    ``on_connection()`` is called instead for every connection that joins the pool, ``on_refusal(why)`` for every
+    refused login.
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.on_connection = lambda: None
+        self.on_refusal = lambda why: None
 
     def stopTrying(self):
         return defer.succeed(None)
+
+    def addConnection(self, conn):
+        super().addConnection(conn)
+        if conn in self.pool:  # not if it was closed before it could join
+            self.on_connection()
+
+    def connectionError(self, why):
+        self.on_refusal(why)
 
 
 #: Replies of a server that is no longer (or not yet) the primary.
@@ -376,7 +393,8 @@ class RedisRegistry(Service):
         self._unwarned = 0
         #: Where ``startService`` connects (set by ``from_url``).
         self.endpoint = None
-        factory.deferred.addCallbacks(self._ready, self._refused)
+        factory.on_connection = self._connected
+        factory.on_refusal = self._refused
 
     @classmethod
     def from_url(
@@ -419,7 +437,9 @@ class RedisRegistry(Service):
         registry.endpoint = address.endpoint(reactor or clock, timeout, tls_options)
         return registry
 
-    def _ready(self, handler):
+    def _connected(self):
+        if self._connected_once:
+            return
         self._connected_once = True
         self._queued = 0
         self.log.info("Connected to Redis")
@@ -427,9 +447,9 @@ class RedisRegistry(Service):
         for d in waiting:
             d.callback(None)
 
-    def _refused(self, failure):
-        # Authentication or db selection failed: txredisapi stopped trying, every operation will answer 503.
-        self.log.error("Redis refused the registry's connection: {why}", why=failure.getErrorMessage())
+    def _refused(self, why):
+        # Authentication or db selection failed: that connection closes and is tried again after the backoff.
+        self.log.error("Redis refused the registry's login, trying again: {why}", why=why)
 
     def whenConnected(self):
         """A Deferred that fires once the first connection is up, or fails with RegistryUnavailable after timeout."""
