@@ -5,7 +5,7 @@ Redis, races between them, and a Redis restart.
 
 from twisted.internet import defer, reactor, task
 from twisted.internet.ssl import Certificate, optionsForClientTLS
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mterelay import redis_registry
@@ -305,6 +305,19 @@ class RedisFailureTests(RedisTestMixin, TestCase):
         for d in [registry.whenConnected(), registry.get_pair("client-a", "pair-1")]:
             with self.assertRaises(RegistryUnavailable):
                 await d
+
+    async def test_timeout_logged_readably(self):
+        """An operation Redis did not answer in time is logged as a readable warning, the timeout as its own field."""
+        self.server.stop()
+        events = self.logged()
+        registry = self.start(timeout=0.3)
+        with self.assertRaises(RegistryUnavailable):
+            await registry.get_pair("client-a", "pair-1")
+        [warning] = [e for e in events if e["log_level"] == LogLevel.warn]
+        self.assertEqual(
+            formatEvent(warning), "Redis did not answer within 0.3 s (0 more failures since the last warning)"
+        )
+        self.assertEqual(warning["timeout"], 0.3)
 
     async def test_waiting_operations_bounded(self):
         """With Redis unreachable from the start, operations beyond MAX_PENDING answer 503 at once, queueing nothing."""

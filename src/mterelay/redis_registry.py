@@ -475,21 +475,24 @@ class RedisRegistry(Service):
 
     def _unavailable(self, failure):
         failure.trap(*_UNAVAILABLE)
-        self._warn(failure.getErrorMessage() or failure.type.__name__)
+        if failure.check(defer.TimeoutError):
+            # Its message is only its arguments: "(2.0, 'Deferred')".
+            self._warn("Redis did not answer within {timeout} s", timeout=self.timeout)
+        else:
+            self._warn("Redis unavailable: {why}", why=failure.getErrorMessage() or failure.type.__name__)
         if str(failure.value).startswith(_DEMOTED):
             # A failover made this server a replica: reconnect, so the name is looked up again and finds the primary.
             for connection in list(self._factory.pool):
                 connection.transport.loseConnection()
         raise RegistryUnavailable()
 
-    def _warn(self, why):
+    def _warn(self, message, **fields):
+        """Log ``message`` (a format of ``fields``), or only count it if the last warning is less than a second old."""
         now = self._clock.seconds()
         if self._warned_at is not None and now - self._warned_at < 1:
             self._unwarned += 1
             return
-        self.log.warn(
-            "Redis unavailable: {why} ({more} more failures since the last warning)", why=why, more=self._unwarned
-        )
+        self.log.warn(message + " ({more} more failures since the last warning)", more=self._unwarned, **fields)
         self._warned_at, self._unwarned = now, 0
 
     def _eval(self, script, keys, args):
@@ -503,7 +506,7 @@ class RedisRegistry(Service):
                 return defer.fail(RegistryUnavailable("Redis is not connected yet"))
             self._queued += 1
         if self._pending >= MAX_PENDING:
-            self._warn(f"{MAX_PENDING} commands already wait for Redis")
+            self._warn("Redis unavailable: {count} commands already wait for it", count=MAX_PENDING)
             return defer.fail(RegistryUnavailable("too many operations wait for Redis"))
         self._pending += 1
         d = self._redis.eval(script, keys, args)
