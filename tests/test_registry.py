@@ -2,11 +2,14 @@
 The registry contract, run against the memory registry here and against Redis in ``tests.test_registry_redis``.
 """
 
+import heapq
+
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
+from mterelay import registry
 from mterelay.errors import RelayError
 from mterelay.registry import (
     IRegistry,
@@ -274,6 +277,21 @@ class RegistryContractMixin:
         await self.failure(r.get_pair("client-a", "pair-1"), UnknownPair)
         await r.create_pair(pair(pair_id="pair-2"))
 
+    async def test_expired_pair_never_counts_against_total_limit(self):
+        """
+        At the relay-wide limit a pair that expired no longer counts: a creation refused while it lived succeeds as
+        soon as it expired, however soon after the refusal.
+        """
+        gap = 0.3
+        r = await self.make_registry(pair_ttl=self.short_ttl, max_pairs_total=2)
+        await r.create_pair(pair(client_id="a"))
+        await self.advance(self.short_ttl / 2)
+        await r.create_pair(pair(client_id="b"))
+        await self.advance(self.short_ttl / 2 - gap)
+        await self.failure(r.create_pair(pair(client_id="c")), PairLimitExceeded)
+        await self.advance(2 * gap)  # a expired, b lives on
+        await r.create_pair(pair(client_id="c"))
+
     async def test_use_refreshes_ttl(self):
         """Every use restarts the idle lifetime, for the replay marks too."""
         r = await self.make_registry(pair_ttl=self.short_ttl)
@@ -320,25 +338,39 @@ class MemoryRegistryTests(SynchronousTestCase):
     def test_refused_creates_scan_little(self):
         """
         A client at its limit gets its own expired pairs dropped, not a scan of every pair per try; at the relay-wide
-        limit the whole table is swept at most once a second, and expired pairs then make room.
+        limit a try looks only at the pairs whose expiry hint has passed (none while every pair lives), and expired
+        pairs make room at once.
         """
         clock = Clock()
         r = MemoryRegistry(clock, pair_ttl=10, max_pairs_per_client=1, max_pairs_total=3)
-        sweeps = []
-        real_sweep = r.sweep
-        r.sweep = lambda: sweeps.append(clock.seconds()) or real_sweep()
+        looked_at = []
+        self.patch(registry, "heappop", lambda heap: looked_at.append(heap[0][2]) or heapq.heappop(heap))
         self.successResultOf(r.create_pair(pair()))
         for i in range(5):
             self.failureResultOf(r.create_pair(pair(pair_id=f"pair-x{i}")), PairLimitExceeded)
-        self.assertEqual(sweeps, [])
         for client in "bc":
+            clock.advance(1)
             self.successResultOf(r.create_pair(pair(client_id=client)))
         for _ in range(5):
             self.failureResultOf(r.create_pair(pair(client_id="d")), PairLimitExceeded)
-        self.assertEqual(len(sweeps), 1)
-        clock.advance(11)  # every pair expired
+        self.assertEqual(looked_at, [])
+        clock.advance(8)  # client-a's pair expires now; b's and c's hints are 11 and 12
+        self.successResultOf(r.get_pair("b", "pair-1"))  # b now expires at 20
+        clock.advance(1.5)
         self.successResultOf(r.create_pair(pair(client_id="d")))
-        self.assertEqual(len(sweeps), 2)
+        self.assertEqual(looked_at, [("client-a", "pair-1"), ("b", "pair-1")])
+        for _ in range(5):
+            self.failureResultOf(r.create_pair(pair(client_id="e")), PairLimitExceeded)
+        self.assertEqual(len(looked_at), 2)
+
+    def test_expiry_heap_bounded(self):
+        """Pairs deleted or replaced leave at most as many entries in the expiry heap as there are pairs."""
+        r = MemoryRegistry(Clock())
+        for i in range(1000):
+            self.successResultOf(r.create_pair(pair()))
+            self.successResultOf(r.create_pair(pair(pair_id=f"gone-{i}")))
+            self.successResultOf(r.delete_pair("client-a", f"gone-{i}"))
+        self.assertLessEqual(len(r._expiries), 4)  # twice the two pairs there were after the last creation
 
     def test_repr_hides_state(self):
         """A record's repr never shows its codec state."""

@@ -11,6 +11,9 @@ Replay window: ``mark_seen(..., counter, window)`` accepts each counter once, an
 with the same ``window``.
 """
 
+import itertools
+from heapq import heapify, heappop, heappush
+
 import attrs
 from twisted.application.service import Service
 from twisted.internet import defer, task
@@ -211,7 +214,9 @@ class MemoryRegistry(Service):
     """
     A registry in this process's memory: the default when no REDIS_URL is set.
 
-    Expired pairs are invisible at once and dropped by a sweep that runs on ``clock`` while the service runs.
+    Expired pairs are invisible at once, and dropped by a sweep that runs on ``clock`` while the service runs and
+    before a creation is refused at the relay-wide limit. A sweep looks only at the pairs whose expiry hint has passed,
+    so a try refused while every pair lives costs no scan.
     """
 
     log = Logger()
@@ -230,7 +235,12 @@ class MemoryRegistry(Service):
         self._max_total = max_pairs_total
         self._slots = {}
         self._by_client = {}
-        self._swept_at = float("-inf")
+        # A heap of (expiry hint, sequence, key, slot), one entry per slot, queued with the slot's expiry: use moves the
+        # expiry past the hint (on a clock that does not go back), so every expired pair's hint has passed. Deleted and
+        # replaced slots leave their entry behind until it is popped or the heap is rebuilt (when such entries
+        # outnumber the slots).
+        self._expiries = []
+        self._sequence = itertools.count()
         self._sweep = task.LoopingCall(self.sweep)
         self._sweep.clock = clock
         self._sweep_interval = sweep_interval
@@ -247,12 +257,23 @@ class MemoryRegistry(Service):
     def sweep(self):
         """Drop every expired pair; return how many were dropped."""
         now = self._clock.seconds()
-        expired = [key for key, slot in self._slots.items() if slot.expires <= now]
-        for key in expired:
-            self._drop(key)
-        if expired:
-            self.log.debug("Swept {count} expired pairs", count=len(expired))
-        return len(expired)
+        expiries, dropped = self._expiries, 0
+        while expiries and expiries[0][0] <= now:
+            _, _, key, slot = heappop(expiries)
+            if self._slots.get(key) is not slot:
+                continue  # deleted or replaced since
+            if slot.expires <= now:
+                self._drop(key)
+                dropped += 1
+            else:
+                heappush(expiries, self._entry(key, slot))  # used since it was queued
+        if dropped:
+            self.log.debug("Swept {count} expired pairs", count=dropped)
+        return dropped
+
+    def _entry(self, key, slot):
+        """The slot's entry in the expiry heap: its expiry now is the hint."""
+        return slot.expires, next(self._sequence), key, slot
 
     def _drop(self, key):
         del self._slots[key]
@@ -283,21 +304,24 @@ class MemoryRegistry(Service):
             self._drop(key)
         if key not in self._slots:
             # Expired pairs still in the tables must not count against the bounds: at a limit, the client's own are
-            # checked at once, the whole table at most once a second (a client at its limit must not buy a full scan
-            # per try).
+            # checked, or the whole table swept (which looks only at the pairs whose expiry hint has passed).
             if len(self._by_client.get(record.client_id, ())) >= self._max_per_client:
                 for pair_id in list(self._by_client[record.client_id]):
                     if self._slots[(record.client_id, pair_id)].expires <= now:
                         self._drop((record.client_id, pair_id))
-            if len(self._slots) >= self._max_total and now - self._swept_at >= 1:
-                self._swept_at = now
+            if len(self._slots) >= self._max_total:
                 self.sweep()
             if len(self._by_client.get(record.client_id, ())) >= self._max_per_client:
                 raise PairLimitExceeded("too many pairs for this client")
             if len(self._slots) >= self._max_total:
                 raise PairLimitExceeded("too many pairs on this relay")
-        self._slots[key] = _Slot(record=record, expires=now + self.pair_ttl, last_used=record.last_used)
+        slot = self._slots[key] = _Slot(record=record, expires=now + self.pair_ttl, last_used=record.last_used)
         self._by_client.setdefault(record.client_id, set()).add(record.pair_id)
+        heappush(self._expiries, self._entry(key, slot))
+        if len(self._expiries) > 2 * len(self._slots):
+            # Rebuilt once the entries of deleted and replaced slots outnumber the slots: bounded, amortized O(1).
+            self._expiries = [self._entry(*item) for item in self._slots.items()]
+            heapify(self._expiries)
 
     def get_pair(self, client_id, pair_id):
         return defer.maybeDeferred(lambda: self._live(client_id, pair_id).current_record())
