@@ -48,6 +48,14 @@ class RedisTestMixin(RedisServerMixin):
         await registry.whenConnected()
         return registry
 
+    async def until(self, condition, seconds=5):
+        """Wait for ``condition()`` to hold, checking every 0.05 s; fail after ``seconds``."""
+        deadline = reactor.seconds() + seconds
+        while not condition():
+            if reactor.seconds() > deadline:
+                self.fail(f"still not {condition} after {seconds} s")
+            await task.deferLater(reactor, 0.05)
+
 
 class RedisRegistryContractTests(RedisTestMixin, RegistryContractMixin, TestCase):
     """The contract against Redis, over TCP."""
@@ -217,6 +225,30 @@ class RedisPairCopyTests(RedisTestMixin, TestCase):
         with self.assertRaises(UnknownPair):
             await r.get_pair("client-a", "pair-3")
         self.assertEqual(r._reading, {}, "reads that ended are no longer tracked")
+
+    async def test_read_overtaking_own_change_keeps_no_copy(self):
+        """
+        A read sent while this instance's swap is under way, on another connection, may reach Redis before the swap:
+        once the swap has answered, no copy from before it is kept. (Redis is paused so that the read's connection,
+        already waiting with an earlier command, runs before the swap's.)
+        """
+        r = await self.connect(pair_cache_seconds=60)
+        await r.create_pair(pair())
+        await self.until(lambda: len(r._factory.pool) == 2)
+        first, second = r._factory.pool
+        connections = iter([first, second, first])
+        steering = self.patch(r._factory.connectionQueue, "peek", lambda: defer.succeed(next(connections)))
+        self.server.command("CLIENT", "PAUSE", 1000, "ALL")
+        earlier = r.get_client("client-a")  # on the first connection, which the pause holds back first
+        await task.deferLater(reactor, 0.2)
+        swapping = r.swap_state("client-a", "pair-1", 0, b"changed")  # on the second, held back next
+        await task.deferLater(reactor, 0.2)
+        reading = r.get_pair("client-a", "pair-1")  # on the first again: it runs before the swap
+        self.assertEqual((await reading).state, STATE)
+        self.assertTrue(await swapping)
+        await earlier
+        steering.restore()
+        self.assertEqual((await r.get_pair("client-a", "pair-1")).state, b"changed")
 
     async def test_replaced_pair_found_out(self):
         """A copy of a pair another instance deleted and created again fails the mark (560) and is dropped."""
@@ -406,14 +438,6 @@ class RedisFailureTests(RedisTestMixin, TestCase):
         globalLogPublisher.addObserver(keep)
         self.addCleanup(globalLogPublisher.removeObserver, keep)
         return events
-
-    async def until(self, condition, seconds=5):
-        """Wait for ``condition()`` to hold, checking every 0.05 s; fail after ``seconds``."""
-        deadline = reactor.seconds() + seconds
-        while not condition():
-            if reactor.seconds() > deadline:
-                self.fail(f"still not {condition} after {seconds} s")
-            await task.deferLater(reactor, 0.05)
 
     async def eventually(self, operation, seconds=10):
         """The first result of ``operation`` that is not a RegistryUnavailable, trying every 0.1 s."""

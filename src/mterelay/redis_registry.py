@@ -558,7 +558,7 @@ class RedisRegistry(Service):
             record.version,
             _stamp(record.created),
             repr(record.last_used),
-        )
+        ).addBoth(self._changed, record.client_id, record.pair_id)
 
         def check(result):
             if result == -1:
@@ -600,8 +600,8 @@ class RedisRegistry(Service):
         The pair's record. An MKE pair is answered from the copy fetched less than ``pair_cache_seconds`` ago, when
         there is one: the relay's ``mark_seen`` goes to Redis anyway, so a relayed MKE message costs one round trip,
         not two. A sweep every ``pair_cache_seconds`` drops the expired copies, so none holds the state (its keys) in
-        this process for more than twice that. A read that was under way when this process changed the pair (or
-        called ``forget``) keeps no copy: it may have fetched the pair from before the change.
+        this process for more than twice that. A read under way at any time while this process changed the pair (or
+        when it called ``forget``) keeps no copy: it may have fetched the pair from before the change.
         """
         key = (client_id, pair_id)
         now = self._clock.seconds()
@@ -643,6 +643,12 @@ class RedisRegistry(Service):
         self._reading.pop((client_id, pair_id), None)
         return self._cache.pop((client_id, pair_id), None) is not None
 
+    def _changed(self, result, client_id, pair_id):
+        # A change of the pair forgets it before it is sent and again once Redis answered: a read sent meanwhile on
+        # another connection may have reached Redis first, and kept a copy from before the change.
+        self.forget(client_id, pair_id)
+        return result
+
     def mark_seen(self, client_id, pair_id, counter, window, created=None):
         return (
             defer.maybeDeferred(check_mark_args, counter, window)
@@ -659,6 +665,7 @@ class RedisRegistry(Service):
         # Whoever wins, the state changes: the next get_pair fetches it.
         self.forget(client_id, pair_id)
         d = self._pair_script(_SWAP, client_id, pair_id, int(expected_version), new_state, _stamp(created))
+        d.addBoth(self._changed, client_id, pair_id)
 
         def check(result):
             if result == -1:
@@ -670,4 +677,4 @@ class RedisRegistry(Service):
     def delete_pair(self, client_id, pair_id):
         self.forget(client_id, pair_id)
         d = self._limit_script(_DELETE, client_id, pair_id, _tag(client_id, pair_id))
-        return d.addCallback(lambda _: None)
+        return d.addBoth(self._changed, client_id, pair_id).addCallback(lambda _: None)
