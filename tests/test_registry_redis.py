@@ -351,6 +351,19 @@ class RedisFailureTests(RedisTestMixin, TestCase):
         )
         self.assertEqual(warning["timeout"], 0.3)
 
+    async def test_evicting_redis_warned_about(self):
+        """A Redis that may evict keys (a maxmemory-policy other than noeviction) is warned about once connected,
+        since it could drop a pair's replay marks; the default noeviction is not."""
+        events = self.logged()
+        await self.connect()
+        await self.until(lambda: any("maxmemory-policy" in formatEvent(e) for e in events))
+        self.assertEqual([e for e in events if e["log_level"] == LogLevel.warn], [])
+        self.server.command("CONFIG", "SET", "maxmemory-policy", "volatile-lru")
+        await self.connect()
+        await self.until(lambda: [e for e in events if e["log_level"] == LogLevel.warn])
+        [warning] = [e for e in events if e["log_level"] == LogLevel.warn]
+        self.assertIn("maxmemory-policy is volatile-lru, not noeviction", formatEvent(warning))
+
     async def test_waiting_operations_bounded(self):
         """With Redis unreachable from the start, operations beyond MAX_PENDING answer 503 at once, queueing nothing."""
         self.server.stop()

@@ -446,6 +446,36 @@ class RedisRegistry(Service):
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             d.callback(None)
+        self._check_eviction()
+
+    def _check_eviction(self):
+        """
+        Warn when Redis may evict keys: it could drop a pair's replay marks while the pair stays, and a recorded MKE
+        request would then be taken again (see the trust model in docs/protocol.rst).
+        """
+        d = self._redis.execute_command("CONFIG", "GET", "maxmemory-policy")
+        d.addTimeout(self.timeout, self._clock)
+
+        def checked(reply):
+            values = list(reply.values()) if isinstance(reply, dict) else list(reply)[1::2]
+            policy = values[0].decode("ascii", "replace") if values else "unknown"
+            if policy == "noeviction":
+                self.log.debug("Redis's maxmemory-policy is noeviction")
+            else:
+                self.log.warn(
+                    "Redis's maxmemory-policy is {policy}, not noeviction: once full it may evict a pair's replay"
+                    " marks, and a recorded request would be taken again",
+                    policy=policy,
+                )
+
+        def unknown(failure):
+            # Managed services often refuse CONFIG.
+            self.log.info(
+                "Could not read Redis's maxmemory-policy ({why}): it must be noeviction",
+                why=failure.getErrorMessage() or failure.type.__name__,
+            )
+
+        d.addCallbacks(checked, unknown)
 
     def _refused(self, why):
         # Authentication or db selection failed: that connection closes and is tried again after the backoff.
