@@ -202,13 +202,17 @@ class RelayRequest(server.Request):
     own_headers = None
     _received = 0
     _refused = False
-    #: The body limit and the error that answers a body over it (set once the head is in).
+    #: ``Router.routed`` of this request, the body limit and the error that answers a body over it (set once the
+    #: head is in).
+    routed = None
     _limit = None
     _over = None
 
     def gotLength(self, length):
+        router = self.channel.site.resource
         # The request target is only the channel's until the whole request is in.
-        self._limit, self._over = self.channel.site.resource.body_limit(self.channel._path, self.requestHeaders)
+        self.routed = router.routed(self.channel._path, self.requestHeaders)
+        self._limit, self._over = router.body_limit(self.routed)
         if length is not None and length > self._limit:
             self._refuse()
         else:
@@ -559,17 +563,30 @@ class Router(Resource):
             return "unencoded"
         return "none"
 
-    def body_limit(self, raw_path, headers):
+    def routed(self, target, headers):
         """
-        ``(limit, error)`` for a request whose head is ``raw_path`` and ``headers``: its body is refused with
-        ``error`` once over ``limit`` bytes, before it is read on. A body nothing will read (a request the inbound
-        role refuses for want of ``x-mte-relay``, or that no route takes) is refused at once, and a pair request
-        beyond ``MAX_PAIR_BODY``: else anyone could make the relay take in MAX_BODY_SIZE before refusing it.
+        ``(decoded path, route)`` of a request for ``target`` (its raw request target) with ``headers``, or the
+        ``RelayError`` that answers it when the target is not a path it takes. ``RelayRequest`` works it out once,
+        on the request's head, for ``body_limit`` and for dispatch.
         """
+        if not target.startswith(b"/"):
+            return RelayError(400, "the request target must be a path")
         try:
-            route = self._route(decoded_path(raw_path.partition(b"?")[0]), headers)
+            path = decoded_path(target.partition(b"?")[0])
         except RelayError as e:
-            return 0, e
+            return e
+        return path, self._route(path, headers)
+
+    def body_limit(self, routed):
+        """
+        ``(limit, error)`` for a request ``routed`` so: its body is refused with ``error`` once over ``limit``
+        bytes, before it is read on. A body nothing will read (a request the inbound role refuses for want of
+        ``x-mte-relay``, or that no route takes) is refused at once, and a pair request beyond ``MAX_PAIR_BODY``:
+        else anyone could make the relay take in MAX_BODY_SIZE before refusing it.
+        """
+        if isinstance(routed, RelayError):
+            return 0, routed
+        route = routed[1]
         if route == "pair":
             return MAX_PAIR_BODY, RelayError(413, f"a pair request is at most {MAX_PAIR_BODY} bytes")
         if route == "unencoded":
@@ -579,8 +596,11 @@ class Router(Resource):
         return self._settings.max_body_size, RelayError(413)
 
     def _dispatch(self, request):
-        path = self._path(request)
-        route = self._route(path, request.requestHeaders)
+        # Worked out on the request's head (a unit test's DummyRequest has none).
+        routed = getattr(request, "routed", None) or self.routed(request.uri, request.requestHeaders)
+        if isinstance(routed, RelayError):
+            raise routed
+        path, route = routed
         if route == "echo":
             message = path[len(ECHO) + 1 :]
             return _json(request, 200, {"echo": message or True, "time": int(self._clock.seconds() * 1000)})
@@ -594,11 +614,6 @@ class Router(Resource):
         if route == "none":
             raise RelayError(404)
         return self._handle(self._inbound, request)
-
-    def _path(self, request):
-        if not request.uri.startswith(b"/"):
-            raise RelayError(400, "the request target must be a path")
-        return decoded_path(request.path)
 
     def _check_outbound_token(self, request):
         # Exactly one token: with several, which one a later hop would read is anyone's guess.
