@@ -60,13 +60,18 @@ def _seed(label):
     return hashlib.sha256(b"mterelay vector " + label.encode("ascii")).digest()
 
 
-def _exchange(inputs, client_state, relay_state, counter):
-    """One request/response, as a client and relay would send them."""
+def _next_keys(client_state, relay_state, counter):
+    """Both sides' keys of the next message: (client state, creq, cresp, relay state, rreq, rresp)."""
     if client_state.encode_type == "MKE":
         client_state, creq, cresp = client_state.keys_for(counter)
     else:
         client_state, creq, cresp = client_state.advance()
-    relay_state, rreq, rresp = relay_state.keys_for(creq.counter)
+    return (client_state, creq, cresp, *relay_state.keys_for(creq.counter))
+
+
+def _exchange(inputs, client_state, relay_state, counter):
+    """One request/response, as a client and relay would send them."""
+    client_state, creq, cresp, relay_state, rreq, rresp = _next_keys(client_state, relay_state, counter)
     header = RelayHeader(client_state.client_id, client_state.pair_id, client_state.encode_type, creq.counter,
                          url=True, headers=True, body=True)
     response_header = attrs.evolve(header, url=False)
@@ -103,11 +108,7 @@ def _edge_exchange(inputs, client_state, relay_state, counter):
     A third message that covers what the first two do not: a visible URL (bound as the target), an empty header
     block, no request body, and a bodiless response (flags 0 for body).
     """
-    if client_state.encode_type == "MKE":
-        client_state, creq, cresp = client_state.keys_for(counter)
-    else:
-        client_state, creq, cresp = client_state.advance()
-    relay_state, rreq, rresp = relay_state.keys_for(creq.counter)
+    client_state, creq, cresp, relay_state, rreq, rresp = _next_keys(client_state, relay_state, counter)
     header = RelayHeader(client_state.client_id, client_state.pair_id, client_state.encode_type, creq.counter,
                          url=False, headers=True, body=False)
     response_header = header

@@ -356,16 +356,22 @@ class _Tamperer(WireRecorder):
         return data.replace(self.old, self.new) if direction == "<" else data
 
 
+async def _chain_through_tamperer(case, old, new):
+    """Relays A and B with a ``_Tamperer`` between them replacing ``old`` by ``new`` in B's answers: (A's URL, peer)."""
+    upstream = await case.start_upstream()
+    b_url, _, _ = await case.start_relay(upstream.url)
+    tamperer = _Tamperer("127.0.0.1", int(b_url.rsplit(":", 1)[1]), old, new)
+    peer = f"http://127.0.0.1:{await serve(case, tamperer)}"
+    a_url, _, _ = await case.start_relay(upstream.url, outbound_token=TOKEN, allowed_peers=(peer,))
+    return a_url, peer
+
+
 class RewrittenPhraseTests(RelayHarness, TestCase):
     def test_phrase_rewritten_between_the_relays_is_not_passed_on(self):
         """A reason phrase rewritten between the relays (it is not sealed) does not reach the application."""
 
         async def run():
-            upstream = await self.start_upstream()
-            b_url, _, _ = await self.start_relay(upstream.url)
-            tamperer = _Tamperer("127.0.0.1", int(b_url.rsplit(":", 1)[1]), b" 200 OK\r\n", b" 200 Hi\r\n")
-            peer = f"http://127.0.0.1:{await serve(self, tamperer)}"
-            a_url, _, _ = await self.start_relay(upstream.url, outbound_token=TOKEN, allowed_peers=(peer,))
+            a_url, peer = await _chain_through_tamperer(self, b" 200 OK\r\n", b" 200 Hi\r\n")
             response = await agent(self).request(
                 b"GET",
                 (a_url + "/echo/x").encode(),
@@ -383,11 +389,7 @@ class ImpossibleLengthTests(RelayHarness, TestCase):
         none of the upstream's headers, rather than streamed."""
 
         async def run():
-            upstream = await self.start_upstream()
-            b_url, _, _ = await self.start_relay(upstream.url)
-            tamperer = _Tamperer("127.0.0.1", int(b_url.rsplit(":", 1)[1]), b"Length: 1040\r\n", b"Length:   15\r\n")
-            peer = f"http://127.0.0.1:{await serve(self, tamperer)}"
-            a_url, _, _ = await self.start_relay(upstream.url, outbound_token=TOKEN, allowed_peers=(peer,))
+            a_url, peer = await _chain_through_tamperer(self, b"Length: 1040\r\n", b"Length:   15\r\n")
             response = await HTTPClient(agent(self)).get(
                 a_url + "/bytes/1024", headers={"x-mte-outbound-token": TOKEN, "x-mte-upstream": peer}
             )
