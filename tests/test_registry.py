@@ -363,6 +363,19 @@ class MemoryRegistryTests(SynchronousTestCase):
             self.failureResultOf(r.create_pair(pair(client_id="e")), PairLimitExceeded)
         self.assertEqual(len(looked_at), 2)
 
+    def test_clock_going_back_keeps_expiry_exact(self):
+        """After the clock went back, a pair used since expires (and makes room at the relay-wide limit) at its new,
+        earlier expiry, not at the later one it had been queued with."""
+        clock = Clock()
+        clock.advance(100)
+        r = MemoryRegistry(clock, pair_ttl=10, max_pairs_total=1)
+        self.successResultOf(r.create_pair(pair()))  # queued to expire at 110
+        clock.rightNow = 50  # the wall clock was stepped back
+        self.successResultOf(r.get_pair("client-a", "pair-1"))  # now expires at 60
+        clock.advance(11)
+        self.failureResultOf(r.get_pair("client-a", "pair-1"), UnknownPair)
+        self.successResultOf(r.create_pair(pair(client_id="b")))
+
     def test_expiry_heap_bounded(self):
         """Pairs deleted or replaced leave at most as many entries in the expiry heap as there are pairs."""
         r = MemoryRegistry(Clock())

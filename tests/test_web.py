@@ -317,10 +317,14 @@ class DrainingServiceTests(SynchronousTestCase):
         self.assertEqual(stopped, ["first"])
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
 
-    def _stop_with_open_connection(self):
-        """Stop with one idle kept-alive connection open and the one request answered: (stopping, transport)."""
+    def _stop_with_open_connection(self, answered_after=0):
+        """
+        Stop with one idle kept-alive connection open, the one request answered ``answered_after`` seconds into the
+        drain: (channel, stopping).
+        """
         channel, transport = connect_channel(self.site, self.clock)
         stopping = self.service.stopService()
+        self.clock.advance(answered_after)
         self.request.finish()
         self.assertTrue(transport.disconnecting)
         return channel, stopping
@@ -335,9 +339,12 @@ class DrainingServiceTests(SynchronousTestCase):
         self.assertEqual(self.closed, [True])
 
     def test_wait_for_connections_bounded_by_drain_timeout(self):
-        """A connection that does not close (a client reading nothing) delays stopping by DRAIN_TIMEOUT only."""
-        _, stopping = self._stop_with_open_connection()
-        self.clock.advance(10)
+        """A connection that does not close (a client reading nothing) after the last request was answered late in
+        the drain delays stopping to DRAIN_TIMEOUT after the drain began, not beyond."""
+        _, stopping = self._stop_with_open_connection(answered_after=9.5)
+        self.clock.advance(0.4)
+        self.assertNoResult(stopping)
+        self.clock.advance(0.1)
         self.successResultOf(stopping)
         self.assertEqual(self.closed, [True])
 
@@ -366,7 +373,7 @@ class SiteDrainTests(SynchronousTestCase):
         """A request still arriving when the drain starts is answered, saying ``Connection: close``, and then the
         connection closes; a closed connection leaves the site's table."""
         _, channel, transport = channel_on_clock()
-        channel.dataReceived(b"POST /api/mte-echo/hi HTTP/1.1\r\nHost: a\r\nContent-Length: 20\r\n\r\n0123456789")
+        channel.dataReceived(b"POST /v1/hi HTTP/1.1\r\nHost: a\r\nx-mte-relay: 1\r\nContent-Length: 20\r\n\r\n0123456789")
         channel.site.drain()
         self.assertFalse(transport.disconnecting)
         channel.dataReceived(b"0123456789")
@@ -381,7 +388,9 @@ class SiteDrainTests(SynchronousTestCase):
 def channel_on_clock(**changes):
     """A relay channel on a ``StringTransport`` whose timers run on a ``Clock``: (clock, channel, transport)."""
     clock = Clock()
-    site = RelaySite(build_resource(settings(**changes), None, clock), settings(**changes), clock)
+    # Requests with x-mte-relay go to a stand-in inbound handler that answers at once, once their body is in.
+    resource = build_resource(settings(**changes), None, clock, inbound=Handler("inbound"))
+    site = RelaySite(resource, settings(**changes), clock)
     return (clock, *connect_channel(site, clock))
 
 
@@ -428,14 +437,32 @@ class EarlyRefusalTests(SynchronousTestCase):
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 413 "), transport.value())
 
     def test_body_nothing_reads_refused_on_its_head(self):
-        """A body for the inbound role without x-mte-relay is answered 569, and one outside MTE_ROUTES 404, as soon
-        as the head is in; the same requests' heads with the header (or on a pass-through route) are let through."""
-        head = b"POST /v1/x HTTP/1.1\r\nHost: a\r\nContent-Length: 100000000\r\n%s\r\n"
-        self.assert_refused(head % b"", 569)
-        self.assert_refused(head % b"", 404, mte_routes=("/v2/*",))
-        for extra, changes in ((b"x-mte-relay: 1\r\n", {}), (b"", {"pass_through_routes": ("/v1/*",)})):
+        """
+        A body nothing would read is refused as soon as the head is in: for the inbound role without x-mte-relay
+        (569, also under /api/mte-pair/), outside MTE_ROUTES (404), for the relay's own routes (413), for the
+        outbound role without its token (401). The same heads with what they lacked are let through.
+        """
+        head = b"POST %s HTTP/1.1\r\nHost: a\r\nContent-Length: 100000000\r\n%s\r\n"
+        token = b"x-mte-outbound-token: " + b"t" * 32 + b"\r\nx-mte-upstream: http://b\r\n"
+        outbound = {"outbound_token": "t" * 32}
+        for path, extra, code, changes in (
+            (b"/v1/x", b"", 569, {}),
+            (b"/api/mte-pair/x", b"", 569, {}),
+            (b"/v1/x", b"", 404, {"mte_routes": ("/v2/*",)}),
+            (b"/api/mte-echo/x", b"", 413, {}),
+            (b"/api/mte-errors", b"", 413, {}),
+            (b"/api/mte-relay", b"", 413, {}),
+            (b"/v1/x", token.replace(b"t" * 32, b"u" * 32), 401, outbound),
+            (b"/v1/x", token, 401, {}),
+        ):
+            self.assert_refused(head % (path, extra), code, **changes)
+        for path, extra, changes in (
+            (b"/v1/x", b"x-mte-relay: 1\r\n", {}),
+            (b"/v1/x", b"", {"pass_through_routes": ("/v1/*",)}),
+            (b"/v1/x", token, outbound),
+        ):
             _, channel, transport = channel_on_clock(**changes)
-            channel.dataReceived(head % extra)
+            channel.dataReceived(head % (path, extra))
             self.assertEqual(transport.value(), b"")
             self.assertFalse(transport.disconnecting)
 
@@ -475,7 +502,7 @@ class BodyTimeoutTests(SynchronousTestCase):
         """A body that stops arriving is answered 408 (and closed) after BODY_TIMEOUT, not dropped silently after
         the idle timeout."""
         clock, channel, transport = channel_on_clock()
-        channel.dataReceived(b"POST /api/mte-echo/hi HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n0123456789")
+        channel.dataReceived(b"POST /v1/hi HTTP/1.1\r\nHost: a\r\nx-mte-relay: 1\r\nContent-Length: 100\r\n\r\n0123456789")
         clock.advance(BODY_TIMEOUT - 1)
         self.assertEqual(transport.value(), b"")
         clock.advance(1)
@@ -485,7 +512,7 @@ class BodyTimeoutTests(SynchronousTestCase):
         """A chunked body trickling in below the minimum rate (each piece well within the idle timeout) runs out of
         time within a few periods."""
         clock, channel, transport = channel_on_clock()
-        channel.dataReceived(b"POST /api/mte-echo/hi HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+        channel.dataReceived(b"POST /v1/hi HTTP/1.1\r\nHost: a\r\nx-mte-relay: 1\r\nTransfer-Encoding: chunked\r\n\r\n")
         for second in range(3 * BODY_TIMEOUT):
             if transport.disconnecting:
                 break
@@ -497,7 +524,7 @@ class BodyTimeoutTests(SynchronousTestCase):
     def test_burst_buys_no_more_than_one_period(self):
         """A burst of body bytes followed by silence buys at most one more BODY_TIMEOUT, however large the burst."""
         clock, channel, transport = channel_on_clock()
-        channel.dataReceived(b"POST /api/mte-echo/hi HTTP/1.1\r\nHost: a\r\nContent-Length: 300000\r\n\r\n")
+        channel.dataReceived(b"POST /v1/hi HTTP/1.1\r\nHost: a\r\nx-mte-relay: 1\r\nContent-Length: 300000\r\n\r\n")
         channel.dataReceived(b"x" * 200000)
         clock.advance(BODY_TIMEOUT)
         clock.advance(BODY_TIMEOUT)
@@ -509,12 +536,12 @@ class BodyTimeoutTests(SynchronousTestCase):
         clock, channel, transport = channel_on_clock()
         seconds = 3 * BODY_TIMEOUT
         channel.dataReceived(
-            b"POST /api/mte-echo/hi HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % (seconds * BODY_MIN_RATE)
+            b"POST /v1/hi HTTP/1.1\r\nHost: a\r\nx-mte-relay: 1\r\nContent-Length: %d\r\n\r\n" % (seconds * BODY_MIN_RATE)
         )
         for _ in range(seconds):
             clock.advance(1)
             channel.dataReceived(b"x" * BODY_MIN_RATE)
-        self.assertIn(b'"echo":"hi"', transport.value())
+        self.assertIn(b"inbound", transport.value())
         clock.advance(2 * BODY_TIMEOUT)  # still within the idle timeout of a kept-alive connection
         self.assertFalse(transport.disconnecting)
         self.assertNotIn(b"408", transport.value())
@@ -523,7 +550,7 @@ class BodyTimeoutTests(SynchronousTestCase):
         """Body bytes that still arrive after the 408 (a TLS connection delivers them until the client acknowledges
         the close) complete nothing: the request is never processed and nothing more is written."""
         clock, channel, transport = channel_on_clock()
-        channel.dataReceived(b"POST /api/mte-echo/hi HTTP/1.1\r\nHost: a\r\nContent-Length: 20\r\n\r\n0123456789")
+        channel.dataReceived(b"POST /v1/hi HTTP/1.1\r\nHost: a\r\nx-mte-relay: 1\r\nContent-Length: 20\r\n\r\n0123456789")
         clock.advance(BODY_TIMEOUT)
         assert_408(self, transport)
         answered = transport.value()
@@ -534,7 +561,7 @@ class BodyTimeoutTests(SynchronousTestCase):
         """A client that half-closes mid-body loses its request with the connection; no 408 follows while the
         connection drains."""
         clock, channel, transport = channel_on_clock()
-        channel.dataReceived(b"POST /api/mte-echo/hi HTTP/1.1\r\nHost: a\r\nContent-Length: 20\r\n\r\n0123456789")
+        channel.dataReceived(b"POST /v1/hi HTTP/1.1\r\nHost: a\r\nx-mte-relay: 1\r\nContent-Length: 20\r\n\r\n0123456789")
         channel.readConnectionLost()
         clock.advance(BODY_TIMEOUT)
         self.assertEqual(transport.value(), b"")
@@ -543,7 +570,7 @@ class BodyTimeoutTests(SynchronousTestCase):
     def test_refused_body_answered_once(self):
         """A request refused on its head (413) gets that answer only: no 408 follows while its body never comes."""
         clock, channel, transport = channel_on_clock(max_body_size=10)
-        channel.dataReceived(b"POST /api/mte-echo/hi HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n")
+        channel.dataReceived(b"POST /v1/hi HTTP/1.1\r\nHost: a\r\nx-mte-relay: 1\r\nContent-Length: 100\r\n\r\n")
         clock.advance(2 * BODY_TIMEOUT)
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 413 "))
         self.assertEqual(transport.value().count(b"HTTP/1.1"), 1)

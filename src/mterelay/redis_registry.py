@@ -469,10 +469,12 @@ class RedisRegistry(Service):
                 )
 
         def unknown(failure):
-            # Managed services often refuse CONFIG.
+            # Managed services often refuse CONFIG. (A timeout's own message is only its arguments.)
+            timed_out = failure.check(defer.TimeoutError)
+            why = f"no answer within {self.timeout} s" if timed_out else failure.getErrorMessage()
             self.log.info(
                 "Could not read Redis's maxmemory-policy ({why}): it must be noeviction",
-                why=failure.getErrorMessage() or failure.type.__name__,
+                why=why or failure.type.__name__,
             )
 
         d.addCallbacks(checked, unknown)

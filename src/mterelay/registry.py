@@ -236,9 +236,9 @@ class MemoryRegistry(Service):
         self._slots = {}
         self._by_client = {}
         # A heap of (expiry hint, sequence, key, slot), one entry per slot, queued with the slot's expiry: use moves the
-        # expiry past the hint (on a clock that does not go back), so every expired pair's hint has passed. Deleted and
-        # replaced slots leave their entry behind until it is popped or the heap is rebuilt (when such entries
-        # outnumber the slots).
+        # expiry past the hint (a use after the clock went back queues the slot again), so every expired pair's hint
+        # has passed. Deleted, replaced and re-queued slots leave entries behind until they are popped or the heap is
+        # rebuilt (when such entries outnumber the slots).
         self._expiries = []
         self._sequence = itertools.count()
         self._sweep = task.LoopingCall(self.sweep)
@@ -291,7 +291,13 @@ class MemoryRegistry(Service):
         if slot is None or slot.expires <= now:
             raise UnknownPair()
         slot.last_used = now
-        slot.expires = now + self.pair_ttl
+        expires = now + self.pair_ttl
+        if expires < slot.expires:
+            # The clock went back: the slot's hint in the heap would now come after its expiry.
+            slot.expires = expires
+            self._queue(key, slot)
+        else:
+            slot.expires = expires
         return slot
 
     def create_pair(self, record):
@@ -317,9 +323,14 @@ class MemoryRegistry(Service):
                 raise PairLimitExceeded("too many pairs on this relay")
         slot = self._slots[key] = _Slot(record=record, expires=now + self.pair_ttl, last_used=record.last_used)
         self._by_client.setdefault(record.client_id, set()).add(record.pair_id)
+        self._queue(key, slot)
+
+    def _queue(self, key, slot):
+        """Put the slot's expiry in the heap."""
         heappush(self._expiries, self._entry(key, slot))
         if len(self._expiries) > 2 * len(self._slots):
-            # Rebuilt once the entries of deleted and replaced slots outnumber the slots: bounded, amortized O(1).
+            # Rebuilt once the entries of deleted, replaced and re-queued slots outnumber the slots: bounded,
+            # amortized O(1).
             self._expiries = [self._entry(*item) for item in self._slots.items()]
             heapify(self._expiries)
 

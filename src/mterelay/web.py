@@ -33,7 +33,8 @@ log = Logger()
 ECHO = "/api/mte-echo"
 ERRORS = "/api/mte-errors"
 PAIR_PATH = "/api/mte-pair"
-INBOUND_PATHS = ("/api/mte-relay", PAIR_PATH)
+HELLO_PATH = "/api/mte-relay"
+INBOUND_PATHS = (HELLO_PATH, PAIR_PATH)
 #: The largest pair request body (JSON with up to a few dozen public keys).
 MAX_PAIR_BODY = 64 * 1024
 #: An origin-form request target (RFC 9112 3.2.1) of RFC 3986 characters: what an encoded URL may hold, since
@@ -67,13 +68,17 @@ def compile_routes(patterns):
     return re.compile(f"(?:{alternatives})")
 
 
-def is_outbound(request):
+def names_outbound(headers):
     """
-    Whether ``request`` is for the outbound role: it carries the outbound token or names a peer relay (a request
-    naming a peer without the token is refused with 401, not taken for an inbound or pass-through one).
+    Whether a request with ``headers`` is for the outbound role: it carries the outbound token or names a peer relay
+    (a request naming a peer without the token is refused with 401, not taken for an inbound or pass-through one).
     """
-    headers = request.requestHeaders
     return headers.hasHeader(OUTBOUND_TOKEN_HEADER) or headers.hasHeader(UPSTREAM_HEADER)
+
+
+def is_outbound(request):
+    """Whether ``request`` is for the outbound role (``names_outbound``)."""
+    return names_outbound(request.requestHeaders)
 
 
 def _json(request, code, payload, phrase=None):
@@ -106,7 +111,7 @@ class InFlight:
     """Counts requests being answered so that stopping can wait for them, up to a bound."""
 
     def __init__(self, clock):
-        self._clock = clock
+        self.clock = clock
         self._count = 0
         self._idle = []
 
@@ -130,7 +135,7 @@ class InFlight:
             return succeed(True)
         waiting = Deferred()
         self._idle.append(waiting)
-        waiting.addTimeout(timeout, self._clock, onTimeoutCancel=lambda *_: False)
+        waiting.addTimeout(timeout, self.clock, onTimeoutCancel=lambda *_: False)
         return waiting
 
 
@@ -150,7 +155,11 @@ class DrainingService(MultiService):
     def stopService(self):
         stopping = super().stopService()
 
+        clock = self._tracker.clock
+        deadline = []
+
         def drain(_):
+            deadline.append(clock.seconds() + self._drain_timeout)
             if self._site is not None:
                 self._site.drain()
             log.info("draining {count} in-flight requests", count=len(self._tracker))
@@ -158,10 +167,10 @@ class DrainingService(MultiService):
 
         def flushed(complete):
             # Every request is answered, but its last bytes may still wait in a connection's buffer: the drained
-            # connections close once they sent them (a client that reads nothing gets the drain timeout again).
+            # connections close once they sent them, within what is left of DRAIN_TIMEOUT.
             if not complete or self._site is None:
                 return complete
-            return self._site.closed(self._drain_timeout)
+            return self._site.closed(max(0, deadline[0] - clock.seconds()))
 
         def drained(complete):
             if not complete:
@@ -212,7 +221,7 @@ class RelayRequest(server.Request):
         router = self.channel.site.resource
         # The request target is only the channel's until the whole request is in.
         self.routed = router.routed(self.channel._path, self.requestHeaders)
-        self._limit, self._over = router.body_limit(self.routed)
+        self._limit, self._over = router.body_limit(self.routed, self.requestHeaders)
         if length is not None and length > self._limit:
             self._refuse()
         else:
@@ -342,9 +351,8 @@ class RelayChannel(http.HTTPChannel):
         self._closing = True
         self._stop_timers()
         body = error.body()
-        # The phrase twisted.web would give the code, as on the relay's other answers.
-        phrase = http.RESPONSES.get(error.code, b"Unknown Status")
-        head = [b"HTTP/1.1 %d %s" % (error.code, phrase), b"Content-Type: application/json"]
+        # The error's name as its phrase, as on the relay's other error answers (error_response).
+        head = [b"HTTP/1.1 %d %s" % (error.code, error.entry.name.encode("ascii")), b"Content-Type: application/json"]
         head += [b"Connection: close", b"Content-Length: %d" % (len(body),)]
         head += [b"%s: %s" % (n.encode("latin-1"), v.encode("latin-1")) for n, v in self.site.headers]
         self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
@@ -548,15 +556,17 @@ class Router(Resource):
             return "echo"
         if path == ERRORS:
             return "errors"
-        if headers.hasHeader(OUTBOUND_TOKEN_HEADER) or headers.hasHeader(UPSTREAM_HEADER):
+        if names_outbound(headers):
             return "outbound"
         if path == PAIR_PATH:
             return "pair"
-        if any(path == p or path.startswith(p + "/") for p in INBOUND_PATHS):
-            return "inbound"
+        if path == HELLO_PATH:
+            return "hello"
         if headers.hasHeader(RELAY_HEADER):
             # An encoded message: its path may be encoded too, so the inbound role checks MTE_ROUTES once decoded.
             return "inbound"
+        if any(path.startswith(p + "/") for p in INBOUND_PATHS):
+            return "unencoded"
         if self._pass_through is not None and self._pass_through.fullmatch(path):
             return "proxy"
         if self._mte_routes is None or self._mte_routes.fullmatch(path):
@@ -577,16 +587,21 @@ class Router(Resource):
             return e
         return path, self._route(path, headers)
 
-    def body_limit(self, routed):
+    def body_limit(self, routed, headers):
         """
-        ``(limit, error)`` for a request ``routed`` so: its body is refused with ``error`` once over ``limit``
-        bytes, before it is read on. A body nothing will read (a request the inbound role refuses for want of
-        ``x-mte-relay``, or that no route takes) is refused at once, and a pair request beyond ``MAX_PAIR_BODY``:
-        else anyone could make the relay take in MAX_BODY_SIZE before refusing it.
+        ``(limit, error)`` for a request ``routed`` so, with ``headers``: its body is refused with ``error`` once
+        over ``limit`` bytes, before it is read on. A body nothing will read (the relay's own routes', a request
+        the inbound role refuses for want of ``x-mte-relay``, one without the outbound token, one that no route
+        takes) is refused at once, and a pair request beyond ``MAX_PAIR_BODY``: else anyone could make the relay
+        take in MAX_BODY_SIZE before refusing it.
         """
         if isinstance(routed, RelayError):
             return 0, routed
         route = routed[1]
+        if route in ("echo", "errors", "hello"):
+            return 0, RelayError(413, "this route takes no body")
+        if route == "outbound" and not self._token_ok(headers):
+            return 0, RelayError(401)
         if route == "pair":
             return MAX_PAIR_BODY, RelayError(413, f"a pair request is at most {MAX_PAIR_BODY} bytes")
         if route == "unencoded":
@@ -615,10 +630,14 @@ class Router(Resource):
             raise RelayError(404)
         return self._handle(self._inbound, request)
 
-    def _check_outbound_token(self, request):
+    def _token_ok(self, headers):
         # Exactly one token: with several, which one a later hop would read is anyone's guess.
-        given = request.requestHeaders.getRawHeaders(OUTBOUND_TOKEN_HEADER, [])
-        if self._outbound_token is None or len(given) != 1 or not hmac.compare_digest(given[0], self._outbound_token):
+        given = headers.getRawHeaders(OUTBOUND_TOKEN_HEADER, [])
+        token = self._outbound_token
+        return token is not None and len(given) == 1 and hmac.compare_digest(given[0], token)
+
+    def _check_outbound_token(self, request):
+        if not self._token_ok(request.requestHeaders):
             raise RelayError(401)
 
     def _handle(self, handler, request):
