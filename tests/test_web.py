@@ -16,6 +16,7 @@ from mterelay.web import (
     BODY_TIMEOUT,
     HEAD_TIMEOUT,
     MAX_PAIR_BODY,
+    FLUSH_GRACE,
     DrainingService,
     InFlight,
     RelaySite,
@@ -26,6 +27,10 @@ from mterelay.web import (
 )
 
 SECRET = "s" * 40
+#: The head of an encoded POST with a body (up to its framing header), for the stand-in inbound handler.
+ENCODED_POST = (
+    b"POST /v1/hi HTTP/1.1\r\nHost: a\r\nx-mte-relay: 1,AAECAwQFBgcICQoLDA0ODw,pair-0001-vector,MKE,0,0,1,1,0\r\n"
+)
 
 
 class Handler:
@@ -317,14 +322,15 @@ class DrainingServiceTests(SynchronousTestCase):
         self.assertEqual(stopped, ["first"])
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
 
-    def _stop_with_open_connection(self, answered_after=0):
+    def _stop_with_open_connection(self, answered_after=0, clock_back=0):
         """
         Stop with one idle kept-alive connection open, the one request answered ``answered_after`` seconds into the
-        drain: (channel, stopping).
+        drain, just after the clock was set back by ``clock_back`` seconds: (channel, stopping).
         """
         channel, transport = connect_channel(self.site, self.clock)
         stopping = self.service.stopService()
         self.clock.advance(answered_after)
+        self.clock.rightNow -= clock_back
         self.request.finish()
         self.assertTrue(transport.disconnecting)
         return channel, stopping
@@ -338,15 +344,28 @@ class DrainingServiceTests(SynchronousTestCase):
         self.successResultOf(stopping)
         self.assertEqual(self.closed, [True])
 
-    def test_wait_for_connections_bounded_by_drain_timeout(self):
-        """A connection that does not close (a client reading nothing) after the last request was answered late in
-        the drain delays stopping to DRAIN_TIMEOUT after the drain began, not beyond."""
-        _, stopping = self._stop_with_open_connection(answered_after=9.5)
-        self.clock.advance(0.4)
+    def assert_stops_after(self, answered_after, seconds, clock_back=0):
+        """With a connection that never closes, stopping ends ``seconds`` after the answer (``answered_after``)."""
+        _, stopping = self._stop_with_open_connection(answered_after, clock_back)
+        self.clock.advance(seconds - 0.01)
         self.assertNoResult(stopping)
-        self.clock.advance(0.1)
+        self.clock.advance(0.01)
         self.successResultOf(stopping)
         self.assertEqual(self.closed, [True])
+
+    def test_wait_for_connections_bounded_by_drain_timeout(self):
+        """A connection that does not close (a client reading nothing) delays stopping to DRAIN_TIMEOUT after the
+        drain began, not beyond."""
+        self.assert_stops_after(5, 5)
+
+    def test_clock_set_back_does_not_stretch_the_drain(self):
+        """A wall clock set back during the drain gives the connections DRAIN_TIMEOUT at most, not the hour it went
+        back (systemd would kill the relay first)."""
+        self.assert_stops_after(2, 10, clock_back=3600)
+
+    def test_last_answer_has_flush_grace(self):
+        """An answer finished just before DRAIN_TIMEOUT still has FLUSH_GRACE to go out, and no more."""
+        self.assert_stops_after(9.5, FLUSH_GRACE)
 
     def test_stop_bounded_by_drain_timeout(self):
         """A request that never finishes delays stopping by DRAIN_TIMEOUT only."""
@@ -373,7 +392,7 @@ class SiteDrainTests(SynchronousTestCase):
         """A request still arriving when the drain starts is answered, saying ``Connection: close``, and then the
         connection closes; a closed connection leaves the site's table."""
         _, channel, transport = channel_on_clock()
-        channel.dataReceived(b"POST /v1/hi HTTP/1.1\r\nHost: a\r\nx-mte-relay: 1\r\nContent-Length: 20\r\n\r\n0123456789")
+        channel.dataReceived(ENCODED_POST + b"Content-Length: 20\r\n\r\n0123456789")
         channel.site.drain()
         self.assertFalse(transport.disconnecting)
         channel.dataReceived(b"0123456789")
@@ -439,8 +458,9 @@ class EarlyRefusalTests(SynchronousTestCase):
     def test_body_nothing_reads_refused_on_its_head(self):
         """
         A body nothing would read is refused as soon as the head is in: for the inbound role without x-mte-relay
-        (569, also under /api/mte-pair/), outside MTE_ROUTES (404), for the relay's own routes (413), for the
-        outbound role without its token (401). The same heads with what they lacked are let through.
+        or with a malformed one (569, also under /api/mte-pair/), outside MTE_ROUTES (404, an encoded message's
+        visible path too), for the relay's own routes and CORS preflights (413), for the outbound role without its
+        token (401). The same heads with what they lacked are let through.
         """
         head = b"POST %s HTTP/1.1\r\nHost: a\r\nContent-Length: 100000000\r\n%s\r\n"
         token = b"x-mte-outbound-token: " + b"t" * 32 + b"\r\nx-mte-upstream: http://b\r\n"
@@ -454,10 +474,13 @@ class EarlyRefusalTests(SynchronousTestCase):
             (b"/api/mte-relay", b"", 413, {}),
             (b"/v1/x", token.replace(b"t" * 32, b"u" * 32), 401, outbound),
             (b"/v1/x", token, 401, {}),
+            (b"/v1/x", b"x-mte-relay: junk\r\n", 569, {}),
+            (b"/v1/x", ENCODED_POST.split(b"\r\n")[2] + b"\r\n", 404, {"mte_routes": ("/v2/*",)}),
+            (b"/v1/x", b"access-control-request-method: POST\r\n", 413, {"pass_through_routes": ("/v1/*",)}),
         ):
             self.assert_refused(head % (path, extra), code, **changes)
         for path, extra, changes in (
-            (b"/v1/x", b"x-mte-relay: 1\r\n", {}),
+            (b"/v1/x", b"x-mte-relay: 1,AAECAwQFBgcICQoLDA0ODw,pair-0001-vector,MKE,0,0,1,1,0\r\n", {}),
             (b"/v1/x", b"", {"pass_through_routes": ("/v1/*",)}),
             (b"/v1/x", token, outbound),
         ):
@@ -502,7 +525,7 @@ class BodyTimeoutTests(SynchronousTestCase):
         """A body that stops arriving is answered 408 (and closed) after BODY_TIMEOUT, not dropped silently after
         the idle timeout."""
         clock, channel, transport = channel_on_clock()
-        channel.dataReceived(b"POST /v1/hi HTTP/1.1\r\nHost: a\r\nx-mte-relay: 1\r\nContent-Length: 100\r\n\r\n0123456789")
+        channel.dataReceived(ENCODED_POST + b"Content-Length: 100\r\n\r\n0123456789")
         clock.advance(BODY_TIMEOUT - 1)
         self.assertEqual(transport.value(), b"")
         clock.advance(1)
@@ -512,7 +535,7 @@ class BodyTimeoutTests(SynchronousTestCase):
         """A chunked body trickling in below the minimum rate (each piece well within the idle timeout) runs out of
         time within a few periods."""
         clock, channel, transport = channel_on_clock()
-        channel.dataReceived(b"POST /v1/hi HTTP/1.1\r\nHost: a\r\nx-mte-relay: 1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        channel.dataReceived(ENCODED_POST + b"Transfer-Encoding: chunked\r\n\r\n")
         for second in range(3 * BODY_TIMEOUT):
             if transport.disconnecting:
                 break
@@ -524,7 +547,7 @@ class BodyTimeoutTests(SynchronousTestCase):
     def test_burst_buys_no_more_than_one_period(self):
         """A burst of body bytes followed by silence buys at most one more BODY_TIMEOUT, however large the burst."""
         clock, channel, transport = channel_on_clock()
-        channel.dataReceived(b"POST /v1/hi HTTP/1.1\r\nHost: a\r\nx-mte-relay: 1\r\nContent-Length: 300000\r\n\r\n")
+        channel.dataReceived(ENCODED_POST + b"Content-Length: 300000\r\n\r\n")
         channel.dataReceived(b"x" * 200000)
         clock.advance(BODY_TIMEOUT)
         clock.advance(BODY_TIMEOUT)
@@ -536,7 +559,7 @@ class BodyTimeoutTests(SynchronousTestCase):
         clock, channel, transport = channel_on_clock()
         seconds = 3 * BODY_TIMEOUT
         channel.dataReceived(
-            b"POST /v1/hi HTTP/1.1\r\nHost: a\r\nx-mte-relay: 1\r\nContent-Length: %d\r\n\r\n" % (seconds * BODY_MIN_RATE)
+            ENCODED_POST + b"Content-Length: %d\r\n\r\n" % (seconds * BODY_MIN_RATE)
         )
         for _ in range(seconds):
             clock.advance(1)
@@ -550,7 +573,7 @@ class BodyTimeoutTests(SynchronousTestCase):
         """Body bytes that still arrive after the 408 (a TLS connection delivers them until the client acknowledges
         the close) complete nothing: the request is never processed and nothing more is written."""
         clock, channel, transport = channel_on_clock()
-        channel.dataReceived(b"POST /v1/hi HTTP/1.1\r\nHost: a\r\nx-mte-relay: 1\r\nContent-Length: 20\r\n\r\n0123456789")
+        channel.dataReceived(ENCODED_POST + b"Content-Length: 20\r\n\r\n0123456789")
         clock.advance(BODY_TIMEOUT)
         assert_408(self, transport)
         answered = transport.value()
@@ -561,7 +584,7 @@ class BodyTimeoutTests(SynchronousTestCase):
         """A client that half-closes mid-body loses its request with the connection; no 408 follows while the
         connection drains."""
         clock, channel, transport = channel_on_clock()
-        channel.dataReceived(b"POST /v1/hi HTTP/1.1\r\nHost: a\r\nx-mte-relay: 1\r\nContent-Length: 20\r\n\r\n0123456789")
+        channel.dataReceived(ENCODED_POST + b"Content-Length: 20\r\n\r\n0123456789")
         channel.readConnectionLost()
         clock.advance(BODY_TIMEOUT)
         self.assertEqual(transport.value(), b"")
@@ -570,7 +593,7 @@ class BodyTimeoutTests(SynchronousTestCase):
     def test_refused_body_answered_once(self):
         """A request refused on its head (413) gets that answer only: no 408 follows while its body never comes."""
         clock, channel, transport = channel_on_clock(max_body_size=10)
-        channel.dataReceived(b"POST /v1/hi HTTP/1.1\r\nHost: a\r\nx-mte-relay: 1\r\nContent-Length: 100\r\n\r\n")
+        channel.dataReceived(ENCODED_POST + b"Content-Length: 100\r\n\r\n")
         clock.advance(2 * BODY_TIMEOUT)
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 413 "))
         self.assertEqual(transport.value().count(b"HTTP/1.1"), 1)

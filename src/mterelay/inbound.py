@@ -40,7 +40,7 @@ from mterelay.codec import (
 from mterelay.errors import RelayError
 from mterelay.registry import PairRecord
 from mterelay.upstream import filter_headers, forward, upstream_headers
-from mterelay.web import MAX_PAIR_BODY, ORIGIN_FORM, compile_routes, decoded_path, send_error
+from mterelay.web import HELLO_PATH, MAX_PAIR_BODY, ORIGIN_FORM, PAIR_PATH, compile_routes, decoded_path, send_error
 
 log = Logger()
 
@@ -89,10 +89,11 @@ class Inbound:
         self._upstream_base = settings.upstream.encode("ascii")
 
     def render(self, request):
-        path = request.path
-        if path == b"/api/mte-relay":
+        # The decoded path, as the router routes on (its body limit for /api/mte-pair is the pairing's).
+        path = decoded_path(request.path)
+        if path == HELLO_PATH:
             return self._hello(request)
-        if path == b"/api/mte-pair":
+        if path == PAIR_PATH:
             return self._async(request, self._pair)
         return self._async(request, self._relay)
 

@@ -24,7 +24,7 @@ from twisted.web.resource import Resource
 from zope.interface import implementer
 
 from mterelay import logs
-from mterelay.codec import CLIENT_ID_HEADER, ENCODED_HEADERS, IDENTITY_HEADER, RELAY_HEADER
+from mterelay.codec import CLIENT_ID_HEADER, ENCODED_HEADERS, IDENTITY_HEADER, RELAY_HEADER, CodecError, RelayHeader
 from mterelay.errors import RelayError, error_table
 from mterelay.upstream import forward, upstream_headers
 
@@ -139,6 +139,10 @@ class InFlight:
         return waiting
 
 
+#: Seconds the drained connections have at least to send the last answers, past DRAIN_TIMEOUT if need be.
+FLUSH_GRACE = 1.0
+
+
 class DrainingService(MultiService):
     """
     Stops listening first, then has ``site`` (a ``RelaySite``, when given) take no further request on its open
@@ -167,10 +171,13 @@ class DrainingService(MultiService):
 
         def flushed(complete):
             # Every request is answered, but its last bytes may still wait in a connection's buffer: the drained
-            # connections close once they sent them, within what is left of DRAIN_TIMEOUT.
+            # connections close once they sent them, within what is left of DRAIN_TIMEOUT but FLUSH_GRACE at least
+            # (an answer finished at the deadline still goes out), and never longer than DRAIN_TIMEOUT (the wall
+            # clock may have gone back).
             if not complete or self._site is None:
                 return complete
-            return self._site.closed(max(0, deadline[0] - clock.seconds()))
+            wait = min(self._drain_timeout, max(FLUSH_GRACE, deadline[0] - clock.seconds()))
+            return self._site.closed(wait)
 
         def drained(complete):
             if not complete:
@@ -597,8 +604,9 @@ class Router(Resource):
         """
         if isinstance(routed, RelayError):
             return 0, routed
-        route = routed[1]
-        if route in ("echo", "errors", "hello"):
+        path, route = routed
+        if route in ("echo", "errors", "hello") or headers.hasHeader(b"access-control-request-method"):
+            # (A CORS preflight is answered whatever its route.)
             return 0, RelayError(413, "this route takes no body")
         if route == "outbound" and not self._token_ok(headers):
             return 0, RelayError(401)
@@ -608,7 +616,22 @@ class Router(Resource):
             return 0, RelayError(569, "x-mte-relay header is missing")
         if route == "none":
             return 0, RelayError(404)
+        if route == "inbound":
+            refusal = self._inbound_refusal(path, headers)
+            if refusal is not None:
+                return 0, refusal
         return self._settings.max_body_size, RelayError(413)
+
+    def _inbound_refusal(self, path, headers):
+        """What the inbound role answers an encoded message from its head alone (a malformed ``x-mte-relay``, a
+        visible path outside MTE_ROUTES), before it would read its body; None when the head is fine."""
+        try:
+            header = RelayHeader.parse(headers.getRawHeaders(RELAY_HEADER)[-1])
+        except CodecError as e:
+            return e
+        if not header.url and self._mte_routes is not None and not self._mte_routes.fullmatch(path):
+            return RelayError(404)
+        return None
 
     def _dispatch(self, request):
         # Worked out on the request's head (a unit test's DummyRequest has none).
