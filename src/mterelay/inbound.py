@@ -40,7 +40,16 @@ from mterelay.codec import (
 from mterelay.errors import RelayError
 from mterelay.registry import PairRecord
 from mterelay.upstream import filter_headers, forward, upstream_headers
-from mterelay.web import HELLO_PATH, MAX_PAIR_BODY, ORIGIN_FORM, PAIR_PATH, compile_routes, decoded_path, send_error
+from mterelay.web import (
+    HELLO_PATH,
+    MAX_PAIR_BODY,
+    ORIGIN_FORM,
+    PAIR_PATH,
+    compile_routes,
+    decoded_path,
+    relay_header,
+    send_error,
+)
 
 log = Logger()
 
@@ -198,10 +207,7 @@ class Inbound:
 
     async def _relay(self, request, gone):
         """Open an encoded request completely, claim it in the registry, forward it upstream, and seal the answer."""
-        raw = request.getHeader(RELAY_HEADER)
-        if raw is None:
-            raise RelayError(569, "x-mte-relay header is missing")
-        header = RelayHeader.parse(raw)
+        header = relay_header(request)
         if self._verify_client(request).client_id != header.client_id:
             raise RelayError(566, "x-mte-client-id does not match x-mte-relay")
         registry = self._registry

@@ -24,7 +24,7 @@ from twisted.web.resource import Resource
 from zope.interface import implementer
 
 from mterelay import logs
-from mterelay.codec import CLIENT_ID_HEADER, ENCODED_HEADERS, IDENTITY_HEADER, RELAY_HEADER, CodecError, RelayHeader
+from mterelay.codec import CLIENT_ID_HEADER, ENCODED_HEADERS, IDENTITY_HEADER, RELAY_HEADER, RelayHeader
 from mterelay.errors import RelayError, error_table
 from mterelay.upstream import forward, upstream_headers
 
@@ -74,6 +74,20 @@ def names_outbound(headers):
     (a request naming a peer without the token is refused with 401, not taken for an inbound or pass-through one).
     """
     return headers.hasHeader(OUTBOUND_TOKEN_HEADER) or headers.hasHeader(UPSTREAM_HEADER)
+
+
+def relay_header(request):
+    """
+    ``request``'s ``x-mte-relay``, parsed (``CodecError`` when malformed, 569 when missing): as ``Router.routed``
+    parsed it on the head, or parsed here (a unit test's request has no head).
+    """
+    routed = getattr(request, "routed", None)
+    if isinstance(routed, tuple) and routed[2] is not None:
+        return routed[2]
+    raw = request.getHeader(RELAY_HEADER)
+    if raw is None:
+        raise RelayError(569, "x-mte-relay header is missing")
+    return RelayHeader.parse(raw)
 
 
 def is_outbound(request):
@@ -582,17 +596,20 @@ class Router(Resource):
 
     def routed(self, target, headers):
         """
-        ``(decoded path, route)`` of a request for ``target`` (its raw request target) with ``headers``, or the
-        ``RelayError`` that answers it when the target is not a path it takes. ``RelayRequest`` works it out once,
-        on the request's head, for ``body_limit`` and for dispatch.
+        ``(decoded path, route, x-mte-relay parsed)`` of a request for ``target`` (its raw request target) with
+        ``headers`` (the header only for the ``inbound`` route, else None), or the ``RelayError`` that answers it
+        when the target is not a path it takes or the header is malformed. ``RelayRequest`` works it out once, on
+        the request's head, for ``body_limit``, dispatch and the inbound role.
         """
         if not target.startswith(b"/"):
             return RelayError(400, "the request target must be a path")
         try:
             path = decoded_path(target.partition(b"?")[0])
+            route = self._route(path, headers)
+            header = RelayHeader.parse(headers.getRawHeaders(RELAY_HEADER)[-1]) if route == "inbound" else None
         except RelayError as e:
             return e
-        return path, self._route(path, headers)
+        return path, route, header
 
     def body_limit(self, routed, headers):
         """
@@ -604,7 +621,7 @@ class Router(Resource):
         """
         if isinstance(routed, RelayError):
             return 0, routed
-        path, route = routed
+        path, route, header = routed
         if route in ("echo", "errors", "hello") or headers.hasHeader(b"access-control-request-method"):
             # (A CORS preflight is answered whatever its route.)
             return 0, RelayError(413, "this route takes no body")
@@ -616,29 +633,18 @@ class Router(Resource):
             return 0, RelayError(569, "x-mte-relay header is missing")
         if route == "none":
             return 0, RelayError(404)
-        if route == "inbound":
-            refusal = self._inbound_refusal(path, headers)
-            if refusal is not None:
-                return 0, refusal
+        if route == "inbound" and not header.url and self._mte_routes is not None:
+            # An encoded message's visible path is checked as the inbound role would, before its body is read.
+            if not self._mte_routes.fullmatch(path):
+                return 0, RelayError(404)
         return self._settings.max_body_size, RelayError(413)
-
-    def _inbound_refusal(self, path, headers):
-        """What the inbound role answers an encoded message from its head alone (a malformed ``x-mte-relay``, a
-        visible path outside MTE_ROUTES), before it would read its body; None when the head is fine."""
-        try:
-            header = RelayHeader.parse(headers.getRawHeaders(RELAY_HEADER)[-1])
-        except CodecError as e:
-            return e
-        if not header.url and self._mte_routes is not None and not self._mte_routes.fullmatch(path):
-            return RelayError(404)
-        return None
 
     def _dispatch(self, request):
         # Worked out on the request's head (a unit test's DummyRequest has none).
         routed = getattr(request, "routed", None) or self.routed(request.uri, request.requestHeaders)
         if isinstance(routed, RelayError):
             raise routed
-        path, route = routed
+        path, route, _ = routed
         if route == "echo":
             message = path[len(ECHO) + 1 :]
             return _json(request, 200, {"echo": message or True, "time": int(self._clock.seconds() * 1000)})
