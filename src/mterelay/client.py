@@ -38,7 +38,7 @@ from twisted.web.client import (
     ResponseFailed,
     ResponseNeverReceived,
 )
-from twisted.web.http import RESPONSES, PotentialDataLoss
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 
 from mterelay.codec import (
@@ -61,7 +61,7 @@ from mterelay.codec import (
     response_binding,
 )
 from mterelay.errors import CODES, RelayError
-from mterelay.upstream import BoundedPool, IdleDeadline, RequestBodyProducer, filter_headers
+from mterelay.upstream import BoundedPool, IdleDeadline, RequestBodyProducer, filter_headers, standard_phrase
 
 log = Logger()
 
@@ -281,10 +281,6 @@ class _Pool:
 
 def _no_pair_in_time(result, timeout):
     raise RelayError(503, f"no MTE pair became free within {timeout} s")
-
-
-def _phrase(code):
-    return RESPONSES.get(code, b"")
 
 
 def _late(result, timeout):
@@ -641,7 +637,7 @@ class Client:
                 await self._read_off(response)
                 raise CounterRefused(563)
             code = response.code
-            return RelayResponse(code, _phrase(code), response.headers, response, None, relay_error=True)
+            return RelayResponse(code, standard_phrase(code), response.headers, response, None, relay_error=True)
         try:
             opened = self._open_response(response, method, relay, response_keys)
         except CodecError:
@@ -670,7 +666,7 @@ class Client:
         for name, value in opened:
             headers.addRawHeader(name, value)
         decoder = keys.body_decoder(binding) if has_body else None
-        return RelayResponse(response.code, _phrase(response.code), headers, response, decoder)
+        return RelayResponse(response.code, standard_phrase(response.code), headers, response, decoder)
 
 
 def _split_headers(pairs, encode_headers):

@@ -14,7 +14,7 @@ import json
 from twisted.internet import task
 from twisted.internet.defer import ensureDeferred
 from twisted.logger import Logger
-from twisted.web import http, server
+from twisted.web import server
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from mterelay.codec import (
@@ -39,7 +39,7 @@ from mterelay.codec import (
 )
 from mterelay.errors import RelayError
 from mterelay.registry import PairRecord
-from mterelay.upstream import filter_headers, forward, upstream_headers
+from mterelay.upstream import filter_headers, forward, standard_phrase, upstream_headers
 from mterelay.web import (
     HELLO_PATH,
     MAX_PAIR_BODY,
@@ -354,7 +354,7 @@ class Inbound:
         status = response.code
         # The upstream's reason phrase is free text outside the seal (it could carry data, and be rewritten on the
         # way): the sealed answer goes out with the standard phrase of its status.
-        response.phrase = http.RESPONSES.get(status, b"")
+        response.phrase = standard_phrase(status)
         has_body = request.method != b"HEAD" and status not in _NO_BODY and status >= 200
         end_to_end = filter_headers(response.headers)
         if header.headers:

@@ -291,13 +291,11 @@ class MemoryRegistry(Service):
         if slot is None or slot.expires <= now:
             raise UnknownPair()
         slot.last_used = now
-        expires = now + self.pair_ttl
-        if expires < slot.expires:
+        went_back = now + self.pair_ttl < slot.expires
+        slot.expires = now + self.pair_ttl
+        if went_back:
             # The clock went back: the slot's hint in the heap would now come after its expiry.
-            slot.expires = expires
             self._queue(key, slot)
-        else:
-            slot.expires = expires
         return slot
 
     def create_pair(self, record):

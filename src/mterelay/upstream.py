@@ -24,6 +24,7 @@ from twisted.web.client import (
     _HTTP11ClientFactory,
 )
 from twisted.web.error import SchemeNotSupported
+from twisted.web.http import RESPONSES
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer
 from zope.interface import Interface, implementer
@@ -247,6 +248,12 @@ class IdleDeadline:
 
         self._call = self._clock.callLater(self._seconds, expire)
         return d.addBoth(settle)
+
+
+def standard_phrase(code):
+    """The standard reason phrase of ``code`` (empty for an unknown one): what a sealed answer carries, since a
+    phrase is free text that nothing authenticates."""
+    return RESPONSES.get(code, b"")
 
 
 def _feed(transform, data):

@@ -90,11 +90,6 @@ def relay_header(request):
     return RelayHeader.parse(raw)
 
 
-def is_outbound(request):
-    """Whether ``request`` is for the outbound role (``names_outbound``)."""
-    return names_outbound(request.requestHeaders)
-
-
 def _json(request, code, payload, phrase=None):
     body = payload if isinstance(payload, bytes) else json.dumps(payload, separators=(",", ":")).encode("utf-8")
     request.setResponseCode(code, phrase)
@@ -440,7 +435,6 @@ class RelaySite(server.Site):
         super().__init__(
             resource, parsePOSTFormSubmission=False, timeout=max(CLIENT_IDLE_TIMEOUT, settings.upstream_timeout)
         )
-        self.max_body_size = settings.max_body_size
         self.head_timeout = HEAD_TIMEOUT
         self.body_timeout = BODY_TIMEOUT
         self.body_min_rate = BODY_MIN_RATE
@@ -485,7 +479,7 @@ class RelaySite(server.Site):
         if request.code < 400 and not self.debug:
             return
         # An outbound request's path is what the application asked the relay to protect: it is not logged.
-        outbound = is_outbound(request)
+        outbound = names_outbound(request.requestHeaders)
         log.emit(
             LogLevel.info if request.code >= 400 else LogLevel.debug,
             "{method} {path} {code} {sent}B" + (" request_id={request_id}" if request.request_id else ""),
