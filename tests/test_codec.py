@@ -6,7 +6,7 @@ import tracemalloc
 
 import attrs
 from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, generate_private_key
-from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+from cryptography.hazmat.primitives.serialization import BestAvailableEncryption, Encoding, NoEncryption, PrivateFormat
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
@@ -168,6 +168,14 @@ class IdentityTests(SynchronousTestCase):
         """A PEM holding a non-Ed25519 key is refused."""
         pem = generate_private_key(SECP256R1()).private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
         self.assertRaises(ValueError, RelayIdentity.from_pem, pem)
+
+    def test_encrypted_key_refused(self):
+        """An Ed25519 PEM encrypted with a password is a ValueError saying so (the relay cannot ask for one), not the
+        TypeError cryptography raises, which the relay's configuration check would let through as a traceback."""
+        pem = IDENTITY._key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, BestAvailableEncryption(b"pw"))
+        with self.assertRaises(ValueError) as caught:
+            RelayIdentity.from_pem(pem)
+        self.assertIn("encrypted", str(caught.exception))
 
     def test_repr_shows_no_secret(self):
         """The repr holds neither the PEM nor the raw private key."""

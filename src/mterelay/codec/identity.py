@@ -54,7 +54,11 @@ class RelayIdentity:
     @classmethod
     def from_pem(cls, data):
         """Load an unencrypted PKCS#8 PEM Ed25519 key; anything else raises ``ValueError``."""
-        key = serialization.load_pem_private_key(data, password=None)
+        try:
+            key = serialization.load_pem_private_key(data, password=None)
+        except TypeError:
+            # cryptography's answer to a key encrypted with a password: twistd has no way to ask for one.
+            raise ValueError("the key is encrypted; store it unencrypted with file mode 0600") from None
         if not isinstance(key, Ed25519PrivateKey):
             raise ValueError("the relay identity must be an Ed25519 key")
         return cls(key)
