@@ -420,6 +420,103 @@ class BodyTests(CodeAssertions, SynchronousTestCase):
             self.assertCode(562, decoded_length, length, SMALL)
 
 
+def framed(keys, pieces, record_size=SMALL, binding=b""):
+    """The framed body of ``pieces`` (one ``feed`` each): the encoder's output items joined."""
+    encoder = keys.body_encoder(binding, record_size, framed=True)
+    return b"".join([item for piece in pieces for item in encoder.feed(piece)] + encoder.finish())
+
+
+def unframe(keys, data, chunks=1, record_size=SMALL, binding=b""):
+    """Decode a framed body fed in ``chunks`` roughly equal pieces."""
+    decoder = keys.body_decoder(binding, record_size, framed=True)
+    step = max(1, len(data) // chunks)
+    pieces = [piece for i in range(0, len(data), step) for piece in decoder.feed(data[i : i + step])]
+    return b"".join(pieces + decoder.finish())
+
+
+class FramedBodyTests(CodeAssertions, SynchronousTestCase):
+    """Framed body records: a response body with the streaming flag, released as it arrives."""
+
+    @fast
+    @given(st.lists(st.binary(max_size=3 * SMALL), max_size=6), st.integers(1, 9), st.sampled_from(["MKE", "MTE"]))
+    def test_round_trip_any_pieces_and_chunking(self, pieces, out_chunks, encode_type):
+        """Any sequence of feeds, framed and decoded in any chunking, comes back whole."""
+        _, _, _, cresp, _, rresp = message(*PAIRS[encode_type])
+        self.assertEqual(unframe(cresp, framed(rresp, pieces), out_chunks), b"".join(pieces))
+
+    def test_each_feed_goes_out_at_once(self):
+        """
+        Every feed is sealed at once however small (an event stream is never held back for a full record), cut in
+        records of at most the record size; the decoder releases each record as soon as its frame is complete.
+        """
+        _, _, _, cresp, _, rresp = message(*PAIRS["MKE"])
+        encoder = rresp.body_encoder(b"", SMALL, framed=True)
+        decoder = cresp.body_decoder(b"", SMALL, framed=True)
+        for piece in (b"data: 1\n\n", b"x", os.urandom(2 * SMALL + 1)):
+            sealed = b"".join(encoder.feed(piece))
+            self.assertEqual(len(sealed), len(piece) + 21 * -(-len(piece) // SMALL))
+            self.assertEqual(b"".join(decoder.feed(sealed[:-1])) + b"".join(decoder.feed(sealed[-1:])), piece)
+        self.assertEqual(encoder.feed(b""), [])
+        self.assertEqual(decoder.feed(b"".join(encoder.finish())), [b""])
+        self.assertEqual(decoder.finish(), [])
+
+    def test_every_bit_flip_rejected(self):
+        """Exhaustively, every bit flip of a framed body (frame heads included) fails with 562."""
+        _, _, _, cresp, _, rresp = message(*PAIRS["MTE"])
+        encoded = framed(rresp, [b"abc", bytes(range(SMALL + 3))])
+        for i in range(len(encoded) * 8):
+            flipped = bytearray(encoded)
+            flipped[i // 8] ^= 1 << (i % 8)
+            self.assertCode(562, unframe, cresp, bytes(flipped))
+
+    def test_truncated_and_extended_streams_rejected(self):
+        """Every proper prefix fails (at finish at the latest), and so does anything after the final record."""
+        _, _, _, cresp, _, rresp = message(*PAIRS["MKE"])
+        encoded = framed(rresp, [b"one", b"two", bytes(SMALL)])
+        for cut in range(len(encoded)):
+            self.assertCode(562, unframe, cresp, encoded[:cut])
+        for extra in (b"\x00", encoded[:21]):
+            self.assertCode(562, unframe, cresp, encoded + extra)
+
+    def test_reordered_dropped_foreign_and_fixed_records_rejected(self):
+        """
+        Swapped, dropped or duplicated frames, a frame of another message, and the same body in fixed records fail:
+        record index and final flag are in the nonce, the message in the key.
+        """
+        client, relay = pair()
+        _, _, _, cresp, _, rresp = message(client, relay, 1)
+        other = message(client, relay, 2)[5]
+        one, two = framed(rresp, [b"one"])[:-21], framed(rresp, [b"one", b"two"])[24:-21]
+        end = framed(rresp, [b"one", b"two"])[-21:]
+        foreign = framed(other, [b"one", b"two"])
+        for bad in (
+            two + one + end,
+            one + end,
+            one + one + two + end,
+            foreign[:24] + two + end,
+            encode_body(rresp, b"onetwo"),
+        ):
+            self.assertCode(562, unframe, cresp, bad)
+
+    def test_impossible_frame_heads_rejected_before_waiting(self):
+        """
+        A frame head with a final flag other than 0/1, a length beyond a record, or an empty non-final record is
+        refused as soon as its five bytes are in: the decoder never waits for (or holds) more than one record.
+        """
+        _, _, _, cresp, _, _ = message(*PAIRS["MKE"])
+        for head in (b"\x02\x00\x00\x00\x11", b"\x00\x00\x00\x00\x10", (SMALL + 17).to_bytes(5, "big"),
+                     b"\x01\x00\x00\x00\x0f", b"\x00\xff\xff\xff\xff"):
+            decoder = cresp.body_decoder(b"", SMALL, framed=True)
+            self.assertCode(562, decoder.feed, head)
+            self.assertCode(562, decoder.feed, b"")
+
+    def test_binding_mismatch_rejected(self):
+        """A framed body sealed for one response binding does not open under another."""
+        _, _, _, cresp, _, rresp = message(*PAIRS["MKE"])
+        encoded = framed(rresp, [b"hello"], binding=response_binding(200))
+        self.assertCode(562, unframe, cresp, encoded, binding=response_binding(201))
+
+
 class WindowTests(CodeAssertions, SynchronousTestCase):
     """MKE epochs and the receive window; MTE ordering; exhaustion."""
 

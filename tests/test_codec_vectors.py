@@ -53,6 +53,8 @@ INPUTS = {
     "edge_status": 204,
     "edge_response_headers": [["x-b", "3"]],
     "exact_body_length": 131072,
+    "streamed_status": 200,
+    "streamed_pieces": ["data: 1\n\n", "data: 2\n\n"],
 }
 
 
@@ -129,7 +131,23 @@ def _edge_exchange(inputs, client_state, relay_state, counter):
         "response_x-mte-relay": response_header.format(),
         "response_x-mte-relay-eh": b64encode(rheaders),
         "relay_state_after": b64encode(relay_state.to_bytes()),
-    }, client_state, relay_state, creq
+    }, client_state, relay_state, creq, (rresp, cresp)
+
+
+def _streamed_body(inputs, relay_keys, client_keys):
+    """
+    A framed response body: ``streamed_pieces`` each fed as they would arrive, sealed with ``relay_keys`` under the
+    binding of a ``streamed_status`` answer with the streaming flag; the client's keys must open it.
+    """
+    flags = (False, True, True, True)
+    binding = response_binding(inputs["streamed_status"], flags)
+    encoder = relay_keys.body_encoder(binding, framed=True)
+    pieces = [piece.encode("utf-8") for piece in inputs["streamed_pieces"]]
+    body = b"".join([item for piece in pieces for item in encoder.feed(piece)] + encoder.finish())
+    decoder = client_keys.body_decoder(binding, framed=True)
+    if b"".join(decoder.feed(body) + decoder.finish()) != b"".join(pieces):
+        raise AssertionError("the client does not open the streamed body")
+    return {"binding": binding.hex(), "body": body.hex()}
 
 
 def _sealed_body(keys, length):
@@ -182,10 +200,11 @@ def compute(inputs, ciphertexts=None):
             section["messages"].append(result)
         length, digest = _sealed_body(creq, inputs["long_body_length"])
         section["long_body_encoded_length"], section["long_body_encoded_sha256"] = length, digest
-        result, client, relay, creq = _edge_exchange(inputs, client, relay, counters[-1] + 1)
+        result, client, relay, creq, response_keys = _edge_exchange(inputs, client, relay, counters[-1] + 1)
         section["edge_message"] = result
         length, digest = _sealed_body(creq, inputs["exact_body_length"])
         section["exact_body_encoded_length"], section["exact_body_encoded_sha256"] = length, digest
+        section["streamed_body"] = _streamed_body(inputs, *response_keys)
         out[encode_type] = section
     return out
 

@@ -137,16 +137,48 @@ class MessageKeys:
         except InvalidTag:
             raise CodecError(DECODE_FAILED, f"{kind} item failed authentication") from None
 
-    def body_encoder(self, binding=b"", record_size=RECORD_SIZE):
-        """A streaming body encoder (``feed(bytes) -> [bytes]``, ``finish() -> [bytes]``)."""
-        return BodyEncoder(self, binding, record_size)
+    def body_encoder(self, binding=b"", record_size=RECORD_SIZE, framed=False):
+        """
+        A streaming body encoder (``feed(bytes) -> [bytes]``, ``finish() -> [bytes]``): fixed records, or framed
+        ones (``framed``: a response body with the streaming flag, see ``FramedEncoder``).
+        """
+        return (FramedEncoder if framed else BodyEncoder)(self, binding, record_size)
 
-    def body_decoder(self, binding=b"", record_size=RECORD_SIZE):
-        """A streaming body decoder (``feed(bytes) -> [bytes]``, ``finish() -> [bytes]``) that detects truncation."""
-        return BodyDecoder(self, binding, record_size)
+    def body_decoder(self, binding=b"", record_size=RECORD_SIZE, framed=False):
+        """
+        A streaming body decoder (``feed(bytes) -> [bytes]``, ``finish() -> [bytes]``) that detects truncation: fixed
+        records, or framed ones (``framed``, see ``FramedDecoder``).
+        """
+        return (FramedDecoder if framed else BodyDecoder)(self, binding, record_size)
 
 
-class _Records:
+class _Body:
+    """What every body transform has: its AEAD call (sealing or opening), the body's associated data, the index of
+    the next record, and whether the stream has ended (finished or failed)."""
+
+    __slots__ = ("_transform", "_ad", "_index", "_done")
+
+    #: Whether records are opened (a decoder) rather than sealed.
+    _OPENS = False
+
+    def __init__(self, keys, binding):
+        aead = keys._aead
+        # The AEAD's encrypt or decrypt: (nonce, data, associated data) -> bytes.
+        self._transform = aead.decrypt if self._OPENS else aead.encrypt
+        self._ad = keys._ad(_BODY, binding)
+        self._index = 0
+        self._done = False
+
+    def _check_open(self):
+        if self._done:
+            raise CodecError(DECODE_FAILED, "body stream already finished or failed")
+
+    def _failed(self, reason="body record failed authentication"):
+        self._done = True
+        return CodecError(DECODE_FAILED, reason)
+
+
+class _Records(_Body):
     """
     A streaming body transform: ``feed(bytes) -> [bytes]`` for every complete record so far, ``finish() -> [bytes]``
     for the final record. The encoder and the decoder differ only in their AEAD direction and record step, so one
@@ -157,36 +189,18 @@ class _Records:
     from the caller's buffer; only the rest that starts the next record is kept (see ``_hold``) and joined once.
     """
 
-    __slots__ = ("_transform", "_ad", "_step", "_pending", "_pending_size", "_index", "_done")
-
-    #: Whether records are opened (a decoder) rather than sealed.
-    _OPENS = False
+    __slots__ = ("_step", "_pending", "_pending_size")
 
     def __init__(self, keys, binding, record_size):
-        aead = keys._aead
-        # The AEAD's encrypt or decrypt: (nonce, data, associated data) -> bytes.
-        if self._OPENS:
-            self._transform, self._step = aead.decrypt, record_size + TAG_SIZE
-        else:
-            self._transform, self._step = aead.encrypt, record_size
-        self._ad = keys._ad(_BODY, binding)
+        super().__init__(keys, binding)
+        self._step = record_size + TAG_SIZE if self._OPENS else record_size
         self._pending = []
         self._pending_size = 0
-        self._index = 0
-        self._done = False
 
     @property
     def read_size(self):
         """The input size that makes exactly one record per ``feed`` (what a reader that can choose should read)."""
         return self._step
-
-    def _check_open(self):
-        if self._done:
-            raise CodecError(DECODE_FAILED, "body stream already finished or failed")
-
-    def _failed(self):
-        self._done = True
-        return CodecError(DECODE_FAILED, "body record failed authentication")
 
     def feed(self, data):
         """
@@ -299,3 +313,103 @@ class BodyDecoder(_Records):
     def output_length(self, m):
         """The plaintext size of an ``m``-byte encoded body, or ``CodecError(562)`` if none encodes to ``m``."""
         return decoded_length(m, self._step - TAG_SIZE)
+
+
+#: The frame head before each record of a framed body: ``u8(final) || u32(length of the sealed record)``.
+FRAME_HEAD = 5
+
+
+class _Framed(_Body):
+    """
+    A framed body (a response with the streaming flag): records of any size up to ``record_size``, each sent as
+    ``u8(final) || u32(len(sealed)) || sealed``, so that a record can go out as soon as its bytes arrived (server-sent
+    events, long polls). The frame head is not authenticated by itself: the final flag is in the nonce and the length
+    delimits the ciphertext, so a changed head makes the record fail.
+    """
+
+    __slots__ = ("_record_size",)
+
+    def __init__(self, keys, binding, record_size):
+        super().__init__(keys, binding)
+        self._record_size = record_size
+
+    def _apply(self, final, data):
+        index, self._index = self._index, self._index + 1
+        return self._transform(_BODY_NONCES[final] + index.to_bytes(8, "big"), data, self._ad)
+
+
+class FramedEncoder(_Framed):
+    """
+    Seals every ``feed`` at once, in records of at most ``record_size`` bytes (nothing waits for a full record), and
+    an empty final record at ``finish``. Output items alternate frame heads and sealed records.
+    """
+
+    __slots__ = ()
+
+    def feed(self, data):
+        self._check_open()
+        view = memoryview(data).cast("B")
+        out = []
+        for start in range(0, len(view), self._record_size):
+            sealed = self._apply(0, view[start : start + self._record_size])
+            out += (bytes((0,)) + len(sealed).to_bytes(4, "big"), sealed)
+        return out
+
+    def finish(self):
+        self._check_open()
+        self._done = True
+        sealed = self._apply(1, b"")
+        return [bytes((1,)) + len(sealed).to_bytes(4, "big"), sealed]
+
+
+class FramedDecoder(_Framed):
+    """
+    Opens each record as soon as its frame is complete and releases it at once: a framed body has no length for a
+    reader to count (it arrives chunked), so only the final record ends it, and a cut stream is broken off, never
+    ended. Refuses (562) a frame head of an impossible length, an empty non-final record, anything after the final
+    record, and a stream without one. Holds at most one incomplete frame.
+    """
+
+    __slots__ = ("_rest", "_ended")
+    _OPENS = True
+
+    def __init__(self, keys, binding, record_size):
+        super().__init__(keys, binding, record_size)
+        self._rest = b""
+        self._ended = False
+
+    def feed(self, data):
+        self._check_open()
+        if self._rest:
+            data, self._rest = self._rest + data, b""
+        view = memoryview(data).cast("B")
+        size = len(view)
+        out = []
+        pos = 0
+        try:
+            while pos < size:
+                if self._ended:
+                    raise self._failed("framed body: data after the final record")
+                if size - pos < FRAME_HEAD:
+                    break
+                final, length = view[pos], int.from_bytes(view[pos + 1 : pos + FRAME_HEAD], "big")
+                # A non-final record holds at least one byte: an empty one would only be a way to send nothing.
+                if final > 1 or not TAG_SIZE + 1 - final <= length <= self._record_size + TAG_SIZE:
+                    raise self._failed("framed body: impossible frame head")
+                end = pos + FRAME_HEAD + length
+                if end > size:
+                    break
+                out.append(self._apply(final, view[pos + FRAME_HEAD : end]))
+                self._ended = final == 1
+                pos = end
+        except InvalidTag:
+            raise self._failed() from None
+        self._rest = bytes(view[pos:])
+        return out
+
+    def finish(self):
+        self._check_open()
+        self._done = True
+        if not self._ended:
+            raise CodecError(DECODE_FAILED, "body truncated: no final record")
+        return []
