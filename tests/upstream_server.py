@@ -162,6 +162,13 @@ class _Upstream(Resource):
             # A body without Content-Type (twisted.web would label it text/html).
             request.defaultContentType = None
             return b"<b>not a page</b>"
+        elif route == "events":
+            # An event stream without Content-Length: its first event at once, the rest as the test writes them to
+            # ``streams`` (and finishes it).
+            request.setHeader(b"content-type", b"text/event-stream")
+            request.write(b"data: 0\n\n")
+            self._owner.streams.append(request)
+            return server.NOT_DONE_YET
         elif route == "stall":
             # Promise a body, send its first ``argument`` bytes, then nothing until the client gives up.
             request.setHeader(b"content-length", b"%d" % (int(argument) * 2,))
@@ -192,6 +199,8 @@ class UpstreamServer:
         self.received = []
         #: How many slow requests their client gave up on.
         self.abandoned = 0
+        #: The open ``/events`` answers, oldest first.
+        self.streams = []
         self.url = None
         self._port = None
 
