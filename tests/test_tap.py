@@ -61,6 +61,17 @@ class OptionsTests(SynchronousTestCase):
             (2, "mterelay: error: UPSTREAM (environment): not an http(s) URL: 'ftp://x'\n"),
         )
 
+    def test_unknown_option_exits_with_one_line(self):
+        """An unknown option, or a value given to a flag, exits with status 2 and one line (not twistd's usage text and
+        status 1)."""
+        for argv, message in (
+            (["--bogus"], "option --bogus not recognized"),
+            (["--debug=1"], "option --debug must not have an argument"),
+        ):
+            code, stderr = refuse(argv)
+            self.assertEqual(code, 2)
+            self.assertEqual(stderr, f"mterelay: error: {message} (twistd mterelay --help lists the options)\n")
+
     def test_bad_endpoint(self):
         """An endpoint string Twisted cannot parse is a configuration error naming its source, not a traceback."""
         path = os.path.abspath(self.mktemp())

@@ -49,6 +49,16 @@ class Options(usage.Options):
         self.identity = None
         self.warnings = []
 
+    def parseOptions(self, options=None):
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            # An unknown option or a flag given a value: one line and status 2, as for any invalid setting (twistd
+            # would print the whole usage text and exit 1, which systemd restarts).
+            self._stderr.write(f"mterelay: error: {e} (twistd mterelay --help lists the options)\n")
+            self._stderr.flush()
+            raise SystemExit(2)
+
     def opt_listen(self, endpoint):
         self["listen"].append(endpoint)
 
