@@ -134,18 +134,30 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertIs(listeners[0].factory, listeners[1].factory)
 
 
-    def test_taken_port_fails_the_start(self):
-        """A listening endpoint that cannot listen makes starting fail (twistd exits), rather than running portless."""
+    def test_cannot_listen_stops_the_start_with_one_line(self):
+        """
+        An endpoint that cannot listen stops twistd (rather than running portless) with one line: status 1 for a
+        port in use (systemd retries), 2 for a socket directory that does not exist (only the configuration helps).
+        """
         probe = socket.socket()
         self.addCleanup(probe.close)
         probe.bind(("127.0.0.1", 0))
         probe.listen()
-        stderr = io.StringIO()
-        options = tap.Options(environ=ENV, stderr=stderr)  # the real reactor: a real bind that fails
-        options.parseOptions(["--listen", f"tcp:{probe.getsockname()[1]}:interface=127.0.0.1"])
-        _, lifetime = list(tap.makeService(options))
-        _, relay = list(lifetime)
-        self.assertRaises(CannotListenError, relay.privilegedStartService)
+        taken = f"tcp:{probe.getsockname()[1]}:interface=127.0.0.1"
+        missing = f"unix:{os.path.abspath(self.mktemp())}/relay.sock"
+        for description, status, reason in ((taken, 1, "Address already in use"), (missing, 2, "No such file")):
+            stderr = io.StringIO()
+            options = tap.Options(environ=ENV, stderr=stderr)  # the real reactor: a real bind that fails
+            options.parseOptions(["--listen", description])
+            _, lifetime = list(tap.makeService(options))
+            _, relay = list(lifetime)
+            with self.assertRaises(SystemExit) as caught:
+                relay.privilegedStartService()
+            self.assertEqual(caught.exception.code, status)
+            line = stderr.getvalue()
+            self.assertTrue(line.startswith(f"mterelay: error: cannot listen on {description!r}: "), line)
+            self.assertIn(reason, line)
+            self.assertEqual(len(line.splitlines()), 1)
 
 
 class GCTuningTests(SynchronousTestCase):

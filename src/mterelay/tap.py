@@ -5,7 +5,6 @@ The twistd plugin's ``Options`` and ``makeService``: parse the settings once, th
 import os
 import sys
 
-from twisted.application import strports
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
@@ -42,7 +41,8 @@ class Options(usage.Options):
         super().__init__()
         self["listen"] = []
         self._environ = os.environ if environ is None else environ
-        self._stderr = sys.stderr if stderr is None else stderr
+        #: Where one-line errors go (also those of listening, once twistd starts the services).
+        self.stderr = sys.stderr if stderr is None else stderr
         self._reactor = reactor
         self._network = None
         self.settings = None
@@ -55,8 +55,8 @@ class Options(usage.Options):
         except usage.UsageError as e:
             # An unknown option or a flag given a value: one line and status 2, as for any invalid setting (twistd
             # would print the whole usage text and exit 1, which systemd restarts).
-            self._stderr.write(f"mterelay: error: {e} (twistd mterelay --help lists the options)\n")
-            self._stderr.flush()
+            self.stderr.write(f"mterelay: error: {e} (twistd mterelay --help lists the options)\n")
+            self.stderr.flush()
             raise SystemExit(2)
 
     def opt_listen(self, endpoint):
@@ -87,8 +87,8 @@ class Options(usage.Options):
             self.settings, warnings = config.load(flags, self._environ, self["config"], checks)
         except config.ConfigError as e:
             # twistd would print the whole usage text for a UsageError; the operator needs one line.
-            self._stderr.write(f"mterelay: error: {e}\n")
-            self._stderr.flush()
+            self.stderr.write(f"mterelay: error: {e}\n")
+            self.stderr.flush()
             raise SystemExit(2)
         if self.identity is None:
             self.identity = RelayIdentity.generate()  # config.load has warned about it
@@ -156,9 +156,7 @@ def makeService(options):
     relay_site = site.build_site(settings, reactor, agent, registry, options.identity, tracker)
     relay = web.DrainingService(tracker, settings.drain_timeout, pool.closeCachedConnections, relay_site)
     for description in settings.listen:
-        # strports services raise when they cannot listen, so twistd exits (and systemd restarts it) instead of
-        # running on without the port.
-        strports.service(description, relay_site, reactor=options.network).setServiceParent(relay)
+        web.ListeningService(description, relay_site, options.network, options.stderr).setServiceParent(relay)
     relay.setServiceParent(lifetime)
     log.info(
         "mterelay serving {listen} for upstream {upstream}",

@@ -10,13 +10,18 @@ inbound handler); else 404. A handler is an object with ``render(request)`` retu
 ``NOT_DONE_YET``; an absent handler answers 501.
 """
 
+import errno
 import hmac
 import json
 import re
+import sys
 from urllib.parse import unquote
 
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.logger import Logger, LogLevel
 from twisted.web import http, server
@@ -195,6 +200,30 @@ class DrainingService(MultiService):
                 return self._on_stopped()
 
         return stopping.addCallback(drain).addCallback(drained)
+
+
+class ListeningService(StreamServerEndpointService):
+    """
+    Listens on one endpoint (``description``) and, when it cannot, stops twistd with one line on ``stderr``: status 1
+    for an address in use (it may free up: systemd restarts the relay), 2 for anything else (an address that is not
+    this host's, a missing socket directory, a privileged port), which only the configuration can fix.
+    """
+
+    def __init__(self, description, factory, reactor, stderr=None):
+        super().__init__(serverFromString(reactor, description), factory)
+        # Raised on start, so that twistd never runs without one of its ports.
+        self._raiseSynchronously = True
+        self.description = description
+        self._stderr = sys.stderr if stderr is None else stderr
+
+    def privilegedStartService(self):
+        try:
+            super().privilegedStartService()
+        except (CannotListenError, OSError) as e:  # a unix: endpoint's lock file fails with a bare OSError
+            reason = getattr(e, "socketError", e)
+            self._stderr.write(f"mterelay: error: cannot listen on {self.description!r}: {reason}\n")
+            self._stderr.flush()
+            raise SystemExit(1 if getattr(reason, "errno", None) == errno.EADDRINUSE else 2) from None
 
 
 class StopInOrder(MultiService):
