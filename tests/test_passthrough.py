@@ -289,6 +289,58 @@ class FailureTests(PassThroughTestCase):
         self.fail("condition not reached in time")
 
 
+class MisbehavingUpstreamTests(PassThroughTestCase):
+    """Answers that Twisted's client takes in ways a relay must not pass on as they are, from a raw-socket upstream."""
+
+    @inlineCallbacks
+    def raw_relay(self, answers, **changes):
+        """A relay in front of a ``_RawAnswers`` upstream with ``answers``, every path passed through."""
+        port = reactor.listenTCP(0, Factory.forProtocol(lambda: _RawAnswers(answers)), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        upstream = f"http://127.0.0.1:{port.getHost().port}"
+        relay = yield self.relay(upstream=upstream, pass_through_routes=("/*",), **changes)
+        return relay
+
+    @inlineCallbacks
+    def test_headers_listed_in_connection_dropped(self):
+        """Headers that the upstream's Connection header names are this hop's (RFC 9110 7.6.1): none reaches the
+        client (Twisted's client keeps Connection out of the answer's headers, so nothing else would see them)."""
+        relay = yield self.raw_relay(
+            {
+                b"/x": b"HTTP/1.1 200 OK\r\nConnection: close, X-Hop-Secret\r\nConnection: x-other\r\n"
+                b"X-Hop-Secret: internal\r\nX-Other: o\r\nX-Kept: k\r\nContent-Length: 2\r\n\r\nok"
+            }
+        )
+        response = yield self.request(relay, "GET", "/x")
+        self.assertEqual((yield readBody(response)), b"ok")
+        self.assertEqual(response.headers.getRawHeaders(b"x-kept"), [b"k"])
+        for name in (b"x-hop-secret", b"x-other", b"connection"):
+            self.assertFalse(response.headers.hasHeader(name), name)
+
+
+class _RawAnswers(Protocol):
+    """
+    A misbehaving upstream: once a request's head arrived, writes the bytes ``answers`` has for its path as they
+    are, then closes the connection 0.1 s later.
+    """
+
+    def __init__(self, answers):
+        self._answers = answers
+        self._head = b""
+        self._close = None
+
+    def dataReceived(self, data):
+        self._head += data
+        if self._close is None and b"\r\n\r\n" in self._head:
+            path = self._head.split(b" ", 2)[1]
+            self.transport.write(self._answers[path])
+            self._close = reactor.callLater(0.1, self.transport.loseConnection)
+
+    def connectionLost(self, reason):
+        if self._close is not None and self._close.active():
+            self._close.cancel()
+
+
 class _BurstReader(Protocol):
     """
     An upstream that reads a request in bursts: after every MiB it stops reading for the next of ``pauses`` (popped

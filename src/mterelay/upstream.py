@@ -108,7 +108,19 @@ class _BoundedHeadProtocol(HTTP11ClientProtocol):
 
     def request(self, request):
         self._head_bytes = 0
-        return super().request(request)
+        pending = super().request(request)
+        return pending.addCallback(self._head_received, self._parser)
+
+    def _head_received(self, response, parser):
+        """
+        Give every consumer an answer's head as it was meant: Twisted's client keeps Connection among the connection
+        headers it never puts in ``response.headers``.
+        """
+        connection = parser.connHeaders
+        # RFC 9110 7.6.1: the names Connection lists are this hop's, never passed on.
+        for name in _listed(connection.getRawHeaders(b"connection", ())):
+            response.headers.removeHeader(name)
+        return response
 
     def dataReceived(self, data):
         parser = self._parser
