@@ -317,6 +317,37 @@ class MisbehavingUpstreamTests(PassThroughTestCase):
         for name in (b"x-hop-secret", b"x-other", b"connection"):
             self.assertFalse(response.headers.hasHeader(name), name)
 
+    @inlineCallbacks
+    def test_bodiless_answers_keep_the_upstreams_length_or_none(self):
+        """
+        A 304 carries the upstream's Content-Length (the length the 200 would have had, RFC 9110 8.6) or none, like
+        a HEAD answer; a 204 none: never a made-up 0.
+        """
+        relay = yield self.raw_relay(
+            {
+                b"/304-length": b'HTTP/1.1 304 Not Modified\r\nETag: "x"\r\nContent-Length: 1234\r\n\r\n',
+                b"/304": b'HTTP/1.1 304 Not Modified\r\nETag: "x"\r\n\r\n',
+                b"/204": b"HTTP/1.1 204 No Content\r\n\r\n",
+                b"/head": b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n",
+            }
+        )
+        port = int(relay.url.rsplit(":", 1)[1])
+        for method, path, status, lengths in (
+            (b"GET", b"/304-length", b"304", [b"1234"]),
+            (b"GET", b"/304", b"304", []),
+            (b"GET", b"/204", b"204", []),
+            (b"HEAD", b"/head", b"200", []),
+        ):
+            # Read raw: Twisted's client would hide a 304's Content-Length too.
+            answer = yield ensureDeferred(
+                raw_exchange(port, b"%s %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % (method, path))
+            )
+            head, _, body = answer.partition(b"\r\n\r\n")
+            lines = head.lower().split(b"\r\n")
+            self.assertEqual(lines[0].split(b" ")[1], status)
+            self.assertEqual([line[16:] for line in lines if line.startswith(b"content-length: ")], lengths, path)
+            self.assertEqual(body, b"")
+
 
 class _RawAnswers(Protocol):
     """

@@ -24,7 +24,7 @@ from twisted.web.client import (
     _HTTP11ClientFactory,
 )
 from twisted.web.error import SchemeNotSupported
-from twisted.web.http import RESPONSES
+from twisted.web.http import NO_BODY_CODES, RESPONSES
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer
 from zope.interface import Interface, implementer
@@ -113,10 +113,15 @@ class _BoundedHeadProtocol(HTTP11ClientProtocol):
 
     def _head_received(self, response, parser):
         """
-        Give every consumer an answer's head as it was meant: Twisted's client keeps Connection among the connection
-        headers it never puts in ``response.headers``.
+        Give every consumer an answer's head as it was meant: Twisted's client keeps Connection, and a 304's
+        Content-Length, among the connection headers it never puts in ``response.headers``.
         """
         connection = parser.connHeaders
+        if response.code == 304:
+            # RFC 9110 8.6: the length the 200 would have had (Twisted makes this exception only for HEAD).
+            length = connection.getRawHeaders(b"content-length")
+            if length:
+                response.headers.setRawHeaders(b"content-length", length[-1:])
         # RFC 9110 7.6.1: the names Connection lists are this hop's, never passed on.
         for name in _listed(connection.getRawHeaders(b"connection", ())):
             response.headers.removeHeader(name)
@@ -500,10 +505,12 @@ def copy_response_head(response, request, transform=None):
     request.setResponseCode(response.code, response.phrase)
     merge_end_to_end(response.headers, request.responseHeaders)
     given = response.headers.getRawHeaders(b"content-length")
+    # The agent gives an answer without body (HEAD, 204, 304) the length 0, which is no body's length.
+    bodiless = request.method == b"HEAD" or response.code in NO_BODY_CODES
     if transform is None and given:
         # Copied as given: for HEAD and 304 it describes a body that is not sent.
         request.responseHeaders.setRawHeaders(b"content-length", given[-1:])
-    elif response.length is not UNKNOWN_LENGTH:
+    elif response.length is not UNKNOWN_LENGTH and not bodiless:
         length = _output_length(transform, response.length)
         if length is not UNKNOWN_LENGTH:
             request.setHeader(b"content-length", b"%d" % (length,))
