@@ -11,7 +11,7 @@ from twisted.internet.defer import Deferred, ensureDeferred, inlineCallbacks
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
-from twisted.web.client import Agent, HTTPConnectionPool, readBody
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed, readBody
 from twisted.web.http_headers import Headers
 
 from mterelay.config import Settings
@@ -302,6 +302,26 @@ class MisbehavingUpstreamTests(PassThroughTestCase):
         return relay
 
     @inlineCallbacks
+    def test_close_delimited_body_ends_only_at_a_clean_close(self):
+        """
+        An answer without Content-Length ends where its connection does, but only where it is closed cleanly: one
+        reset (TCP RST) partway reaches the client broken off (its connection aborted, never a whole chunked body),
+        or as a JSON 502 when nothing of it was sent yet.
+        """
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n"
+        body = b"A" * 5000
+        relay = yield self.raw_relay({b"/clean": head + body, b"/reset": head + body, b"/reset-head": head})
+        response = yield self.request(relay, "GET", "/clean")
+        self.assertEqual((yield readBody(response)), body)
+        response = yield self.request(relay, "GET", "/reset")
+        self.assertEqual(response.code, 200)
+        with self.assertRaises(ResponseFailed):
+            yield readBody(response)
+        response = yield self.request(relay, "GET", "/reset-head")
+        error = json.loads((yield readBody(response)))
+        self.assertEqual((response.code, error["code"]), (502, 502))
+
+    @inlineCallbacks
     def test_headers_listed_in_connection_dropped(self):
         """Headers that the upstream's Connection header names are this hop's (RFC 9110 7.6.1): none reaches the
         client (Twisted's client keeps Connection out of the answer's headers, so nothing else would see them)."""
@@ -352,7 +372,7 @@ class MisbehavingUpstreamTests(PassThroughTestCase):
 class _RawAnswers(Protocol):
     """
     A misbehaving upstream: once a request's head arrived, writes the bytes ``answers`` has for its path as they
-    are, then closes the connection 0.1 s later.
+    are, then closes the connection 0.1 s later, with a TCP reset when the path starts with ``/reset``.
     """
 
     def __init__(self, answers):
@@ -365,7 +385,8 @@ class _RawAnswers(Protocol):
         if self._close is None and b"\r\n\r\n" in self._head:
             path = self._head.split(b" ", 2)[1]
             self.transport.write(self._answers[path])
-            self._close = reactor.callLater(0.1, self.transport.loseConnection)
+            close = self.transport.abortConnection if path.startswith(b"/reset") else self.transport.loseConnection
+            self._close = reactor.callLater(0.1, close)
 
     def connectionLost(self, reason):
         if self._close is not None and self._close.active():

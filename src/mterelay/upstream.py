@@ -10,10 +10,12 @@ pass-through route uses no transform; the inbound relay passes the codec's decod
 
 from twisted.internet import task
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from twisted.python.components import proxyForInterface
 from twisted.python.failure import Failure
-from twisted.web._newclient import BODY, HTTP11ClientProtocol, RequestTransmissionFailed
+from twisted.web._newclient import BODY, HTTP11ClientProtocol, RequestTransmissionFailed, ResponseFailed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.web.client import (
     Agent,
@@ -26,7 +28,7 @@ from twisted.web.client import (
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http import NO_BODY_CODES, RESPONSES
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import Interface, implementer
 
 from mterelay.errors import RelayError
@@ -105,6 +107,8 @@ MAX_ANSWER_HEAD = 256 * 1024
 
 class _BoundedHeadProtocol(HTTP11ClientProtocol):
     _head_bytes = 0
+    #: Why the connection was lost (None while it is open).
+    lost = None
 
     def request(self, request):
         self._head_bytes = 0
@@ -125,7 +129,13 @@ class _BoundedHeadProtocol(HTTP11ClientProtocol):
         # RFC 9110 7.6.1: the names Connection lists are this hop's, never passed on.
         for name in _listed(connection.getRawHeaders(b"connection", ())):
             response.headers.removeHeader(name)
+        if response.length is UNKNOWN_LENGTH and not connection.hasHeader(b"transfer-encoding"):
+            return _CloseDelimitedResponse(response, self)
         return response
+
+    def connectionLost(self, reason):
+        self.lost = reason
+        super().connectionLost(reason)
 
     def dataReceived(self, data):
         parser = self._parser
@@ -137,6 +147,42 @@ class _BoundedHeadProtocol(HTTP11ClientProtocol):
                 self.transport.abortConnection()
                 return
         super().dataReceived(data)
+
+
+class _CloseDelimitedResponse(proxyForInterface(IResponse)):
+    """
+    An answer whose body ends where its connection does: Twisted reports ``PotentialDataLoss`` at the end whether the
+    upstream closed cleanly or the connection was reset partway, so the body ends normally only after a clean close.
+    """
+
+    def __init__(self, original, connection):
+        super().__init__(original)
+        self._connection = connection
+
+    def deliverBody(self, protocol):
+        self.original.deliverBody(_CleanCloseOnly(protocol, self._connection))
+
+
+class _CleanCloseOnly(Protocol):
+    """Passes a close-delimited body to ``protocol``, and a failure instead of its end when the close was not clean."""
+
+    def __init__(self, protocol, connection):
+        self._protocol = protocol
+        self._connection = connection
+
+    def makeConnection(self, transport):
+        self._protocol.makeConnection(transport)
+
+    def dataReceived(self, data):
+        self._protocol.dataReceived(data)
+
+    def connectionLost(self, reason):
+        lost = self._connection.lost
+        if reason.check(PotentialDataLoss) and (lost is None or not lost.check(ConnectionDone)):
+            # A reset (or an abort, a TLS close without close_notify) partway: broken off like a short
+            # Content-Length body.
+            reason = Failure(ResponseFailed([reason] if lost is None else [lost, reason]))
+        self._protocol.connectionLost(reason)
 
 
 class _BoundedHeadFactory(_HTTP11ClientFactory):
