@@ -368,6 +368,24 @@ class MisbehavingUpstreamTests(PassThroughTestCase):
             self.assertEqual([line[16:] for line in lines if line.startswith(b"content-length: ")], lengths, path)
             self.assertEqual(body, b"")
 
+    @inlineCallbacks
+    def test_upstream_vary_merged_with_the_relays(self):
+        """Where the relay grants CORS (and so varies on Origin), the client still gets every name the upstream's
+        Vary lists, Origin added once; an upstream's ``Vary: *`` stays ``*``."""
+        relay = yield self.raw_relay(
+            {
+                b"/vary": b"HTTP/1.1 200 OK\r\nVary: Accept-Encoding, origin\r\nVary: Authorization\r\n"
+                b"Content-Length: 2\r\n\r\nok",
+                b"/any": b"HTTP/1.1 200 OK\r\nVary: *\r\nContent-Length: 2\r\n\r\nok",
+            },
+            cors_origins=("https://app.example",),
+        )
+        for path, vary in (("/vary", [b"Accept-Encoding, origin, Authorization"]), ("/any", [b"*"])):
+            response = yield self.request(relay, "GET", path, headers={"Origin": "https://app.example"})
+            self.assertEqual((yield readBody(response)), b"ok")
+            self.assertEqual(response.headers.getRawHeaders(b"access-control-allow-origin"), [b"https://app.example"])
+            self.assertEqual(response.headers.getRawHeaders(b"vary"), vary)
+
 
 class _RawAnswers(Protocol):
     """

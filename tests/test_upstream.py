@@ -26,6 +26,7 @@ from mterelay.upstream import (
     RequestBodyProducer,
     copy_response_head,
     filter_headers,
+    merge_end_to_end,
     stream_response,
     upstream_error,
     upstream_headers,
@@ -133,6 +134,28 @@ class HeaderTests(SynchronousTestCase):
         dropped = (b"content-length", b"host", b"transfer-encoding", b"connection", b"x-mte-relay", b"proxy-authorization")
         for name in dropped + (b"x-secret", b"x-hop"):
             self.assertFalse(headers.hasHeader(name), name)
+
+    def test_vary_merged(self):
+        """
+        Copying an answer's headers over the relay's keeps the relay's value of a name both set, but Vary: its
+        names are merged, case-insensitively (first spelling kept), and ``*`` among them makes it ``*``.
+        """
+        for upstream, relay, merged in (
+            (
+                [b"Accept-Encoding, authorization", b"Cookie"],
+                [b"Origin"],
+                [b"Accept-Encoding, authorization, Cookie, Origin"],
+            ),
+            ([b"origin,Accept"], [b"Origin"], [b"origin, Accept"]),
+            ([b"*"], [b"Origin"], [b"*"]),
+            ([b"Accept"], None, [b"Accept"]),
+        ):
+            target = Headers({b"x-service-name": [b"relay"]})
+            if relay is not None:
+                target.setRawHeaders(b"vary", relay)
+            merge_end_to_end(Headers({b"vary": upstream, b"x-service-name": [b"up"]}), target)
+            self.assertEqual(target.getRawHeaders(b"vary"), merged)
+            self.assertEqual(target.getRawHeaders(b"x-service-name"), [b"relay"])
 
 
 def _late(result, seconds):

@@ -236,10 +236,27 @@ def filter_headers(headers, drop=()):
 
 
 def merge_end_to_end(source, target):
-    """Copy ``source``'s end-to-end headers but Content-Length into ``target``, leaving the names it already has."""
+    """
+    Copy ``source``'s end-to-end headers but Content-Length into ``target``, leaving the names it already has; but
+    Vary, whose names are merged (the relay's ``Vary: Origin`` must not hide what the upstream's answer varies on).
+    """
     for name, values in end_to_end(source, (b"content-length",)):
-        if not target.hasHeader(name):
+        if name.lower() == b"vary" and target.hasHeader(name):
+            target.setRawHeaders(name, [_vary_union(values, target.getRawHeaders(name))])
+        elif not target.hasHeader(name):
             target.setRawHeaders(name, values)
+
+
+def _vary_union(*headers):
+    """One Vary value naming every field the ``headers`` (lists of values) name, first spelling kept; ``*`` alone
+    stays ``*`` (RFC 9110 12.5.5)."""
+    names = {}
+    for values in headers:
+        for value in values:
+            for name in value.split(b","):
+                names.setdefault(name.strip().lower(), name.strip())
+    names.pop(b"", None)
+    return b"*" if b"*" in names else b", ".join(names.values())
 
 
 def upstream_headers(request, extra=(), opened=(), hidden=()):
