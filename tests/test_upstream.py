@@ -247,6 +247,16 @@ class BodyProducerTests(SynchronousTestCase):
         self.assertEqual(len(consumer.value()), 1_000_000)
         producer.pauseProducing()  # after the end: harmless
 
+    def test_closed_source_stops_quietly(self):
+        """A body file closed while it is read (twisted.web closes it once the request is over, say answered early
+        by the upstream) stops the production with no error to log: the Deferred never fires."""
+        source = io.BytesIO(b"x" * 1_000_000)
+        done = RequestBodyProducer(source, 1_000_000, None, self.cooperator).startProducing(StringTransport())
+        self.clock.advance(1)
+        source.close()
+        self.run_clock()
+        self.assertNoResult(done)
+
     def test_reads_whole_records_of_a_block_transform(self):
         """A codec decoder is fed one whole encoded record per read (its read_size), so no record is joined."""
         keys = message_keys()

@@ -380,8 +380,10 @@ class RequestBodyProducer:
         done = self._task.whenDone()
 
         def stopped(reason):
-            # The agent stopped us: it reports the failure itself, so this Deferred must never fire.
-            reason.trap(task.TaskStopped)
+            # The agent stopped us (it reports the failure itself), or the request was over (twisted.web closed its
+            # body file) while the upload still went on: either way this Deferred must never fire.
+            if not (reason.check(task.TaskStopped) or self._source.closed):
+                return reason
             return Deferred()
 
         return done.addCallbacks(lambda _: None, stopped)
