@@ -7,6 +7,7 @@ import stat
 import sys
 from types import SimpleNamespace
 
+from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, gatherResults
 from twisted.internet.endpoints import TCP6ServerEndpoint
@@ -25,7 +26,7 @@ from mterelay.codec import CLIENT_ID_HEADER, RelayIdentity, b64decode, b64encode
 from mterelay.errors import RelayError
 from mterelay.keygen import main as keygen
 from mterelay.registry import MemoryRegistry
-from tests.relay_harness import RelayHarness, serve
+from tests.relay_harness import RelayHarness, agent, serve
 
 
 def run_cli(*args):
@@ -373,6 +374,120 @@ class ClientTests(RelayHarness, TestCase):
         return ensureDeferred(run())
 
 
+class _Proxy(Resource):
+    """
+    Stands between a client and ``relay``: passes every request on and its answer back, holding pairing answers for
+    ``pairing_delay`` seconds (a slow network or a busy relay).
+    """
+
+    isLeaf = True
+
+    def __init__(self, case, relay):
+        super().__init__()
+        self.relay, self.http = relay, HTTPClient(agent(case))
+        self.pairing_delay, self.paired, self.forwarding = 0, 0, []
+        # The forwards still going on end (their client gone or not) before the proxy's connections are closed.
+        case.addCleanup(lambda: gatherResults(self.forwarding))
+
+    def render(self, request):
+        self.forwarding.append(ensureDeferred(self._forward(request)))
+        return NOT_DONE_YET
+
+    async def _forward(self, request):
+        headers = request.requestHeaders.copy()
+        for name in (b"host", b"content-length"):
+            headers.removeHeader(name)
+        url = self.relay + request.uri.decode("ascii")
+        method = request.method.decode("ascii")
+        response = await self.http.request(method, url, headers=headers, data=request.content.read() or None)
+        body = await response.content()
+        if request.path == b"/api/mte-pair":
+            self.paired += 1
+            await deferLater(reactor, self.pairing_delay)
+        if request.channel is None:
+            return  # the client gave up
+        request.setResponseCode(response.code)
+        for name, values in response.headers.getAllRawHeaders():
+            if name.lower() not in (b"content-length", b"transfer-encoding", b"connection"):
+                request.responseHeaders.setRawHeaders(name, values)
+        request.setHeader(b"content-length", b"%d" % len(body))
+        request.write(body)
+        request.finish()
+
+
+async def _until(condition):
+    """Wait until ``condition()`` holds (within 5 s)."""
+    for _ in range(500):
+        if condition():
+            return
+        await deferLater(reactor, 0.01)
+    raise AssertionError("the condition did not come true within 5 s")
+
+
+class AbandonedExchangeTests(RelayHarness, TestCase):
+    """A client that gives up on an exchange (timed out, or its application went away) leaves nothing behind."""
+
+    def setUp(self):
+        return ensureDeferred(self._setUp())
+
+    async def _setUp(self):
+        self.upstream = await self.start_upstream()
+        self.registry = MemoryRegistry(reactor, max_pairs_per_client=2)
+        relay_url, _, _ = await self.start_relay(self.upstream.url, registry=self.registry)
+        self.proxy = _Proxy(self, relay_url)
+        self.url = f"http://127.0.0.1:{await serve(self, Site(self.proxy))}"
+
+    async def _pair_count(self, client):
+        return (await self.registry.get_client(client._token.split(".")[0])).pair_count
+
+    def test_timed_out_pairings_do_not_pile_up_at_the_relay(self):
+        """
+        Pairings whose answers come later than the client's timeout are stored by the relay all the same. The next
+        pairing uses the same pair id (replacing that pair) rather than a new one, so the relay holds one pair for
+        the client however many pairings timed out: they never reach its per-client limit (567), and once the relay
+        answers in time again requests are served.
+        """
+
+        async def run():
+            self.proxy.pairing_delay = 0.6
+            for encode_type in ("MKE", "MTE"):
+                client = self.client(self.url, pool_size=1, timeout=0.3)
+                for _ in range(3):
+                    with self.assertRaises(RelayError) as ctx:
+                        await client.request("GET", "/echo/late", encode_type=encode_type)
+                    self.assertEqual(ctx.exception.code, 504)
+                self.proxy.pairing_delay = 0
+                response = await client.request("GET", "/echo/after", encode_type=encode_type)
+                self.assertEqual(json.loads(await response.content())["path"], "/echo/after")
+                self.assertEqual(await self._pair_count(client), 1, encode_type)
+                self.proxy.pairing_delay = 0.6
+
+        return ensureDeferred(run())
+
+    def test_cancelled_pairings_do_not_pile_up_at_the_relay(self):
+        """
+        MTE requests cancelled while their pairing is under way (the application went away; the relay stores the
+        pair all the same) leave one pair at the relay: the next pairing replaces it under the same pair id, so the
+        client's pairings are not refused with 567 afterwards.
+        """
+
+        async def run():
+            self.proxy.pairing_delay = 0.6
+            client = self.client(self.url, pool_size=1)
+            for i in range(3):
+                request = client.request("GET", "/echo/gone", encode_type="MTE")
+                await _until(lambda: self.proxy.paired > i)  # the relay stored the pair; its answer is on its way
+                request.cancel()
+                self.failureResultOf(request)  # its pairing's exchange was cancelled: ResponseNeverReceived
+            self.proxy.pairing_delay = 0
+            response = await client.request("GET", "/echo/after", encode_type="MTE")
+            self.assertEqual(json.loads(await response.content())["path"], "/echo/after")
+            self.assertEqual(await self._pair_count(client), 1)
+            self.assertEqual([r.path for r in self.upstream.received], ["/echo/after"])
+
+        return ensureDeferred(run())
+
+
 class _StallingRelay(Resource):
     """A relay that hands out a client id, then answers pairing with the head and one byte of a 100-byte body, or
     (``big``) with 100 KB of body."""
@@ -460,6 +575,16 @@ class SharedPairingTests(SynchronousTestCase):
         self.assertIs(self.successResultOf(ensureDeferred(self.pool.acquire())), pair)
         self.assertEqual(len(self.pairings), 1)
 
+    def test_failed_pairing_id_paired_again(self):
+        """A failed shared pairing (timed out: the relay may have stored it all the same) gives its freshly drawn id to
+        the next pairing, which replaces it at the relay instead of adding a pair there."""
+        failed = ensureDeferred(self.pool.acquire())
+        self.pairings[0].errback(RelayError(504, "the relay did not answer"))
+        self.failureResultOf(failed, RelayError)
+        ensureDeferred(self.pool.acquire())
+        self.assertIsInstance(self.asked_ids[0], str)
+        self.assertEqual(self.asked_ids, [self.asked_ids[0]] * 2)
+
     def test_failure_reaches_every_waiting_caller(self):
         """A failed pairing fails every caller still waiting, and the next request pairs again."""
         callers = [ensureDeferred(self.pool.acquire()) for _ in range(3)]
@@ -542,7 +667,7 @@ class MTEPoolTests(SynchronousTestCase):
         return self.pairings[-1]
 
     def _paired(self):
-        pair = SimpleNamespace(pair_id=self.asked_ids[-1] or f"drawn-{len(self.pairings)}")
+        pair = SimpleNamespace(pair_id=self.asked_ids[-1])
         self.pairings[-1].callback(pair)
         return pair
 
@@ -563,7 +688,7 @@ class MTEPoolTests(SynchronousTestCase):
         pair = self._paired_for(ensureDeferred(self.pool.acquire()))
         self.pool.discard(pair)
         replacing = ensureDeferred(self.pool.acquire())
-        self.assertEqual(self.asked_ids, [None, pair.pair_id])
+        self.assertEqual(self.asked_ids, [pair.pair_id, pair.pair_id])
         self.pairings[-1].errback(RelayError(565, "pairing failed"))
         self.failureResultOf(replacing, RelayError)
         again = self._paired_for(ensureDeferred(self.pool.acquire()))
@@ -571,7 +696,20 @@ class MTEPoolTests(SynchronousTestCase):
         self.pool.discard(again)
         self.pool.clear()
         ensureDeferred(self.pool.acquire())
-        self.assertIsNone(self.asked_ids[-1])
+        self.assertNotIn(self.asked_ids[-1], self.asked_ids[:-1])
+
+    def test_abandoned_first_pairing_id_paired_again(self):
+        """A first pairing that is cancelled (its application went away) or fails gives its freshly drawn id to the
+        next pairing: the relay may have stored it all the same, and only pairing that id again replaces it there."""
+        cancelled = ensureDeferred(self.pool.acquire())
+        cancelled.cancel()
+        self.failureResultOf(cancelled, CancelledError)
+        failed = ensureDeferred(self.pool.acquire())
+        self.pairings[-1].errback(RelayError(504, "the relay did not answer"))
+        self.failureResultOf(failed, RelayError)
+        self._paired_for(ensureDeferred(self.pool.acquire()))
+        self.assertIsInstance(self.asked_ids[0], str)
+        self.assertEqual(self.asked_ids, [self.asked_ids[0]] * 3)
 
     def test_discard_idle_pairs_them_again(self):
         """``discard_idle`` (the relay lost its pairs) drops the pairs waiting in the pool; the next request pairs

@@ -152,9 +152,10 @@ class _Pool:
     request at a time, up to ``size`` of them, and waiters queue (at most ``size * max_waiting``, each for at most
     ``timeout`` seconds). ``clear`` starts a new generation: pairs lent out before it are forgotten when they return.
 
-    A discarded pair's id is paired again by the pair that takes its place, which replaces it at the relay: the
-    relay holds no more pairs for this client than the pool, however often pairs are dropped (a relay keeps a pair
-    the client dropped until PAIR_TTL, and refuses new ones past its per-client limit).
+    A discarded pair's id, or that of a pairing that failed, is paired again by the next pairing, which replaces it at
+    the relay: the relay holds no more pairs for this client than the pool, however often pairs are dropped or
+    pairings abandoned (a relay keeps a pair the client dropped until PAIR_TTL, and refuses new ones past its
+    per-client limit).
     """
 
     def __init__(self, encode_type, size, make_pair, clock, timeout, max_waiting=64):
@@ -191,13 +192,17 @@ class _Pool:
             self._waiting.remove(waiter)
 
     async def _paired(self):
-        """A new pair, under a spare id when there is one (given back if pairing fails)."""
-        pair_id = self._spare_ids.popleft() if self._spare_ids else None
+        """
+        A new pair, under a spare id when there is one. The id is given back if pairing fails, a fresh one too: the
+        relay may have stored a pairing the client gave up on (timed out, cancelled), and only pairing that id again
+        replaces it there.
+        """
+        pair_id = self._spare_ids.popleft() if self._spare_ids else _pair_id()
         generation = self._generation
         try:
             return await self._make_pair(pair_id)
         except BaseException:
-            if pair_id is not None and generation == self._generation:
+            if generation == self._generation:
                 self._spare_ids.append(pair_id)
             raise
 
