@@ -22,7 +22,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 
 from mterelay.client import Client, RelayResponse, _Pool
-from mterelay.codec import CLIENT_ID_HEADER, RelayIdentity, b64decode, b64encode, relay_pair
+from mterelay.codec import CLIENT_ID_HEADER, RELAY_HEADER, RelayIdentity, b64decode, b64encode, relay_pair
 from mterelay.errors import RelayError
 from mterelay.keygen import main as keygen
 from mterelay.registry import MemoryRegistry
@@ -377,7 +377,8 @@ class ClientTests(RelayHarness, TestCase):
 class _Proxy(Resource):
     """
     Stands between a client and ``relay``: passes every request on and its answer back, holding pairing answers for
-    ``pairing_delay`` seconds (a slow network or a busy relay).
+    ``pairing_delay`` seconds (a slow network or a busy relay). With ``refusing`` set, it answers the next encoded
+    message itself with a 560 whose head comes at once and whose body never does (and fires ``refused``).
     """
 
     isLeaf = True
@@ -385,11 +386,20 @@ class _Proxy(Resource):
     def __init__(self, case, relay):
         super().__init__()
         self.relay, self.http = relay, HTTPClient(agent(case))
-        self.pairing_delay, self.paired, self.forwarding = 0, 0, []
+        self.pairing_delay, self.refusing, self.refused = 0, False, Deferred()
+        self.seen, self.paired, self.forwarding = [], 0, []
         # The forwards still going on end (their client gone or not) before the proxy's connections are closed.
         case.addCleanup(lambda: gatherResults(self.forwarding))
 
     def render(self, request):
+        self.seen.append(request.path)
+        if self.refusing and request.requestHeaders.hasHeader(RELAY_HEADER):
+            self.refusing = False
+            request.setResponseCode(560)
+            request.setHeader(b"content-length", b"100")
+            request.write(b"")
+            self.refused.callback(None)
+            return NOT_DONE_YET
         self.forwarding.append(ensureDeferred(self._forward(request)))
         return NOT_DONE_YET
 
@@ -484,6 +494,34 @@ class AbandonedExchangeTests(RelayHarness, TestCase):
             self.assertEqual(json.loads(await response.content())["path"], "/echo/after")
             self.assertEqual(await self._pair_count(client), 1)
             self.assertEqual([r.path for r in self.upstream.received], ["/echo/after"])
+
+        return ensureDeferred(run())
+
+    def test_cancelled_while_reading_off_a_refusal(self):
+        """
+        A request cancelled while the client reads off the body of a re-pair refusal (560) fails with the
+        cancellation: nothing more is sent (no new pairing, the message is not sent again), so nothing reaches the
+        upstream after the application went away. The pool is left whole: the next request is served.
+        """
+
+        async def run():
+            for encode_type in ("MKE", "MTE"):
+                client = self.client(self.url, pool_size=1, timeout=5)
+                await (await client.request("GET", "/echo/first", encode_type=encode_type)).content()
+                self.upstream.received.clear()
+                self.proxy.refusing, self.proxy.refused = True, Deferred()
+                request = client.request("DELETE", "/echo/gone", encode_type=encode_type)
+                await self.proxy.refused
+                await deferLater(reactor, 0.1)  # the refusal's head reaches the client, which reads off its body
+                asked = len(self.proxy.seen)
+                request.cancel()
+                with self.assertRaises(CancelledError):
+                    await request
+                await deferLater(reactor, 0.1)
+                self.assertEqual(len(self.proxy.seen), asked, encode_type)
+                self.assertEqual(self.upstream.received, [], encode_type)
+                response = await client.request("GET", "/echo/after", encode_type=encode_type)
+                self.assertEqual(json.loads(await response.content())["path"], "/echo/after")
 
         return ensureDeferred(run())
 

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 import attrs
 import treq
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -446,8 +446,13 @@ class Client:
         return await self._bounded(ensureDeferred(both()))
 
     def _read_off(self, response):
-        """Read a refused answer's small body off so its connection can serve again: the body, or None; never fails."""
-        return self._bounded(_read_small(response)).addErrback(lambda _: None)
+        """
+        Read a refused answer's small body off so its connection can serve again: the body, or None. It fails only
+        when cancelled: the caller went away, and must not go on to pair again and send its message once more.
+        """
+        return self._bounded(_read_small(response)).addErrback(
+            lambda failure: failure if failure.check(CancelledError) else None
+        )
 
     async def _discover(self):
         # No redirects here or in pairing: the relay is the configured origin, never wherever an answer points.
@@ -612,19 +617,22 @@ class Client:
             # The relay moved its side of the pair: the pair may carry the next request.
             pool.release(pair)
         elif entry is not None and entry.repair:
-            await self._read_off(response)
+            # The pool and the client id take the refusal in before the read-off, which fails if the request is
+            # cancelled meanwhile.
             pool.discard(pair)
             if response.code == 560:
                 # The relay lost this pair, so most likely the others too (a restart without Redis).
                 pool.discard_idle()
-            raise self._refusal(response.code)
+            refusal = self._refusal(response.code)
+            await self._read_off(response)
+            raise refusal
         else:
             if response.code == 562:
                 # The relay holds other keys for this pair than ours: anyone who saw its ids (the client id is a
                 # bearer token) can pair it again. Nothing went upstream: pair again under its id (which replaces
                 # theirs) and send the message once more.
-                await self._read_off(response)
                 pool.discard(pair)
+                await self._read_off(response)
                 raise RepairNeeded(562)
             # The relay answered itself (a JSON error). An MTE pair is dropped: whether the relay moved its ratchet
             # before failing cannot be told from here.
