@@ -337,10 +337,11 @@ DEPLOY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 
 class DeployExampleTests(SynchronousTestCase):
     def test_example_env_files_load(self):
-        """deploy/'s minimal and full environment files are valid configurations."""
-        minimal, _ = load({}, read_env_file(os.path.join(DEPLOY, "mterelay.env.minimal")))
+        """deploy/'s minimal and full environment files are valid configurations once given the secret they ship
+        empty (a known placeholder would be accepted silently)."""
+        minimal, _ = load({}, dict(read_env_file(os.path.join(DEPLOY, "mterelay.env.minimal")), CLIENT_ID_SECRET=SECRET))
         self.assertEqual(minimal.upstream, "https://api.my-company.com")
-        full, _ = load({}, read_env_file(os.path.join(DEPLOY, "mterelay.env.full")))
+        full, _ = load({}, dict(read_env_file(os.path.join(DEPLOY, "mterelay.env.full")), CLIENT_ID_SECRET=SECRET))
         self.assertEqual(full.mte_routes, ("/api/v1/*", "/api/v2/*"))
         self.assertEqual(full.headers, (("x-service-name", "mte-relay"),))
         self.assertEqual(full.listen, (port_endpoint(3000),))

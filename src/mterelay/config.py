@@ -61,8 +61,8 @@ class Settings:
     #: Twisted server endpoint strings, one listening service each.
     listen: tuple = attrs.field(default=(port_endpoint(DEFAULT_PORT),), converter=tuple)
     debug: bool = False
-    #: ``(name, value)`` pairs added to every response and every upstream request; often an upstream API key, hence
-    #: hidden.
+    #: ``(name, value)`` pairs added to every response and every upstream request. Clients see them, but an outbound
+    #: relay's may be meant for the peer's upstream alone (it seals them), hence hidden.
     headers: tuple = attrs.field(default=(), converter=tuple, repr=False)
     pass_through_routes: tuple = attrs.field(default=(), converter=tuple)
     #: None means "every route that is not a pass-through route is an MTE route".
