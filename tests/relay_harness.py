@@ -158,3 +158,29 @@ async def raw_exchange(port, data, half_close=False):
     collect = _Collect(data, half_close)
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), collect)
     return await collect.closed.addTimeout(10, reactor)
+
+
+class Arrivals:
+    """
+    A streamed body as it arrives: give ``write`` to a collector (``RelayResponse.collect``, ``treq.collect``), then
+    ``await until(expected)`` for everything so far to be ``expected``, each wait bounded by ``timeout`` seconds (well
+    below the relay's own timeouts, so that a stream held back shows as a timeout here).
+    """
+
+    def __init__(self, timeout=5):
+        self._timeout = timeout
+        self._received = []
+        self._waiting = []
+
+    def write(self, data):
+        self._received.append(data)
+        # A waiter resumes at once and may wait again: only those waiting now are woken.
+        fired = self._waiting[:]
+        self._waiting.clear()
+        for waiter in fired:
+            waiter.callback(None)
+
+    async def until(self, expected):
+        while b"".join(self._received) != expected:
+            self._waiting.append(Deferred())
+            await self._waiting[-1].addTimeout(self._timeout, reactor)

@@ -28,7 +28,7 @@ from mterelay.client import RepairNeeded
 from mterelay.errors import RelayError
 from mterelay.redis_registry import RedisRegistry
 from mterelay.registry import MemoryRegistry
-from tests.relay_harness import SECRET, RelayHarness, raw_exchange, rss_kib
+from tests.relay_harness import SECRET, Arrivals, RelayHarness, raw_exchange, rss_kib
 from tests.upstream_server import pattern, pattern_sha256
 
 METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH")
@@ -167,6 +167,31 @@ class InboundTestsMixin(RelayHarness):
         return ensureDeferred(self._big_bodies())
 
     test_50mb_upload_and_download.timeout = 120
+
+
+    async def _event_stream(self):
+        for encode_type in ("MKE", "MTE"):
+            # Each wait is bounded well below the relay's 30 s timeouts: a stream held back shows as a timeout here.
+            response = await self.client.request("GET", "/events", encode_type=encode_type).addTimeout(5, reactor)
+            self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"text/event-stream"])
+            arrivals = Arrivals()
+            done = response.collect(arrivals.write)
+            await arrivals.until(b"data: 0\n\n")
+            stream = self.upstream.streams[-1]
+            stream.write(b"data: 1\n\n")
+            await arrivals.until(b"data: 0\n\ndata: 1\n\n")
+            self.assertFalse(done.called)
+            stream.write(b"data: 2\n\n")
+            stream.finish()
+            await done.addTimeout(5, reactor)
+            await arrivals.until(b"data: 0\n\ndata: 1\n\ndata: 2\n\n")
+
+    def test_event_stream_arrives_as_sent(self):
+        """
+        An answer without Content-Length (an event stream) reaches the client event by event while the upstream
+        keeps it open, in both encodings: nothing waits for a full record or for the end.
+        """
+        return ensureDeferred(self._event_stream())
 
 
 class MemoryRegistryInboundTests(InboundTestsMixin, TestCase):

@@ -25,7 +25,7 @@ from twisted.trial.unittest import TestCase
 
 from mterelay.codec import RECORD_SIZE, RelayIdentity
 from mterelay.demo import WireRecorder
-from tests.relay_harness import RelayHarness, agent, serve
+from tests.relay_harness import Arrivals, RelayHarness, agent, serve
 from tests.upstream_server import pattern
 
 TOKEN = "outbound-token-for-tests-0123456789"
@@ -184,6 +184,28 @@ class ChainTests(RelayHarness, TestCase):
             self.assertEqual(echo["headers"]["x_api.key"], [api_key])
             for plain in (b"Bearer b", b"c=1", b"/echo/login", api_key.encode()):
                 self.assertNotIn(plain, self.recorder.wire)
+
+        return ensureDeferred(run())
+
+    def test_event_stream_arrives_as_sent(self):
+        """
+        An upstream event stream (no Content-Length) reaches the application through both relays event by event
+        while it stays open, chunked (no length), and ends when it ends.
+        """
+
+        async def run():
+            headers = Headers({"x-mte-upstream": [self.peer], "x-mte-outbound-token": [TOKEN]})
+            response = await self.app.request(b"GET", (self.a_url + "/events").encode(), headers).addTimeout(5, reactor)
+            self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"text/event-stream"])
+            self.assertFalse(response.headers.hasHeader(b"content-length"))
+            arrivals = Arrivals()
+            done = treq.collect(response, arrivals.write)
+            await arrivals.until(b"data: 0\n\n")
+            self.upstream.streams[-1].write(b"data: 1\n\n")
+            await arrivals.until(b"data: 0\n\ndata: 1\n\n")
+            self.assertFalse(done.called)
+            self.upstream.streams[-1].finish()
+            await done.addTimeout(5, reactor)
 
         return ensureDeferred(run())
 
@@ -592,3 +614,4 @@ class ManInTheMiddleTests(RelayHarness, TestCase):
                 self.assertIn(old, b"".join(data for direction, data in tamperer.recorded if direction == "<"))
 
         return ensureDeferred(run())
+

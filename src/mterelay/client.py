@@ -678,7 +678,8 @@ class Client:
             headers.removeHeader(name)
         for name, value in opened:
             headers.addRawHeader(name, value)
-        decoder = keys.body_decoder(binding) if has_body else None
+        # A streamed answer comes in framed records, each opened and handed on as it arrives.
+        decoder = keys.body_decoder(binding, framed=answer.streaming) if has_body else None
         return RelayResponse(response.code, standard_phrase(response.code), headers, response, decoder)
 
 

@@ -384,4 +384,5 @@ class Inbound:
         request.setHeader(ENCODED_HEADERS, b64encode(sealed).encode("ascii"))
         if not has_body:
             return None
-        return keys.body_encoder(binding)
+        # A streamed answer goes out in framed records, each as soon as the upstream sent its bytes.
+        return keys.body_encoder(binding, framed=relay.streaming)

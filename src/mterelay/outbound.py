@@ -162,11 +162,13 @@ class Outbound:
             discard_body(original)
             raise _peer_answered(response.code)
         length = UNKNOWN_LENGTH
-        if response.decoder is not None:
+        # A framed (streamed) body has no output length: it goes on chunked, whatever length it came with.
+        output_length = getattr(response.decoder, "output_length", None)
+        if output_length is not None:
             length = original.length
             if length is not UNKNOWN_LENGTH:
                 try:
-                    length = response.decoder.output_length(length)
+                    length = output_length(length)
                 except CodecError:
                     discard_body(original)
                     raise RelayError(562, "the peer relay's answer has a length no encoded body has") from None
