@@ -111,6 +111,17 @@ class InboundTestsMixin(RelayHarness):
         """204, 304 and HEAD answers come back with no body."""
         return ensureDeferred(self._no_body_statuses())
 
+    async def _head_length(self):
+        for mode in (True, False, ["x-other"]):
+            response = await self.client.request("HEAD", "/bytes/4096", encode_headers=mode)
+            self.assertEqual(await response.content(), b"")
+            self.assertEqual(response.headers.getRawHeaders(b"content-length"), [b"4096"], mode)
+
+    def test_head_answer_keeps_its_length_in_every_header_mode(self):
+        """A HEAD answer's Content-Length (the length a GET would have) arrives sealed, even when the request
+        protected none of its own headers."""
+        return ensureDeferred(self._head_length())
+
     async def _cookies_and_redirects(self):
         response = await self.client.request("GET", "/cookies/3", encode_type="MTE")
         await response.content()

@@ -360,7 +360,10 @@ class Inbound:
         if header.headers:
             protected = [(name, value) for name, values in end_to_end.getAllRawHeaders() for value in values]
         else:
-            protected = [(b"content-type", value) for value in end_to_end.getRawHeaders(b"content-type", [])]
+            # The Content-Length of an answer without body describes the body not sent: the client drops a visible
+            # one (anyone could have written it), so it travels sealed whatever the request's headers flag.
+            names = (b"content-type",) if has_body else (b"content-type", b"content-length")
+            protected = [(name, value) for name in names for value in end_to_end.getRawHeaders(name, [])]
         for name in {name.lower() for name, _ in protected}:
             response.headers.removeHeader(name)
         if has_body:
