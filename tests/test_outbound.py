@@ -615,3 +615,30 @@ class ManInTheMiddleTests(RelayHarness, TestCase):
 
         return ensureDeferred(run())
 
+
+class OperatorHeadersTests(RelayHarness, TestCase):
+    """Relay A's HEADERS (the operator's, often an upstream API key) between the relays."""
+
+    setUp, _setUp, send = ChainTests.setUp, ChainTests._setUp, ChainTests.send
+    #: Long and random: a short value could turn up by chance in the base64 between the relays.
+    API_KEY = "api-key-" + os.urandom(12).hex()
+
+    def a_settings(self):
+        return {"headers": (("X-Api-Key", self.API_KEY),)}
+
+    def test_sealed_whatever_the_application_asks(self):
+        """HEADERS reach the upstream but never cross between the relays in plaintext, also when the application
+        protects none of its headers or names others."""
+
+        async def run():
+            for mode in ("true", "false", "authorization"):
+                self.recorder.recorded.clear()
+                response, answer = await self.send(
+                    "GET", "/echo/key", {"x-mte-encode-headers": mode, "Authorization": "Bearer b"}
+                )
+                self.assertEqual(response.code, 200, answer)
+                self.assertEqual(json.loads(answer)["headers"]["x-api-key"], [self.API_KEY], mode)
+                self.assertIn(b"x-mte-relay", self.recorder.wire.lower())
+                self.assertNotIn(self.API_KEY.encode(), self.recorder.wire, mode)
+
+        return ensureDeferred(run())

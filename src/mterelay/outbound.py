@@ -120,6 +120,10 @@ class Outbound:
             "encode_headers": _option(request, b"x-mte-encode-headers", _encode_headers, True),
             "encode_url": _option(request, b"x-mte-encode-url", _boolean, True),
         }
+        if self._extra_headers and options["encode_headers"] is not True:
+            # HEADERS is the operator's, and on this side only local applications see it (it may be an upstream
+            # API key): sealed between the relays whatever the application asks for.
+            options["encode_headers"] = [*(options["encode_headers"] or ()), *self._extra_headers]
         exchange = ensureDeferred(self._exchange(request, self._client(origin), options))
         gone = []
 
