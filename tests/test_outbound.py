@@ -435,6 +435,11 @@ def _cut_after_two_records(body):
     return (body[:whole], bytes(16)) if len(body) > whole else (body, b"")
 
 
+def _drop_the_final_frame(body):
+    """Keep every frame of a framed body but its final one (the last 21 bytes: an empty final record's frame)."""
+    return body[:-21], b""
+
+
 class _FailingBalancer(Resource):
     """
     A load balancer (or a man in the middle) in front of relay B that passes the pairing endpoints (``/api/...``)
@@ -549,6 +554,31 @@ class BalancerTests(RelayHarness, TestCase):
                 received = []
                 await self.assertFailure(treq.collect(response, received.append), ResponseFailed)
                 self.assertEqual(b"".join(received), pattern(300000)[:RECORD_SIZE], encode_type)
+
+        return ensureDeferred(run())
+
+    def test_streamed_answer_without_its_final_record_is_never_complete(self):
+        """
+        A streamed answer (framed records) whose final record was dropped on the way, and given a content-length to
+        match, reaches the application chunked and then broken off: never as a complete response.
+        """
+
+        async def run():
+            upstream = await self.start_upstream()
+            b_url, _, _ = await self.start_relay(upstream.url)
+            balancer = _FailingBalancer(b_url, self, code=None, damage=_drop_the_final_frame)
+            peer = f"http://127.0.0.1:{await serve(self, Site(balancer))}"
+            a_url, _, _ = await self.start_relay(upstream.url, outbound_token=TOKEN, allowed_peers=(peer,))
+            for encode_type in ("MKE", "MTE"):
+                response = await HTTPClient(agent(self)).get(
+                    a_url + "/bytes/300000?chunked=1",
+                    headers={"x-mte-outbound-token": TOKEN, "x-mte-upstream": peer, "x-mte-encode-type": encode_type},
+                )
+                self.assertEqual(response.code, 200, encode_type)
+                self.assertFalse(response.headers.hasHeader(b"content-length"))
+                received = []
+                await self.assertFailure(treq.collect(response, received.append), ResponseFailed)
+                self.assertTrue(pattern(300000).startswith(b"".join(received)), encode_type)
 
         return ensureDeferred(run())
 
