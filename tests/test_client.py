@@ -322,6 +322,26 @@ class ClientTests(RelayHarness, TestCase):
 
         return ensureDeferred(run())
 
+    def test_pairing_answer_that_fails_hands_out_no_client_id(self):
+        """A pairing answer that does not verify (565) cannot swap the client's id for the one it carries: only a
+        genuine pairing (or message) answer may re-sign it."""
+
+        class ForgedPairing(_Answering):
+            def render(self, request):
+                if request.method == b"POST":
+                    self.headers = [(CLIENT_ID_HEADER, b"C" * 22 + b"." + b"D" * 43)]
+                return super().render(request)
+
+        async def run():
+            fake = f"http://127.0.0.1:{await serve(self, Site(ForgedPairing(200, [(CLIENT_ID_HEADER, TOKEN)])))}"
+            client = self.client(fake)
+            with self.assertRaises(RelayError) as ctx:
+                await client.pair("MKE")
+            self.assertEqual(ctx.exception.code, 565)
+            self.assertEqual(await client._client_token(), TOKEN.decode())
+
+        return ensureDeferred(run())
+
     def test_relay_at_an_ipv6_literal(self):
         """A relay named by an IPv6 literal (``http://[::1]:port``) is discovered like any other."""
 

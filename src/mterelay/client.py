@@ -478,7 +478,6 @@ class Client:
         )
         if response.code != 200:
             raise self._refusal(response.code)
-        self._note_token(response)
         try:
             reply = json.loads(answer)
             item = reply["pairs"][0]
@@ -494,6 +493,8 @@ class Client:
             raise RelayError(565, e.detail) from None
         except (ValueError, KeyError, IndexError, TypeError):
             raise RelayError(565, "the relay's pairing answer is malformed") from None
+        # Only a pairing that verified may hand us a re-signed client id.
+        self._note_token(response)
         self.identity = reply["identity"]
         return _Pair(state)
 
