@@ -167,14 +167,16 @@ class InboundTestsMixin(RelayHarness):
             source.seek(0)
             _, echo = await self._echo("PUT", "/echo/upload", "MKE", source)
             self.assertEqual((echo["body_length"], echo["body_sha256"]), (size, digest.hexdigest()))
-        response = await self.client.request("GET", f"/bytes/{size}", encode_type="MTE")
-        received = hashlib.sha256()
-        count = []
-        await response.collect(lambda data: (received.update(data), count.append(len(data))))
-        self.assertEqual((sum(count), received.hexdigest()), (size, pattern_sha256(size)))
+        for target, encode_type in ((f"/bytes/{size}", "MTE"), (f"/bytes/{size}?chunked=1", "MKE")):
+            response = await self.client.request("GET", target, encode_type=encode_type)
+            received = hashlib.sha256()
+            count = []
+            await response.collect(lambda data: (received.update(data), count.append(len(data))))
+            self.assertEqual((sum(count), received.hexdigest()), (size, pattern_sha256(size)), target)
 
     def test_50mb_upload_and_download(self):
-        """A 50 MB upload (MKE) and a 50 MB download (MTE) are relayed exactly."""
+        """A 50 MB upload (MKE) and 50 MB downloads, with a length (MTE: fixed records) and without (MKE: framed
+        records), are relayed exactly."""
         return ensureDeferred(self._big_bodies())
 
     test_50mb_upload_and_download.timeout = 120
