@@ -23,6 +23,7 @@ from twisted.web.http_headers import Headers
 
 from mterelay.client import Client, RelayResponse, _Pool
 from mterelay.codec import CLIENT_ID_HEADER, RELAY_HEADER, RelayIdentity, b64decode, b64encode, relay_pair
+from mterelay.demo import WireRecorder
 from mterelay.errors import RelayError
 from mterelay.keygen import main as keygen
 from mterelay.registry import MemoryRegistry
@@ -339,6 +340,38 @@ class ClientTests(RelayHarness, TestCase):
                 await client.pair("MKE")
             self.assertEqual(ctx.exception.code, 565)
             self.assertEqual(await client._client_token(), TOKEN.decode())
+
+        return ensureDeferred(run())
+
+    def test_client_id_injected_on_the_way_is_not_taken(self):
+        """
+        A foreign (well-formed) client id added on the way to a genuine pairing answer and to a genuine message
+        answer is not taken: every request succeeds, in both encodings (taking it had every later MKE request refused
+        566, for good).
+        """
+        other = b"C" * 22 + b"." + b"D" * 43
+
+        class Injector(WireRecorder):
+            armed = False
+
+            def rewrite(self, direction, data):
+                # Last among the answer's headers: the one a client reads.
+                if self.armed and direction == "<" and data.startswith(b"HTTP/1.1 200 OK\r\n"):
+                    return data.replace(b"\r\n\r\n", b"\r\n" + CLIENT_ID_HEADER + b": " + other + b"\r\n\r\n", 1)
+                return data
+
+        async def run():
+            port = int(self.relay_url.rsplit(":", 1)[1])
+            injector = Injector("127.0.0.1", port)
+            client = self.client(f"http://127.0.0.1:{await serve(self, injector)}")
+            # Discovery, the one answer that may hand out a new id, is left alone; every later answer is tampered with.
+            await client._client_token()
+            mine, injector.armed = client._token, True
+            for encode_type in ("MKE", "MTE", "MKE", "MTE"):
+                response = await client.request("GET", "/echo/x", encode_type=encode_type)
+                self.assertEqual(response.code, 200, encode_type)
+                await response.content()
+            self.assertEqual(client._token, mine)
 
         return ensureDeferred(run())
 

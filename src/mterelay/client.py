@@ -414,10 +414,11 @@ class Client:
     def _bounded(self, d):
         return d.addTimeout(self._timeout, self._clock, onTimeoutCancel=_late)
 
-    def _note_token(self, response):
+    def _note_token(self, response, discovery=False):
         """
-        Take the client id an answer hands out; True if it had a well-formed one. A malformed one is ignored: the
-        header is not authenticated, and adopting it would break every later request.
+        Take the client id an answer hands out; True if it was taken. The header is not authenticated: a malformed
+        one is ignored, and only discovery takes a new id. Any other answer may only re-sign the id we hold (the
+        relay's secret rotated), else anyone on the way could swap it and have every later request refused 566.
         """
         token = response.headers.getRawHeaders(CLIENT_ID_HEADER, [b""])[-1].decode("latin-1")
         client_id, _, signature = token.partition(".")
@@ -426,6 +427,8 @@ class Client:
         except CodecError:
             return False
         if not _SIGNATURE.fullmatch(signature):
+            return False
+        if not discovery and (self._token is None or self._token.partition(".")[0] != client_id):
             return False
         self._token = token
         return True
@@ -457,7 +460,7 @@ class Client:
     async def _discover(self):
         # No redirects here or in pairing: the relay is the configured origin, never wherever an answer points.
         response, _ = await self._exchange(self._agent.request(b"HEAD", self._url(b"/api/mte-relay")))
-        if response.code != 200 or not self._note_token(response):
+        if response.code != 200 or not self._note_token(response, discovery=True):
             raise RelayError(
                 502, f"{self.relay} is not an mterelay relay (HEAD /api/mte-relay answered {response.code})"
             )
