@@ -510,6 +510,20 @@ class FramedBodyTests(CodeAssertions, SynchronousTestCase):
             self.assertCode(562, decoder.feed, head)
             self.assertCode(562, decoder.feed, b"")
 
+    def test_fed_a_byte_at_a_time_from_a_reused_buffer(self):
+        """A framed body fed a byte at a time through one reused bytearray (as a reader refilling its buffer) opens
+        whole: what the decoder keeps of an incomplete frame is its own copy."""
+        _, _, _, cresp, _, rresp = message(*PAIRS["MTE"])
+        data = os.urandom(2 * SMALL + 5)
+        encoded = framed(rresp, [data[:7], data[7:]])
+        decoder = cresp.body_decoder(b"", SMALL, framed=True)
+        buffer = bytearray(1)
+        out = []
+        for byte in encoded:
+            buffer[0] = byte
+            out += decoder.feed(memoryview(buffer))
+        self.assertEqual(b"".join(out + decoder.finish()), data)
+
     def test_binding_mismatch_rejected(self):
         """A framed body sealed for one response binding does not open under another."""
         _, _, _, cresp, _, rresp = message(*PAIRS["MKE"])

@@ -370,22 +370,33 @@ class FramedDecoder(_Framed):
     record, and a stream without one. Holds at most one incomplete frame.
     """
 
-    __slots__ = ("_rest", "_ended")
+    __slots__ = ("_rest", "_rest_size", "_wanted", "_ended")
     _OPENS = True
 
     def __init__(self, keys, binding, record_size):
         super().__init__(keys, binding, record_size)
-        self._rest = b""
+        # The start of an incomplete frame, in the pieces it came in, joined once ``_wanted`` bytes are in (the
+        # frame's size, or its head's while that is incomplete): a frame fed a byte at a time costs one join, not one
+        # per feed.
+        self._rest = []
+        self._rest_size = 0
+        self._wanted = 0
         self._ended = False
 
     def feed(self, data):
         self._check_open()
         if self._rest:
-            data, self._rest = self._rest + data, b""
+            self._rest.append(bytes(data))  # a copy of a mutable buffer, which its caller may reuse
+            self._rest_size += len(data)
+            if self._rest_size < self._wanted:
+                return []
+            data = b"".join(self._rest)
+            self._rest.clear()
         view = memoryview(data).cast("B")
         size = len(view)
         out = []
         pos = 0
+        wanted = FRAME_HEAD
         try:
             while pos < size:
                 if self._ended:
@@ -398,13 +409,16 @@ class FramedDecoder(_Framed):
                     raise self._failed("framed body: impossible frame head")
                 end = pos + FRAME_HEAD + length
                 if end > size:
+                    wanted = FRAME_HEAD + length
                     break
                 out.append(self._apply(final, view[pos + FRAME_HEAD : end]))
                 self._ended = final == 1
                 pos = end
         except InvalidTag:
             raise self._failed() from None
-        self._rest = bytes(view[pos:])
+        if pos < size:
+            self._rest.append(bytes(view[pos:]))
+            self._rest_size, self._wanted = size - pos, wanted
         return out
 
     def finish(self):
