@@ -55,6 +55,7 @@ INPUTS = {
     "exact_body_length": 131072,
     "streamed_status": 200,
     "streamed_pieces": ["data: 1\n\n", "data: 2\n\n"],
+    "streamed_long_piece_length": 131073,
 }
 
 
@@ -141,13 +142,23 @@ def _streamed_body(inputs, relay_keys, client_keys):
     """
     flags = (False, True, True, True)
     binding = response_binding(inputs["streamed_status"], flags)
-    encoder = relay_keys.body_encoder(binding, framed=True)
-    pieces = [piece.encode("utf-8") for piece in inputs["streamed_pieces"]]
-    body = b"".join([item for piece in pieces for item in encoder.feed(piece)] + encoder.finish())
-    decoder = client_keys.body_decoder(binding, framed=True)
-    if b"".join(decoder.feed(body) + decoder.finish()) != b"".join(pieces):
-        raise AssertionError("the client does not open the streamed body")
-    return {"binding": binding.hex(), "body": body.hex()}
+
+    def frame(pieces):
+        encoder = relay_keys.body_encoder(binding, framed=True)
+        body = b"".join([item for piece in pieces for item in encoder.feed(piece)] + encoder.finish())
+        decoder = client_keys.body_decoder(binding, framed=True)
+        if b"".join(decoder.feed(body) + decoder.finish()) != b"".join(pieces):
+            raise AssertionError("the client does not open the streamed body")
+        return body
+
+    body = frame([piece.encode("utf-8") for piece in inputs["streamed_pieces"]])
+    long_body = frame([bytes(inputs["streamed_long_piece_length"])])
+    return {
+        "binding": binding.hex(),
+        "body": body.hex(),
+        "long_body_length": len(long_body),
+        "long_body_sha256": hashlib.sha256(long_body).hexdigest(),
+    }
 
 
 def _sealed_body(keys, length):
