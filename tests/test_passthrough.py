@@ -338,6 +338,20 @@ class MisbehavingUpstreamTests(PassThroughTestCase):
             self.assertFalse(response.headers.hasHeader(name), name)
 
     @inlineCallbacks
+    def test_empty_and_odd_connection_list_elements(self):
+        """Empty elements in the upstream's Connection list (RFC 9110 5.6.1: a recipient accepts them) and elements
+        that are no header name are skipped: the answer passes (it was a 502, and its connection was left unread)."""
+        answers = {
+            b"/%d" % i: b"HTTP/1.1 200 OK\r\nConnection: %s\r\nX-Kept: k\r\nContent-Length: 2\r\n\r\nok" % value
+            for i, value in enumerate((b"keep-alive,", b"close, ", b",close", b"", b"close, x y"))
+        }
+        relay = yield self.raw_relay(answers)
+        for path in answers:
+            response = yield self.request(relay, "GET", path.decode())
+            self.assertEqual((response.code, (yield readBody(response))), (200, b"ok"), path)
+            self.assertEqual(response.headers.getRawHeaders(b"x-kept"), [b"k"], path)
+
+    @inlineCallbacks
     def test_bodiless_answers_keep_the_upstreams_length_or_none(self):
         """
         A 304 carries the upstream's Content-Length (the length the 200 would have had, RFC 9110 8.6) or none, like

@@ -31,6 +31,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import Interface, implementer
 
+from mterelay.codec import is_token
 from mterelay.errors import RelayError
 
 log = Logger()
@@ -124,7 +125,7 @@ class _BoundedHeadProtocol(HTTP11ClientProtocol):
         if response.code == 304:
             # RFC 9110 8.6: the length the 200 would have had (Twisted makes this exception only for HEAD).
             length = connection.getRawHeaders(b"content-length")
-            if length:
+            if length and length[-1].isdigit():
                 response.headers.setRawHeaders(b"content-length", length[-1:])
         # RFC 9110 7.6.1: the names Connection lists are this hop's, never passed on.
         for name in _listed(connection.getRawHeaders(b"connection", ())):
@@ -202,8 +203,12 @@ def make_agent(reactor, pool):
 
 
 def _listed(values):
-    """The lower-case names that Connection header values list (hop-by-hop for this message)."""
-    return {name.strip().lower() for value in values for name in value.split(b",")}
+    """
+    The lower-case names that Connection header values list (hop-by-hop for this message). Empty list elements are
+    allowed (RFC 9110 5.6.1: ``close, ``) and anything that is no header name cannot name a header: both are skipped.
+    """
+    names = (name.strip().lower() for value in values for name in value.split(b","))
+    return {name for name in names if is_token(name.decode("latin-1"))}
 
 
 def _passes(lower, listed, drop):
