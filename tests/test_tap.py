@@ -154,6 +154,8 @@ class MakeServiceTests(SynchronousTestCase):
             with self.assertRaises(SystemExit) as caught:
                 relay.privilegedStartService()
             self.assertEqual(caught.exception.code, status)
+            # Also an Exception: what a daemonizing twistd reports to the process that launched it.
+            self.assertIsInstance(caught.exception, Exception)
             line = stderr.getvalue()
             self.assertTrue(line.startswith(f"mterelay: error: cannot listen on {description!r}: "), line)
             self.assertIn(reason, line)
@@ -245,6 +247,27 @@ class TwistdTests(SynchronousTestCase):
         self.assertEqual(result.returncode, 2)
         self.assertTrue(result.stderr.startswith("mterelay: error: HEADERS (environment): not a JSON object"))
         self.assertEqual(len(result.stderr.splitlines()), 1)
+
+    def test_daemon_that_cannot_listen_says_so_and_exits(self):
+        """twistd run as a daemon (no --nodaemon) on a port in use: the launching process exits 1 at once naming the
+        cause, and the pid file is gone (it used to wait for its child for ever)."""
+        probe = socket.socket()
+        self.addCleanup(probe.close)
+        probe.bind(("127.0.0.1", 0))
+        probe.listen()
+        cwd = os.path.abspath(self.mktemp())
+        os.makedirs(cwd)
+        env = dict(os.environ, **ENV)
+        pidfile = os.path.join(cwd, "twistd.pid")
+        result = subprocess.run(
+            [os.path.join(os.path.dirname(sys.executable), "twistd"), f"--pidfile={pidfile}",
+             f"--logfile={os.path.join(cwd, 'twistd.log')}", "mterelay",
+             "--listen", f"tcp:{probe.getsockname()[1]}:interface=127.0.0.1"],
+            env=env, cwd=cwd, capture_output=True, text=True, timeout=30,
+        )
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("ListenFailed: [Errno 98] Address already in use (listening on", result.stdout + result.stderr)
+        self.assertFalse(os.path.exists(pidfile))
 
     def test_out_of_range_ports(self):
         """A PORT or LISTEN port beyond 65535 exits 2 with one line (not an OverflowError traceback and status 1,

@@ -202,6 +202,21 @@ class DrainingService(MultiService):
         return stopping.addCallback(drain).addCallback(drained)
 
 
+class ListenFailed(SystemExit, Exception):
+    """
+    A port could not be listened on (the text says why). A ``SystemExit``, so that ``twistd --nodaemon`` exits with
+    ``code`` and no traceback; also an ``Exception``, the only kind a daemonizing twistd hands to the process that
+    launched it (which otherwise waits for its child's word for ever).
+    """
+
+    def __init__(self, code, reason):
+        super().__init__(code)
+        self.reason = reason
+
+    def __str__(self):
+        return self.reason
+
+
 class ListeningService(StreamServerEndpointService):
     """
     Listens on one endpoint (``description``) and, when it cannot, stops twistd with one line on ``stderr``: status 1
@@ -223,7 +238,9 @@ class ListeningService(StreamServerEndpointService):
             reason = getattr(e, "socketError", e)
             self._stderr.write(f"mterelay: error: cannot listen on {self.description!r}: {reason}\n")
             self._stderr.flush()
-            raise SystemExit(1 if getattr(reason, "errno", None) == errno.EADDRINUSE else 2) from None
+            # The cause first: a daemonizing twistd passes on only the first 100 bytes.
+            code = 1 if getattr(reason, "errno", None) == errno.EADDRINUSE else 2
+            raise ListenFailed(code, f"{reason} (listening on {self.description!r})") from None
 
 
 class StopInOrder(MultiService):
