@@ -159,7 +159,9 @@ else
 fi
 
 [ -z "$signalled" ] || exit "$signalled"
-"${relay[@]}" "$@" &
+# The relay ignores INT (as a background job would) and HUP: closing the terminal sends the whole group a HUP,
+# which would kill twistd at once; the HUP trap above stops it through its drain instead.
+(trap '' HUP INT && exec "${relay[@]}" "$@") &
 relay_pid=$!
 # A signal that came before relay_pid was set found nothing to stop.
 [ -z "$signalled" ] || stop_relay

@@ -216,6 +216,14 @@ class RunScriptTests(SynchronousTestCase):
     def test_stop_waits_for_the_drain(self):
         """On SIGTERM run.sh waits while the relay drains: a request in flight still gets its answer, and run.sh
         exits only after it."""
+        self.assert_drains(lambda process: os.kill(process.pid, signal.SIGTERM))
+
+    def test_closed_terminal_drains_too(self):
+        """Closing the terminal (SIGHUP to the whole group) drains the relay like a Ctrl-C, instead of killing it
+        with the request in flight (twistd does not handle SIGHUP: the relay must not get it)."""
+        self.assert_drains(lambda process: os.killpg(process.pid, signal.SIGHUP))
+
+    def assert_drains(self, stop):
         server, url = self.upstream()
         port = free_port()
         process = self.start(UPSTREAM=url, PASS_THROUGH_ROUTES="/slow", PORT=str(port))
@@ -227,7 +235,7 @@ class RunScriptTests(SynchronousTestCase):
         deadline = time.monotonic() + 5
         while not server.paths and time.monotonic() < deadline:
             time.sleep(0.05)
-        os.kill(process.pid, signal.SIGTERM)
+        stop(process)
         process.wait(15)
         request.join(10)
         self.assertEqual(answers, [(200, b'{"path": "/slow"}')])
