@@ -257,6 +257,27 @@ class BodyProducerTests(SynchronousTestCase):
         self.run_clock()
         self.assertNoResult(done)
 
+    def test_failing_source_without_closed_reports_its_error(self):
+        """A body source that is only ``read``/``seek`` (what the client takes) and fails mid-read fails the upload
+        with its own error, not an AttributeError for the ``closed`` it does not have."""
+
+        class Broken:
+            def __init__(self):
+                self.reads = 0
+
+            def read(self, size):
+                self.reads += 1
+                if self.reads > 1:
+                    raise OSError("disk gone")
+                return b"x" * size
+
+            def seek(self, *args):
+                pass
+
+        done = RequestBodyProducer(Broken(), 1_000_000, None, self.cooperator).startProducing(StringTransport())
+        self.run_clock()
+        self.assertEqual(str(self.failureResultOf(done, OSError).value), "disk gone")
+
     def test_reads_whole_records_of_a_block_transform(self):
         """A codec decoder is fed one whole encoded record per read (its read_size), so no record is joined."""
         keys = message_keys()

@@ -387,7 +387,7 @@ class RequestBodyProducer:
         def stopped(reason):
             # The agent stopped us (it reports the failure itself), or the request was over (twisted.web closed its
             # body file) while the upload still went on: either way this Deferred must never fire.
-            if not (reason.check(task.TaskStopped) or self._source.closed):
+            if not (reason.check(task.TaskStopped) or getattr(self._source, "closed", False)):
                 return reason
             return Deferred()
 
