@@ -217,6 +217,15 @@ class CorsTests(RouterTestCase):
             names = [name.lower() for name, _ in request.responseHeaders.getAllRawHeaders()]
             self.assertFalse([n for n in names if n.startswith(b"access-control-allow")])
 
+    def test_vary_origin_whenever_origins_are_granted(self):
+        """With CORS_ORIGINS set every answer (to another origin, or to none) says Vary: Origin, so that a cache never
+        hands an answer without the grant to an allowed origin; without CORS_ORIGINS none does."""
+        for sent in ([(b"origin", b"https://evil.example")], []):
+            request, _ = self.render(b"/api/mte-echo", sent=sent, cors_origins=("https://app.example",))
+            self.assertEqual(request.responseHeaders.getRawHeaders(b"vary"), [b"Origin"], sent)
+        request, _ = self.render(b"/api/mte-echo", sent=[(b"origin", b"https://evil.example")])
+        self.assertFalse(request.responseHeaders.hasHeader(b"vary"))
+
     def test_simple_request_from_allowed_origin(self):
         """A normal request from an allowed origin is answered with the grant and Vary: Origin."""
         request, _ = self.render(b"/api/mte-echo", sent=[(b"origin", self.ORIGIN)], cors_origins=("https://app.example",))

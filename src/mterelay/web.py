@@ -594,13 +594,16 @@ class Router(Resource):
             return error_response(request, e)
 
     def _cors(self, request):
+        if self._cors_origins:
+            # Every answer depends on Origin once any is granted: a cache must not give one origin's answer (or an
+            # answer to no origin) to another.
+            request.responseHeaders.addRawHeader(b"vary", b"Origin")
         origin = request.getHeader(b"origin")
         if origin not in self._cors_origins:
             return False
         request.setHeader(b"access-control-allow-origin", origin)
         request.setHeader(b"access-control-allow-credentials", b"true")
         request.setHeader(b"access-control-expose-headers", CORS_EXPOSE_HEADERS)
-        request.responseHeaders.addRawHeader(b"vary", b"Origin")
         return True
 
     def _preflight(self, request, granted):
