@@ -199,6 +199,26 @@ class InboundTestsMixin(RelayHarness):
             await done.addTimeout(5, reactor)
             await arrivals.until(b"data: 0\n\ndata: 1\n\ndata: 2\n\n")
 
+    async def _quiet_stream(self):
+        for encode_type in ("MKE", "MTE"):
+            # The head arrives while the upstream has sent nothing else (a long poll): bounded well below 30 s.
+            response = await self.client.request("GET", "/events?quiet=1", encode_type=encode_type).addTimeout(
+                5, reactor
+            )
+            self.assertEqual(response.code, 200)
+            done = response.content()
+            stream = self.upstream.streams[-1]
+            stream.write(b"data: late\n\n")
+            stream.finish()
+            self.assertEqual(await done.addTimeout(5, reactor), b"data: late\n\n")
+
+    def test_stream_head_arrives_before_its_first_event(self):
+        """
+        The head of an answer without Content-Length reaches the client as soon as the upstream sent it, before any
+        body (a long poll, an event stream that is quiet at first), in both encodings.
+        """
+        return ensureDeferred(self._quiet_stream())
+
     def test_event_stream_arrives_as_sent(self):
         """
         An answer without Content-Length (an event stream) reaches the client event by event while the upstream

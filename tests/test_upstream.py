@@ -479,9 +479,10 @@ class StreamResponseTests(SynchronousTestCase):
         self.assertEqual(b"".join(request.written), b"FINE")
 
     def test_failure_before_anything_written_left_to_the_caller(self):
-        """A transform error on the first data, before any of the answer went out, stops the upstream but leaves the
-        client connection alone, so that the caller can answer the error instead of a bare reset."""
-        response = FakeResponse()
+        """A transform error on the first data of an answer with a length, before any of it went out, stops the
+        upstream but leaves the client connection alone, so that the caller can answer the error instead of a bare
+        reset."""
+        response = FakeResponse(length=10)
         request = client_request()
         done = stream_response(response, request, Upper(fail_on=b"!"))
         response.protocol.dataReceived(b"!")
@@ -489,6 +490,15 @@ class StreamResponseTests(SynchronousTestCase):
         self.assertTrue(response.transport.stopped)
         self.assertFalse(request.transport.disconnecting)
         self.assertEqual((request.written, request.finished), ([], 0))
+
+    def test_stream_head_goes_out_at_once(self):
+        """The head of an answer without a length (a stream, which may stay quiet) is written before any body
+        arrives; one with a length waits for its first bytes (so that an early failure can still be answered)."""
+        for length, started in ((UNKNOWN_LENGTH, True), (10, False)):
+            request = client_request()
+            stream_response(FakeResponse(length=length), request)
+            self.assertEqual(bool(request.startedWriting), started, length)
+            self.assertEqual(b"".join(request.written), b"")
 
     def test_client_gone_stops_upstream(self):
         """A client disconnect stops reading the upstream body."""

@@ -163,10 +163,10 @@ class _Upstream(Resource):
             request.defaultContentType = None
             return b"<b>not a page</b>"
         elif route == "events":
-            # An event stream without Content-Length: its first event at once, the rest as the test writes them to
-            # ``streams`` (and finishes it).
+            # An event stream without Content-Length: its first event at once (with ``quiet``: only its head), the
+            # rest as the test writes them to ``streams`` (and finishes it).
             request.setHeader(b"content-type", b"text/event-stream")
-            request.write(b"data: 0\n\n")
+            request.write(b"" if "quiet" in query else b"data: 0\n\n")
             self._owner.streams.append(request)
             return server.NOT_DONE_YET
         elif route == "stall":

@@ -595,6 +595,10 @@ def stream_response(response, request, transform=None, clock=None, idle_timeout=
         stalled, the transform raised, or the client went away. If part of the answer was written by then, the client
         connection is aborted (never silently truncated); if not, the request is left for the caller to answer.
     """
+    if response.length is UNKNOWN_LENGTH:
+        # A stream (server-sent events, a long poll) may send nothing for a while: its head goes out now, as the
+        # upstream sent it (twisted.web would hold it until the first body bytes), so the client sees it open.
+        request.write(b"")
     done = Deferred()
     relay = _BodyRelay(request, transform, done, clock, idle_timeout)
     request.notifyFinish().addErrback(lambda _: relay.stopProducing())
