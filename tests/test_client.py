@@ -151,6 +151,38 @@ class ClientTests(RelayHarness, TestCase):
 
         return ensureDeferred(run())
 
+    def test_cli_shows_a_stream_as_it_arrives(self):
+        """The CLI writes each piece of an event stream out as it arrives (its output a pipe, Python unbuffered or
+        not), like curl: the first event shows while the stream is still open."""
+        first, ended = Deferred(), Deferred()
+
+        class Reader(ProcessProtocol):
+            out = b""
+
+            def childDataReceived(self, fd, data):
+                if fd == 1:
+                    self.out += data
+                    if b"data: 0" in self.out and not first.called:
+                        first.callback(None)
+
+            def processEnded(self, reason):
+                ended.callback((reason.value.exitCode, self.out))
+
+        async def run():
+            env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+            args = (sys.executable, "-m", "mterelay.client", self.relay_url + "/events", "-i")
+            reactor.spawnProcess(Reader(), sys.executable, args, env=env)
+            await first.addTimeout(20, reactor)
+            stream = self.upstream.streams[-1]
+            stream.write(b"data: 1\n\n")
+            stream.finish()
+            code, out = await ended.addTimeout(20, reactor)
+            self.assertEqual(code, 0)
+            self.assertTrue(out.startswith(b"HTTP 200 OK\r\n"), out)
+            self.assertTrue(out.endswith(b"\r\n\r\ndata: 0\n\ndata: 1\n\n"), out)
+
+        return ensureDeferred(run())
+
     def test_cli_reader_going_away_ends_quietly(self):
         """When whatever reads the output closes it early (``| head``), the CLI exits 1 without a traceback."""
         ended = Deferred()

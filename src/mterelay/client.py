@@ -823,14 +823,17 @@ async def _main(reactor, args, out):
             encode_headers=not args.no_encode_headers,
             encode_url=not args.no_encode_url,
         )
+        def show(data):
+            # As curl does: each piece shows as it arrives (an event stream), not once a buffer fills or at the end.
+            out.write(data)
+            out.flush()
+
         if args.include:
-            out.write(b"HTTP %d %s\r\n" % (response.code, response.phrase))
+            head = [b"HTTP %d %s\r\n" % (response.code, response.phrase)]
             for name, values in response.headers.getAllRawHeaders():
-                for value in values:
-                    out.write(name + b": " + value + b"\r\n")
-            out.write(b"\r\n")
-        await response.collect(out.write)
-        out.flush()
+                head += [name + b": " + value + b"\r\n" for value in values]
+            show(b"".join(head) + b"\r\n")
+        await response.collect(show)
     except RelayError as e:
         raise SystemExit(f"mterelay.client: error: {e.code} {e.detail}") from None
     except (ConnectError, DNSLookupError) as e:
