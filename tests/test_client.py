@@ -407,6 +407,41 @@ class ClientTests(RelayHarness, TestCase):
 
         return ensureDeferred(run())
 
+    def test_late_566_keeps_the_client_id_taken_since(self):
+        """A 566 that answers a pairing sent under a client id the client has since dropped and replaced (another
+        request's 566 came first) does not drop the new id too: requests already under it would fail 566 again."""
+        first, second = b"A" * 22 + b"." + b"B" * 43, b"C" * 22 + b"." + b"D" * 43
+
+        class Relay(Resource):
+            isLeaf = True
+
+            def __init__(self):
+                super().__init__()
+                self.tokens, self.held = [first, second], Deferred()
+
+            def render(self, request):
+                if request.method == b"HEAD":
+                    request.setHeader(CLIENT_ID_HEADER, self.tokens.pop(0))
+                    return b""
+                self.held.callback(request)
+                return NOT_DONE_YET
+
+        async def run():
+            relay = Relay()
+            client = self.client(f"http://127.0.0.1:{await serve(self, Site(relay))}")
+            pairing = ensureDeferred(client.pair("MKE"))
+            held = await relay.held.addTimeout(5, reactor)
+            client._forget_client()
+            self.assertEqual(await client._client_token(), second.decode())
+            held.setResponseCode(566)
+            held.finish()
+            with self.assertRaises(RelayError) as ctx:
+                await pairing
+            self.assertEqual(ctx.exception.code, 566)
+            self.assertEqual(client._token, second.decode())
+
+        return ensureDeferred(run())
+
     def test_relay_at_an_ipv6_literal(self):
         """A relay named by an IPv6 literal (``http://[::1]:port``) is discovered like any other."""
 

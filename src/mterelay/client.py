@@ -480,7 +480,7 @@ class Client:
             self._agent.request(b"POST", self._url(b"/api/mte-pair"), headers, FileBodyProducer(io.BytesIO(body)))
         )
         if response.code != 200:
-            raise self._refusal(response.code)
+            raise self._refusal(response.code, token)
         try:
             reply = json.loads(answer)
             item = reply["pairs"][0]
@@ -501,13 +501,14 @@ class Client:
         self.identity = reply["identity"]
         return _Pair(state)
 
-    def _refusal(self, code):
+    def _refusal(self, code, token):
         """
-        The error for the relay's refusal ``code`` of a message or a pairing. On 566 the relay no longer takes our
-        client id (its secret was rotated, or another relay answers now): it is dropped with its pairs, so that the
-        retry starts from a new one (for a client holding no pair, pairing is where it finds that out).
+        The error for the relay's refusal ``code`` of a message or a pairing sent with ``token``. On 566 the relay no
+        longer takes that client id (its secret was rotated, or another relay answers now): it is dropped with its
+        pairs, so that the retry starts from a new one (for a client holding no pair, pairing is where it finds that
+        out), unless it was dropped already and a new one taken meanwhile, which a late 566 must not drop too.
         """
-        if code == 566:
+        if code == 566 and self._token == token:
             self._forget_client()
         return _answered_error(code)
 
@@ -627,7 +628,7 @@ class Client:
             if response.code == 560:
                 # The relay lost this pair, so most likely the others too (a restart without Redis).
                 pool.discard_idle()
-            refusal = self._refusal(response.code)
+            refusal = self._refusal(response.code, token)
             await self._read_off(response)
             raise refusal
         else:
