@@ -524,6 +524,21 @@ class FramedBodyTests(CodeAssertions, SynchronousTestCase):
             out += decoder.feed(memoryview(buffer))
         self.assertEqual(b"".join(out + decoder.finish()), data)
 
+    def test_small_feeds_hold_little_memory(self):
+        """A frame fed a byte at a time (as a man in the middle may re-chunk it) keeps about one frame in memory, not
+        an object per feed."""
+        _, _, _, cresp, _, rresp = message(*PAIRS["MKE"])
+        data = os.urandom(RECORD_SIZE)
+        encoded = framed(rresp, [data], RECORD_SIZE)
+        decoder = cresp.body_decoder(framed=True)
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        out = [piece for i in range(len(encoded) - 21) for piece in decoder.feed(encoded[i : i + 1])]
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        self.assertLess(peak, 4 * RECORD_SIZE)
+        self.assertEqual(b"".join(out + decoder.feed(encoded[-21:]) + decoder.finish()), data)
+
     def test_binding_mismatch_rejected(self):
         """A framed body sealed for one response binding does not open under another."""
         _, _, _, cresp, _, rresp = message(*PAIRS["MKE"])

@@ -154,9 +154,9 @@ class MessageKeys:
 
 class _Body:
     """What every body transform has: its AEAD call (sealing or opening), the body's associated data, the index of
-    the next record, and whether the stream has ended (finished or failed)."""
+    the next record, whether the stream has ended (finished or failed), and the input held for the next record."""
 
-    __slots__ = ("_transform", "_ad", "_index", "_done")
+    __slots__ = ("_transform", "_ad", "_index", "_done", "_pending", "_pending_size")
 
     #: Whether records are opened (a decoder) rather than sealed.
     _OPENS = False
@@ -168,6 +168,25 @@ class _Body:
         self._ad = keys._ad(_BODY, binding)
         self._index = 0
         self._done = False
+        self._pending = []
+        self._pending_size = 0
+
+    def _hold(self, rest, whole, unit):
+        """
+        Keep ``rest`` (a memoryview of part of the input ``whole``) for the record being gathered, of about ``unit``
+        bytes. A rest of an immutable input that is at least half of it and a sixteenth of ``unit`` is held by
+        reference (network reads of 64 KiB then cost one copy, the join, instead of two); anything else is copied
+        into one growing buffer. So a record is held in at most 33 pieces however it is fed, a reference never keeps
+        a large caller buffer alive for a small rest, and a mutable buffer may be reused by its caller.
+        """
+        pending = self._pending
+        if whole.readonly and 2 * len(rest) >= len(whole) and 16 * len(rest) >= unit:
+            pending.append(rest)
+        elif pending and type(pending[-1]) is bytearray:
+            pending[-1] += rest
+        else:
+            pending.append(bytearray(rest))
+        self._pending_size += len(rest)
 
     def _check_open(self):
         if self._done:
@@ -189,13 +208,11 @@ class _Records(_Body):
     from the caller's buffer; only the rest that starts the next record is kept (see ``_hold``) and joined once.
     """
 
-    __slots__ = ("_step", "_pending", "_pending_size")
+    __slots__ = ("_step",)
 
     def __init__(self, keys, binding, record_size):
         super().__init__(keys, binding)
         self._step = record_size + TAG_SIZE if self._OPENS else record_size
-        self._pending = []
-        self._pending_size = 0
 
     @property
     def read_size(self):
@@ -220,7 +237,7 @@ class _Records(_Body):
                 pos = step - self._pending_size
                 if size < pos:
                     if size:
-                        self._hold(view, view)
+                        self._hold(view, view, step)
                     return out
                 self._pending.append(view[:pos])
                 out.append(transform(prefix + index.to_bytes(8, "big"), b"".join(self._pending), ad))
@@ -236,25 +253,8 @@ class _Records(_Body):
         finally:
             self._index = index
         if end < size:
-            self._hold(view[end:], view)
+            self._hold(view[end:], view, step)
         return out
-
-    def _hold(self, rest, whole):
-        """
-        Keep ``rest`` (part of the input ``whole``) for the next record. A rest of an immutable input that is at
-        least half of it and a sixteenth of a record is held by reference (network reads of 64 KiB then cost one
-        copy, the join, instead of two); anything else is copied into one growing buffer. So a record is held in at
-        most 33 pieces however it is fed, a reference never keeps a large caller buffer alive for a small rest, and
-        a mutable buffer may be reused by its caller.
-        """
-        pending = self._pending
-        if whole.readonly and 2 * len(rest) >= len(whole) and 16 * len(rest) >= self._step:
-            pending.append(rest)
-        elif pending and type(pending[-1]) is bytearray:
-            pending[-1] += rest
-        else:
-            pending.append(bytearray(rest))
-        self._pending_size += len(rest)
 
     def finish(self):
         """
@@ -370,28 +370,26 @@ class FramedDecoder(_Framed):
     record, and a stream without one. Holds at most one incomplete frame.
     """
 
-    __slots__ = ("_rest", "_rest_size", "_wanted", "_ended")
+    __slots__ = ("_wanted", "_ended")
     _OPENS = True
 
     def __init__(self, keys, binding, record_size):
         super().__init__(keys, binding, record_size)
-        # The start of an incomplete frame, in the pieces it came in, joined once ``_wanted`` bytes are in (the
-        # frame's size, or its head's while that is incomplete): a frame fed a byte at a time costs one join, not one
-        # per feed.
-        self._rest = []
-        self._rest_size = 0
+        # The start of an incomplete frame is held (``_hold``) and joined once ``_wanted`` bytes are in (the frame's
+        # size, or its head's while that is incomplete): a frame fed a byte at a time costs one join, not one per feed.
         self._wanted = 0
         self._ended = False
 
     def feed(self, data):
         self._check_open()
-        if self._rest:
-            self._rest.append(bytes(data))  # a copy of a mutable buffer, which its caller may reuse
-            self._rest_size += len(data)
-            if self._rest_size < self._wanted:
+        if self._pending:
+            view = memoryview(data).cast("B")
+            self._hold(view, view, self._record_size)
+            if self._pending_size < self._wanted:
                 return []
-            data = b"".join(self._rest)
-            self._rest.clear()
+            data = b"".join(self._pending)
+            self._pending.clear()
+            self._pending_size = 0
         view = memoryview(data).cast("B")
         size = len(view)
         out = []
@@ -417,8 +415,8 @@ class FramedDecoder(_Framed):
         except InvalidTag:
             raise self._failed() from None
         if pos < size:
-            self._rest.append(bytes(view[pos:]))
-            self._rest_size, self._wanted = size - pos, wanted
+            self._hold(view[pos:], view, self._record_size)
+            self._wanted = wanted
         return out
 
     def finish(self):
