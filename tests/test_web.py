@@ -383,6 +383,19 @@ class DrainingServiceTests(SynchronousTestCase):
         self.successResultOf(stopping)
         self.assertEqual(self.closed, [True])
 
+    def test_answer_unfinished_at_drain_timeout_is_aborted(self):
+        """A connection whose answer is still under way when DRAIN_TIMEOUT runs out (a stream) is aborted, so that
+        its client sees a reset, never an end (a FIN would end an HTTP/1.0 body without length)."""
+        channel, transport = connect_channel(self.site, self.clock)
+        # A request still in hand at the deadline (its body half sent), as a stream's answer would be.
+        channel.dataReceived(b"POST /api/mte-pair HTTP/1.1\r\nHost: a\r\nContent-Length: 20\r\n\r\n0123456789")
+        stopping = self.service.stopService()
+        self.clock.advance(9.9)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.1)
+        self.assertTrue(transport.disconnected)
+        self.successResultOf(stopping)
+
 
 class SiteDrainTests(SynchronousTestCase):
     """Draining the site: no connection takes a new request, none is cut off in the middle of one."""

@@ -22,6 +22,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
+from twisted.internet.task import deferLater
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.logger import Logger, LogLevel
 from twisted.web import http, server
@@ -194,12 +195,18 @@ class DrainingService(MultiService):
             return self._site.closed(wait)
 
         def drained(complete):
+            broken = None
             if not complete:
                 log.warn("stopped with {count} requests still in flight", count=len(self._tracker))
+                if self._site is not None:
+                    broken = self._site.break_off()
+            return succeed(None) if broken is None else broken
+
+        def stopped(_):
             if self._on_stopped is not None:
                 return self._on_stopped()
 
-        return stopping.addCallback(drain).addCallback(drained)
+        return stopping.addCallback(drain).addCallback(drained).addCallback(stopped)
 
 
 class ListenFailed(SystemExit, Exception):
@@ -500,6 +507,17 @@ class RelaySite(server.Site):
         self.draining = True
         for channel in list(self.channels):
             channel.drain()
+
+    def break_off(self):
+        """
+        Abort every connection still open (at the end of a drain that ran out of time); fires once the aborts took
+        effect. Closed by the stopping reactor instead, an answer cut short (a stream, or bytes still buffered) would end with a FIN, and an HTTP/1.0
+        client would take a body without length for whole; a reset never passes for an end.
+        """
+        for channel in list(self.channels):
+            channel.transport.abortConnection()
+        # A TCP abort takes effect on the reactor's next turn: the drain (and so the reactor's stop) waits for it.
+        return deferLater(self._clock, 0, lambda: None)
 
     def forget(self, channel):
         """A connection closed."""
