@@ -126,9 +126,9 @@ if [ -z "${arg_upstream+set}" ] && [ -z "${UPSTREAM:-}" ]; then
             "set DEMO_UPSTREAM_PORT to a free port, or UPSTREAM"
     fi
     # From the repository: the caller's directory must not shadow the mterelay package of `python -m`. A subshell
-    # resets the INT trap to the default, not to the ignoring of a background job: ignore it again, so that a Ctrl-C
-    # stops the demo only after the relay's drain, through stop_all.
-    (trap '' INT && cd "$root" && exec "$python" -m mterelay.demo upstream --port "$demo_port") &
+    # resets the INT trap to the default, not to the ignoring of a background job: ignore it again (and a closed
+    # terminal's HUP), so that a Ctrl-C stops the demo only after the relay's drain, through stop_all.
+    (trap '' HUP INT && cd "$root" && exec "$python" -m mterelay.demo upstream --port "$demo_port") &
     demo_pid=$!
     # Ready when it accepts connections while alive (not a server that took the port meanwhile), within 10 s.
     tries=0
