@@ -824,6 +824,7 @@ async def _main(reactor, args, out):
             encode_headers=not args.no_encode_headers,
             encode_url=not args.no_encode_url,
         )
+
         def show(data):
             # As curl does: each piece shows as it arrives (an event stream), not once a buffer fills or at the end.
             out.write(data)

@@ -18,7 +18,14 @@ from mterelay.client import Client
 from mterelay.codec import CodecError, b64decode, is_token
 from mterelay.config import normalize_origin
 from mterelay.errors import CODES, RelayError
-from mterelay.upstream import abort_client, discard_body, end_to_end, merge_end_to_end, stream_response
+from mterelay.upstream import (
+    abort_client,
+    discard_body,
+    end_to_end,
+    merge_end_to_end,
+    stream_response,
+    transformed_length,
+)
 from mterelay.web import ORIGIN_FORM, UPSTREAM_HEADER, send_error
 
 log = Logger()
@@ -166,16 +173,13 @@ class Outbound:
             discard_body(original)
             raise _peer_answered(response.code)
         length = UNKNOWN_LENGTH
-        # A framed (streamed) body has no output length: it goes on chunked, whatever length it came with.
-        output_length = getattr(response.decoder, "output_length", None)
-        if output_length is not None:
-            length = original.length
-            if length is not UNKNOWN_LENGTH:
-                try:
-                    length = output_length(length)
-                except CodecError:
-                    discard_body(original)
-                    raise RelayError(562, "the peer relay's answer has a length no encoded body has") from None
+        if response.decoder is not None and original.length is not UNKNOWN_LENGTH:
+            try:
+                # Unknown for a framed (streamed) body, which goes on chunked whatever length it came with.
+                length = transformed_length(response.decoder, original.length)
+            except CodecError:
+                discard_body(original)
+                raise RelayError(562, "the peer relay's answer has a length no encoded body has") from None
         request.setResponseCode(response.code, response.phrase)
         merge_end_to_end(response.headers, request.responseHeaders)
         if length is not UNKNOWN_LENGTH:

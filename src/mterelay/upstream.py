@@ -345,7 +345,9 @@ def _feed(transform, data):
     return (data,) if transform is None else transform.feed(data)
 
 
-def _output_length(transform, length):
+def transformed_length(transform, length):
+    """The length of a body of ``length`` bytes once through ``transform``, or ``UNKNOWN_LENGTH`` when the transform
+    cannot tell it from the input length (it has no ``output_length``: a framed body)."""
     if transform is None:
         return length
     output_length = getattr(transform, "output_length", None)
@@ -370,7 +372,7 @@ class RequestBodyProducer:
         self._task = None
         self._read_size = getattr(transform, "read_size", READ_SIZE)
         self._small = input_length is not UNKNOWN_LENGTH and input_length <= self._read_size
-        self.length = _output_length(transform, input_length)
+        self.length = transformed_length(transform, input_length)
 
     def startProducing(self, consumer):
         if self._small:
@@ -581,7 +583,7 @@ def copy_response_head(response, request, transform=None):
         # Copied as given: for HEAD and 304 it describes a body that is not sent.
         request.responseHeaders.setRawHeaders(b"content-length", given[-1:])
     elif response.length is not UNKNOWN_LENGTH and not bodiless:
-        length = _output_length(transform, response.length)
+        length = transformed_length(transform, response.length)
         if length is not UNKNOWN_LENGTH:
             request.setHeader(b"content-length", b"%d" % (length,))
 

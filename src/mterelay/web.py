@@ -195,12 +195,10 @@ class DrainingService(MultiService):
             return self._site.closed(wait)
 
         def drained(complete):
-            broken = None
             if not complete:
                 log.warn("stopped with {count} requests still in flight", count=len(self._tracker))
                 if self._site is not None:
-                    broken = self._site.break_off()
-            return succeed(None) if broken is None else broken
+                    return self._site.break_off()
 
         def stopped(_):
             if self._on_stopped is not None:
@@ -511,8 +509,9 @@ class RelaySite(server.Site):
     def break_off(self):
         """
         Abort every connection still open (at the end of a drain that ran out of time); fires once the aborts took
-        effect. Closed by the stopping reactor instead, an answer cut short (a stream, or bytes still buffered) would end with a FIN, and an HTTP/1.0
-        client would take a body without length for whole; a reset never passes for an end.
+        effect. Closed by the stopping reactor instead, an answer cut short (a stream, or bytes still buffered) would
+        end with a FIN, and an HTTP/1.0 client would take a body without length for whole; a reset never passes for an
+        end.
         """
         for channel in list(self.channels):
             channel.transport.abortConnection()

@@ -351,15 +351,18 @@ class FramedEncoder(_Framed):
         view = memoryview(data).cast("B")
         out = []
         for start in range(0, len(view), self._record_size):
-            sealed = self._apply(0, view[start : start + self._record_size])
-            out += (bytes((0,)) + len(sealed).to_bytes(4, "big"), sealed)
+            out += self._frame(0, view[start : start + self._record_size])
         return out
 
     def finish(self):
         self._check_open()
         self._done = True
-        sealed = self._apply(1, b"")
-        return [bytes((1,)) + len(sealed).to_bytes(4, "big"), sealed]
+        return self._frame(1, b"")
+
+    def _frame(self, final, data):
+        """The frame head and the sealed record of ``data``."""
+        sealed = self._apply(final, data)
+        return [bytes((final,)) + len(sealed).to_bytes(4, "big"), sealed]
 
 
 class FramedDecoder(_Framed):
