@@ -498,15 +498,25 @@ class _FailingBalancer(Resource):
 
 
 class BalancerTests(RelayHarness, TestCase):
-    async def _through(self, method="GET", path="/echo/x", **answer):
-        """The application's status, headers and body for a request through A and a balancer answering ``answer``."""
+    async def _chain(self, **answer):
+        """
+        Relay B behind a balancer answering ``answer`` (see ``_FailingBalancer``) and relay A reaching it: a function
+        sending the application's request through them (``encode_type``, ``method`` and ``path`` as given).
+        """
         self.upstream = await self.start_upstream()
         b_url, _, _ = await self.start_relay(self.upstream.url)
         peer = f"http://127.0.0.1:{await serve(self, Site(_FailingBalancer(b_url, self, **answer)))}"
         a_url, _, _ = await self.start_relay(self.upstream.url, outbound_token=TOKEN, allowed_peers=(peer,))
-        response = await HTTPClient(agent(self)).request(
-            method, a_url + path, headers={"x-mte-outbound-token": TOKEN, "x-mte-upstream": peer}
-        )
+
+        def send(path, method="GET", encode_type="MKE"):
+            headers = {"x-mte-outbound-token": TOKEN, "x-mte-upstream": peer, "x-mte-encode-type": encode_type}
+            return HTTPClient(agent(self)).request(method, a_url + path, headers=headers)
+
+        return send
+
+    async def _through(self, method="GET", path="/echo/x", **answer):
+        """The application's status, headers and body for a request through A and a balancer answering ``answer``."""
+        response = await (await self._chain(**answer))(path, method)
         return response.code, response.headers, await response.content()
 
     def test_chunked_error_from_a_balancer_between_the_relays(self):
@@ -540,16 +550,9 @@ class BalancerTests(RelayHarness, TestCase):
         """
 
         async def run():
-            upstream = await self.start_upstream()
-            b_url, _, _ = await self.start_relay(upstream.url)
-            balancer = _FailingBalancer(b_url, self, code=None, damage=_cut_after_two_records)
-            peer = f"http://127.0.0.1:{await serve(self, Site(balancer))}"
-            a_url, _, _ = await self.start_relay(upstream.url, outbound_token=TOKEN, allowed_peers=(peer,))
+            send = await self._chain(code=None, damage=_cut_after_two_records)
             for encode_type in ("MKE", "MTE"):
-                response = await HTTPClient(agent(self)).get(
-                    a_url + "/bytes/300000",
-                    headers={"x-mte-outbound-token": TOKEN, "x-mte-upstream": peer, "x-mte-encode-type": encode_type},
-                )
+                response = await send("/bytes/300000", encode_type=encode_type)
                 self.assertEqual((response.code, response.length), (200, 2 * RECORD_SIZE), encode_type)
                 received = []
                 await self.assertFailure(treq.collect(response, received.append), ResponseFailed)
@@ -564,16 +567,9 @@ class BalancerTests(RelayHarness, TestCase):
         """
 
         async def run():
-            upstream = await self.start_upstream()
-            b_url, _, _ = await self.start_relay(upstream.url)
-            balancer = _FailingBalancer(b_url, self, code=None, damage=_drop_the_final_frame)
-            peer = f"http://127.0.0.1:{await serve(self, Site(balancer))}"
-            a_url, _, _ = await self.start_relay(upstream.url, outbound_token=TOKEN, allowed_peers=(peer,))
+            send = await self._chain(code=None, damage=_drop_the_final_frame)
             for encode_type in ("MKE", "MTE"):
-                response = await HTTPClient(agent(self)).get(
-                    a_url + "/bytes/300000?chunked=1",
-                    headers={"x-mte-outbound-token": TOKEN, "x-mte-upstream": peer, "x-mte-encode-type": encode_type},
-                )
+                response = await send("/bytes/300000?chunked=1", encode_type=encode_type)
                 self.assertEqual(response.code, 200, encode_type)
                 self.assertFalse(response.headers.hasHeader(b"content-length"))
                 received = []
