@@ -78,7 +78,7 @@ accepts() {  # whether something accepts TCP connections on 127.0.0.1:$1
     (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
 }
 
-# One TERM, twistd's graceful stop: a second one, during its drain, only logs a ReactorNotRunning traceback.
+# One TERM, twistd's graceful stop (a second one during its drain would only be logged).
 stop_relay() {
     if [ -n "$relay_pid" ] && [ -z "$relay_stopped" ]; then
         relay_stopped=1

@@ -43,17 +43,30 @@ def get(url, timeout=5):
         return e.code, e.read()
 
 
+def _outcome(url):
+    """``get(url, timeout=10)``, or the OSError it raised."""
+    try:
+        return get(url, timeout=10)
+    except OSError as e:
+        return e
+
+
 class _Upstream(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         self.server.paths.append(self.path)
-        if self.path.startswith("/slow"):
+        if self.path.startswith("/slower"):
+            time.sleep(8)
+        elif self.path.startswith("/slow"):
             time.sleep(1.5)
         body = json.dumps({"path": self.path}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        try:
+            self.wfile.write(body)
+        except ConnectionError:
+            pass  # the relay broke the request off (a drain cut short)
 
     def log_message(self, *args):
         pass
@@ -223,23 +236,71 @@ class RunScriptTests(SynchronousTestCase):
         with the request in flight (twistd does not handle SIGHUP: the relay must not get it)."""
         self.assert_drains(lambda process: os.killpg(process.pid, signal.SIGHUP))
 
+    def test_term_to_the_whole_group_drains_quietly(self):
+        """A TERM to run.sh's whole group reaches the relay twice (from the kill, and from run.sh passing it on): the
+        relay still drains, the request in flight gets its answer, and the second TERM is only logged, without
+        the stopping reactor's ReactorNotRunning traceback."""
+        self.assert_drains(lambda process: os.killpg(process.pid, signal.SIGTERM))
+
+    def test_second_ctrl_c_breaks_the_drain_off(self):
+        """Run on a --config file, run.sh becomes twistd itself, which gets a terminal's Ctrl-C: the first one starts
+        the drain, a second one breaks it off at once (the client in flight sees its connection broken, not an
+        answer), with one line saying so and no traceback."""
+        server, url = self.upstream()
+        port = free_port()
+        cwd = os.path.abspath(self.mktemp())
+        os.makedirs(cwd)
+        with open(os.path.join(cwd, "relay.yaml"), "w", encoding="utf-8") as f:
+            f.write(f"upstream: {url}\nclientIdSecret: {SECRET}\nport: {port}\npassThroughRoutes: [/slower]\n")
+        process = self.start(["--config", "relay.yaml"], cwd=cwd)
+        self.wait_served(process, port)
+        answers = self.request_in_flight(server, f"http://127.0.0.1:{port}/slower")
+        os.killpg(process.pid, signal.SIGINT)
+        self.wait_logged(process, "draining 1 in-flight requests")
+        started = time.monotonic()
+        os.killpg(process.pid, signal.SIGINT)
+        process.wait(15)
+        self.assertLess(time.monotonic() - started, 5)
+        output = self.output(process)
+        self.assertIn("drain broken off with 1 requests in flight", output)
+        self.assertNotIn("Traceback", output)
+        answers.join(10)
+        self.assertEqual(len(answers.results), 1)
+        self.assertIsInstance(answers.results[0], OSError)
+        self.assertGroupGone(process)
+
+    def request_in_flight(self, server, url):
+        """A GET of ``url`` in a thread, once the upstream has it; the thread's ``results`` gets (status, body) or the
+        OSError it failed with."""
+        thread = threading.Thread(target=lambda: thread.results.append(_outcome(url)))
+        thread.results = []
+        thread.start()
+        self.addCleanup(thread.join, 10)
+        deadline = time.monotonic() + 5
+        while not server.paths and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return thread
+
+    def wait_logged(self, process, text):
+        """Wait (at most 10 s) until ``text`` is in the output."""
+        deadline = time.monotonic() + 10
+        while text not in self.output(process):
+            self.assertLess(time.monotonic(), deadline, self.output(process)[-2000:])
+            time.sleep(0.05)
+
     def assert_drains(self, stop):
         server, url = self.upstream()
         port = free_port()
         process = self.start(UPSTREAM=url, PASS_THROUGH_ROUTES="/slow", PORT=str(port))
         self.wait_served(process, port)
-        answers = []
-        request = threading.Thread(target=lambda: answers.append(get(f"http://127.0.0.1:{port}/slow", timeout=10)))
-        request.start()
-        self.addCleanup(request.join, 10)
-        deadline = time.monotonic() + 5
-        while not server.paths and time.monotonic() < deadline:
-            time.sleep(0.05)
+        answers = self.request_in_flight(server, f"http://127.0.0.1:{port}/slow")
         stop(process)
         process.wait(15)
-        request.join(10)
-        self.assertEqual(answers, [(200, b'{"path": "/slow"}')])
-        self.assertIn("draining 1 in-flight requests", self.output(process))
+        answers.join(10)
+        self.assertEqual(answers.results, [(200, b'{"path": "/slow"}')])
+        output = self.output(process)
+        self.assertIn("draining 1 in-flight requests", output)
+        self.assertNotIn("Traceback", output)
         self.assertGroupGone(process)
 
     def test_configuration_error_is_the_exit_status(self):

@@ -5,6 +5,7 @@ import json
 from twisted.application.service import Service
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
@@ -21,6 +22,7 @@ from mterelay.web import (
     InFlight,
     RelaySite,
     StopInOrder,
+    StopSignals,
     build_resource,
     compile_routes,
     decoded_path,
@@ -395,6 +397,136 @@ class DrainingServiceTests(SynchronousTestCase):
         self.clock.advance(0.1)
         self.assertTrue(transport.disconnected)
         self.successResultOf(stopping)
+
+    def test_hurry_breaks_the_drain_off(self):
+        """``hurry`` (a second Ctrl-C) ends the drain at once: the connection with an answer still under way is
+        aborted (its client sees a reset, never an end) and the close hook runs, long before DRAIN_TIMEOUT."""
+        channel, transport = connect_channel(self.site, self.clock)
+        channel.dataReceived(b"POST /api/mte-pair HTTP/1.1\r\nHost: a\r\nContent-Length: 20\r\n\r\n0123456789")
+        stopping = self.service.stopService()
+        self.clock.advance(1)
+        self.service.hurry()
+        self.clock.advance(0)
+        self.assertTrue(transport.disconnected)
+        self.successResultOf(stopping)
+        self.assertEqual(self.closed, [True])
+        # The drain's own timers are gone (what is left are the aborted channel's, which a StringTransport keeps).
+        self.assertEqual([c for c in self.clock.getDelayedCalls() if getattr(c.func, "__self__", None) is not channel],
+                         [])
+
+    def test_hurry_while_connections_flush(self):
+        """Once every request is answered, ``hurry`` also cuts short the wait for connections to send their last
+        bytes."""
+        channel, stopping = self._stop_with_open_connection()
+        self.service.hurry()
+        self.clock.advance(0)
+        self.assertTrue(channel.transport.disconnected)
+        self.successResultOf(stopping)
+
+    def test_hurry_outside_a_drain_does_nothing(self):
+        """``hurry`` before the drain, or after it completed, changes nothing and raises nothing."""
+        self.service.hurry()
+        stopping = self.service.stopService()
+        self.request.finish()
+        self.successResultOf(stopping)
+        self.service.hurry()
+        self.assertEqual(self.closed, [True])
+
+    def test_stop_signals_watched_from_the_start(self):
+        """Starting the service has ``StopSignals`` watch for stop signals, wired to ``hurry``; stopping it for any
+        reason marks them as stopping, so that a later signal never goes to the stopping reactor's own handler."""
+        reactor = _SignalReactor()
+        signals = _Signals({15: reactor.sigTerm, 2: reactor.sigInt})
+        stop_signals = StopSignals(reactor, signals)
+        service = DrainingService(self.service._tracker, 10, None, self.site, stop_signals)
+        service.startService()
+        self.assertFalse(stop_signals.stopping)
+        service.stopService()
+        self.assertTrue(stop_signals.stopping)
+        signals.handlers[2](2, None)
+        self.assertEqual(reactor.received, [])
+        self.assertEqual(reactor.handed, [service.hurry])
+
+
+class _Signals:
+    """The part of the ``signal`` module ``StopSignals`` uses, over a table of handlers."""
+
+    SIGTERM, SIGINT = 15, 2
+
+    def __init__(self, handlers):
+        self.handlers = handlers
+
+    def getsignal(self, number):
+        return self.handlers[number]
+
+    def signal(self, number, handler):
+        self.handlers[number] = handler
+
+
+class _SignalReactor:
+    """A running reactor's own signal handlers (recording the signals they got), and ``callFromThread`` recording
+    what it was handed before running it."""
+
+    def __init__(self):
+        self.received = []
+        self.handed = []
+
+    def sigTerm(self, number, frame):
+        self.received.append(number)
+
+    def sigInt(self, number, frame):
+        self.received.append(number)
+
+    def callWhenRunning(self, f, *args):
+        f(*args)
+
+    def callFromThread(self, f, *args):
+        self.handed.append(f)
+        f(*args)
+
+
+class StopSignalsTests(SynchronousTestCase):
+    def watched(self, handlers=None):
+        """A watching ``StopSignals`` over the reactor's own handlers (or ``handlers``): (reactor, signals,
+        hurried, logged)."""
+        reactor = _SignalReactor()
+        signals = _Signals(handlers or {15: reactor.sigTerm, 2: reactor.sigInt})
+        hurried, logged = [], []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        StopSignals(reactor, signals).watch(lambda: hurried.append(True), lambda: 3)
+        return reactor, signals, hurried, logged
+
+    def test_first_signal_goes_to_the_reactor(self):
+        """The first SIGTERM or SIGINT still stops the reactor through its own handler (which logs it and makes
+        twistd exit with that signal)."""
+        for number in (15, 2):
+            reactor, signals, hurried, _ = self.watched()
+            signals.handlers[number](number, None)
+            self.assertEqual((reactor.received, hurried), ([number], []))
+
+    def test_later_sigterm_is_logged(self):
+        """A SIGTERM while stopping only logs how many requests are in flight, through the reactor (a signal handler
+        must not run reactor code itself), and never reaches the stopping reactor's handler."""
+        reactor, signals, hurried, logged = self.watched()
+        signals.handlers[15](15, None)
+        signals.handlers[15](15, None)
+        self.assertEqual((reactor.received, hurried), ([15], []))
+        self.assertEqual(len(reactor.handed), 1)
+        self.assertEqual([e["count"] for e in logged if "count" in e], [3])
+
+    def test_later_sigint_hurries(self):
+        """A SIGINT while stopping (a second Ctrl-C, or one after a SIGTERM) breaks the drain off."""
+        reactor, signals, hurried, _ = self.watched()
+        signals.handlers[15](15, None)
+        signals.handlers[2](2, None)
+        self.assertEqual((reactor.received, hurried), ([15], [True]))
+
+    def test_foreign_handlers_left_alone(self):
+        """A handler the reactor did not install (SIGINT ignored under a shell, a debugger's) stays in place."""
+        debugger = object()
+        _, signals, _, _ = self.watched({15: debugger, 2: "SIG_IGN"})
+        self.assertEqual(signals.handlers, {15: debugger, 2: "SIG_IGN"})
 
 
 class SiteDrainTests(SynchronousTestCase):

@@ -154,7 +154,9 @@ def makeService(options):
     # Upstream and peer connections share the listening side's eager sending (see mterelay.eager).
     agent = upstream.make_agent(options.network, pool)
     relay_site = site.build_site(settings, reactor, agent, registry, options.identity, tracker)
-    relay = web.DrainingService(tracker, settings.drain_timeout, pool.closeCachedConnections, relay_site)
+    relay = web.DrainingService(
+        tracker, settings.drain_timeout, pool.closeCachedConnections, relay_site, web.StopSignals(reactor)
+    )
     for description in settings.listen:
         web.ListeningService(description, relay_site, options.network, options.stderr).setServiceParent(relay)
     relay.setServiceParent(lifetime)

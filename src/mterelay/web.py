@@ -11,15 +11,17 @@ inbound handler); else 404. A handler is an object with ``render(request)`` retu
 """
 
 import errno
+import functools
 import hmac
 import json
 import re
+import signal
 import sys
 from urllib.parse import unquote
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, race, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import deferLater
@@ -158,20 +160,82 @@ class InFlight:
 FLUSH_GRACE = 1.0
 
 
+class StopSignals:
+    """
+    Stop signals once the relay is stopping. The reactor's own handlers would stop the stopping reactor once more and
+    log a ReactorNotRunning traceback; from the reactor's start they are wrapped so that the first stop signal still
+    goes to them, and later ones do what a drain needs: another SIGTERM (a process manager, or a kill of a whole
+    process group, may send several) is only logged; a SIGINT (a second Ctrl-C) breaks the drain off. A handler the
+    reactor did not install (a debugger's, or SIGINT ignored under a shell) is left alone.
+    """
+
+    def __init__(self, reactor, signals=signal):
+        self._reactor = reactor
+        self._signals = signals
+        #: Set by the first stop signal, or by the relay when it starts to stop for any other reason.
+        self.stopping = False
+
+    def watch(self, hurry, count):
+        """Once the reactor runs (it installs its handlers as it starts): on SIGINT ``hurry()``, on SIGTERM log
+        ``count()`` (requests in flight), both in the reactor thread, once the relay is stopping."""
+
+        def noted():
+            log.info("SIGTERM while stopping: already draining, {count} requests in flight", count=count())
+
+        self._reactor.callWhenRunning(self._wrap, ((self._signals.SIGTERM, "sigTerm", noted),
+                                                   (self._signals.SIGINT, "sigInt", hurry)))
+
+    def _wrap(self, wrapped):
+        reactor, signals = self._reactor, self._signals
+        for number, own, later in wrapped:
+            first = signals.getsignal(number)
+            if first == getattr(reactor, own, None):
+                signals.signal(number, functools.partial(self._handle, first, later))
+
+    def _handle(self, first, later, number, frame):
+        if not self.stopping:
+            self.stopping = True
+            first(number, frame)
+        else:
+            # A signal handler may only hand work over: the reactor runs it between two events.
+            self._reactor.callFromThread(later)
+
+
 class DrainingService(MultiService):
     """
     Stops listening first, then has ``site`` (a ``RelaySite``, when given) take no further request on its open
-    connections, and lets in-flight requests finish for up to ``drain_timeout`` seconds.
+    connections, and lets in-flight requests finish for up to ``drain_timeout`` seconds, or until ``hurry``.
+    ``stop_signals`` (a ``StopSignals``, when given) has further stop signals hurry the drain or be logged.
     """
 
-    def __init__(self, tracker, drain_timeout, on_stopped=None, site=None):
+    def __init__(self, tracker, drain_timeout, on_stopped=None, site=None, stop_signals=None):
         super().__init__()
         self._tracker = tracker
         self._drain_timeout = drain_timeout
         self._on_stopped = on_stopped
         self._site = site
+        self._stop_signals = stop_signals
+        self._hurried = None
+
+    def startService(self):
+        super().startService()
+        if self._stop_signals is not None:
+            self._stop_signals.watch(self.hurry, lambda: len(self._tracker))
+
+    def hurry(self):
+        """End a drain under way at once: the requests still in flight are broken off (their clients see a reset)."""
+        if self._hurried is not None and not self._hurried.called:
+            log.warn("drain broken off with {count} requests in flight", count=len(self._tracker))
+            self._hurried.callback(False)
+
+    def _unless_hurried(self, waiting):
+        """``waiting``'s result (True: done), or False as soon as ``hurry`` is called."""
+        self._hurried = Deferred()
+        return race([waiting, self._hurried]).addCallback(lambda winner: winner[1])
 
     def stopService(self):
+        if self._stop_signals is not None:
+            self._stop_signals.stopping = True
         stopping = super().stopService()
 
         clock = self._tracker.clock
@@ -182,7 +246,7 @@ class DrainingService(MultiService):
             if self._site is not None:
                 self._site.drain()
             log.info("draining {count} in-flight requests", count=len(self._tracker))
-            return self._tracker.wait(self._drain_timeout).addCallback(flushed)
+            return self._unless_hurried(self._tracker.wait(self._drain_timeout)).addCallback(flushed)
 
         def flushed(complete):
             # Every request is answered, but its last bytes may still wait in a connection's buffer: the drained
@@ -192,7 +256,7 @@ class DrainingService(MultiService):
             if not complete or self._site is None:
                 return complete
             wait = min(self._drain_timeout, max(FLUSH_GRACE, deadline[0] - clock.seconds()))
-            return self._site.closed(wait)
+            return self._unless_hurried(self._site.closed(wait))
 
         def drained(complete):
             if not complete:
