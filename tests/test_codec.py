@@ -796,6 +796,14 @@ class HeaderTests(CodeAssertions, SynchronousTestCase):
         self.assertCode(562, decode_header_block, encode_header_block(longest)[:-2] + b'v"]]')
         self.assertRaises(ValueError, encode_header_block, [(b"a", b"v" * (MAX_HEADER_BLOCK - overhead + 1))])
 
+    def test_header_block_over_a_bound_says_which(self):
+        """A block over a bound is refused (562) with the bound named, not as a malformed list: a client author
+        seeing the error knows what to change."""
+        too_many = b"[" + b",".join([b'["a","b"]'] * (MAX_HEADER_PAIRS + 1)) + b"]"
+        self.assertIn(f"more than {MAX_HEADER_PAIRS} pairs", self.assertCode(562, decode_header_block, too_many).detail)
+        too_long = b'[["a","' + b"v" * MAX_HEADER_BLOCK + b'"]]'
+        self.assertIn(f"over {MAX_HEADER_BLOCK} bytes", self.assertCode(562, decode_header_block, too_long).detail)
+
 
 class Base64Tests(CodeAssertions, SynchronousTestCase):
     """Strict unpadded base64url."""

@@ -11,6 +11,7 @@ import tempfile
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import Clock, Cooperator, deferLater
+from treq.client import HTTPClient
 from twisted.trial.unittest import TestCase
 
 from mterelay.codec import (
@@ -19,16 +20,19 @@ from mterelay.codec import (
     ClientPairing,
     URL,
     RelayHeader,
+    b64decode,
     b64encode,
+    decode_header_block,
     encode_header_block,
     request_binding,
+    response_binding,
 )
 from mterelay import client as client_module
 from mterelay.client import RepairNeeded
 from mterelay.errors import RelayError
 from mterelay.redis_registry import RedisRegistry
 from mterelay.registry import MemoryRegistry
-from tests.relay_harness import SECRET, Arrivals, RelayHarness, raw_exchange, rss_kib
+from tests.relay_harness import SECRET, Arrivals, RelayHarness, agent, raw_exchange, rss_kib
 from tests.upstream_server import pattern, pattern_sha256
 
 METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH")
@@ -264,13 +268,17 @@ class RefusalTests(RelayHarness, TestCase):
         url=b"/echo/x",
         block=None,
         headers_flag=True,
+        answer_block=False,
     ):
-        """A hand-built encoded POST ``url`` (on a fresh pair unless given); ``tamper(parts)`` may alter it."""
+        """
+        A hand-built encoded POST ``url`` (on a fresh pair unless given); ``tamper(parts)`` may alter it. Returns
+        ``(status, body)``, or with ``answer_block`` ``(status, the answer's opened header block)``.
+        """
         token = await self.client._client_token()
         pair = pair or await self.client.pair(encode_type)
         if counter is not None:
             pair.next_counter = counter
-        counter, keys, _ = pair.message_keys()
+        counter, keys, response_keys = pair.message_keys()
         header = RelayHeader(pair.state.client_id, pair.pair_id, encode_type, counter, True, headers_flag, True)
         binding = request_binding(b"POST", flags=header.flags)
         block = [(b"content-type", b"text/plain")] if block is None else block
@@ -287,9 +295,15 @@ class RefusalTests(RelayHarness, TestCase):
         if tamper is not None:
             tamper(parts)
         headers = {"x-mte-client-id": parts["token"], "x-mte-relay": parts["relay"], "x-mte-relay-eh": parts["eh"]}
-        return await self._raw(
-            "POST", parts["path"], {k: v for k, v in headers.items() if v is not None}, parts["body"]
-        )
+        headers = {k: v for k, v in headers.items() if v is not None}
+        if not answer_block:
+            return await self._raw("POST", parts["path"], headers, parts["body"])
+        response = await HTTPClient(agent(self)).post(self.relay_url + parts["path"], parts["body"], headers=headers)
+        await response.content()
+        answer = RelayHeader.parse(response.headers.getRawHeaders(b"x-mte-relay")[0])
+        sealed = b64decode(response.headers.getRawHeaders(b"x-mte-relay-eh")[0].decode("ascii"))
+        opened = response_keys.open(HEADERS, sealed, response_binding(response.code, answer.flags))
+        return response.code, decode_header_block(opened)
 
     async def _check(self, expected, **kwargs):
         code, body = await self._message(**kwargs)
@@ -302,6 +316,20 @@ class RefusalTests(RelayHarness, TestCase):
             code, body = await self._message()
             self.assertEqual(code, 200)
             self.assertEqual(self.upstream.last.path, "/echo/x")
+
+        return ensureDeferred(run())
+
+    def test_answer_block_names_are_lower_case(self):
+        """The answer's header block names its headers in lower case in both header modes, whatever case the upstream
+        wrote them in: a receiver in any language finds ``content-type`` where it looks."""
+
+        async def run():
+            for headers_flag in (True, False):
+                block = None if headers_flag else []
+                code, opened = await self._message(answer_block=True, headers_flag=headers_flag, block=block)
+                self.assertEqual(code, 200)
+                self.assertIn(b"content-type", [name for name, _ in opened])
+                self.assertEqual([name for name, _ in opened if name != name.lower()], [])
 
         return ensureDeferred(run())
 

@@ -358,7 +358,9 @@ class Inbound:
         has_body = request.method != b"HEAD" and status not in _NO_BODY and status >= 200
         end_to_end = filter_headers(response.headers)
         if header.headers:
-            protected = [(name, value) for name, values in end_to_end.getAllRawHeaders() for value in values]
+            # Lower-case names, whatever case the upstream wrote (Twisted only keeps a canonical one): the same block
+            # whichever headers flag the request had.
+            protected = [(name.lower(), value) for name, values in end_to_end.getAllRawHeaders() for value in values]
         else:
             # The Content-Length of an answer without body describes the body not sent: the client drops a visible
             # one (anyone could have written it), so it travels sealed whatever the request's headers flag.

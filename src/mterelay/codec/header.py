@@ -148,12 +148,14 @@ def decode_header_block(data):
     pair a two-item list, names HTTP tokens (RFC 9110 5.6.2), values of the characters RFC 9110 5.5 allows (no CR,
     LF, NUL or other control character), so that no decoded header can split or forge another; the JSON is UTF-8.
     """
+    if len(data) > MAX_HEADER_BLOCK:
+        raise CodecError(DECODE_FAILED, f"header block is over {MAX_HEADER_BLOCK} bytes")
     try:
-        if len(data) > MAX_HEADER_BLOCK:
-            raise ValueError
         # Decoded here: json.loads would take UTF-16 and UTF-32 bytes too.
         pairs = json.loads(bytes(data).decode("utf-8"))
-        if not isinstance(pairs, list) or len(pairs) > MAX_HEADER_PAIRS:
+        if isinstance(pairs, list) and len(pairs) > MAX_HEADER_PAIRS:
+            raise CodecError(DECODE_FAILED, f"header block holds more than {MAX_HEADER_PAIRS} pairs")
+        if not isinstance(pairs, list):
             raise ValueError
         result = []
         for pair in pairs:
