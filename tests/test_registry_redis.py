@@ -426,6 +426,26 @@ class RedisFailureTests(RedisTestMixin, TestCase):
         self.assertEqual(caught.exception.detail, "Redis connection lost; reconnecting")
         self.assertLess(reactor.seconds() - started, registry.timeout / 2)
 
+    async def test_outage_and_recovery_logged(self):
+        """Losing Redis is logged as a warning (at most once a second, with the failures counted), and so is the
+        first answer once it is back: an operator reading the log sees when the 503s began and ended."""
+        registry = await self.connect(timeout=2.0, reconnect_delay=0.1, max_reconnect_delay=0.3)
+        await registry.create_pair(pair())
+        events = self.logged()
+        self.server.stop()
+        await self.until(lambda: not registry._factory.size)
+        for _ in range(3):
+            with self.assertRaises(RegistryUnavailable):
+                await registry.get_pair("client-a", "pair-1")
+        warnings = [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
+        self.assertEqual(warnings, ["Redis unavailable: connection lost, reconnecting (0 more failures since the last"
+                                    " warning)"])
+        self.server.restart()
+        await self.eventually(lambda: registry.create_pair(pair()), seconds=5)
+        recovered = [formatEvent(e) for e in events if "answers again" in formatEvent(e)]
+        self.assertEqual(len(recovered), 1)
+        self.assertRegex(recovered[0], r"Redis answers again \([1-9]\d* more failures since the last warning\)")
+
     async def test_demoted_primary_left(self):
         """A server demoted to a replica (READONLY) is left: its connections close and reconnect (finding the new
         primary)."""

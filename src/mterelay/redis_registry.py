@@ -388,9 +388,11 @@ class RedisRegistry(Service):
         self._waiting = []
         self._pending = 0
         self._queued = 0
-        # An outage fails every request: its warning is logged at most once a second, with the count since.
+        # An outage fails every request: its warning is logged at most once a second, with the count since, and the
+        # first answer after it is logged too.
         self._warned_at = None
         self._unwarned = 0
+        self._outage = False
         #: Where ``startService`` connects (set by ``from_url``).
         self.endpoint = None
         factory.on_connection = self._connected
@@ -480,8 +482,9 @@ class RedisRegistry(Service):
         d.addCallbacks(checked, unknown)
 
     def _refused(self, why):
-        # Authentication or db selection failed: that connection closes and is tried again after the backoff.
-        self.log.error("Redis refused the registry's login, trying again: {why}", why=why)
+        # Authentication or db selection failed (refused, or not answered in time): that connection closes and is
+        # tried again after the backoff.
+        self.log.error("Redis login (AUTH or SELECT) failed, trying again: {why}", why=why)
 
     def whenConnected(self):
         """A Deferred that fires once the first connection is up, or fails with RegistryUnavailable after timeout."""
@@ -520,6 +523,7 @@ class RedisRegistry(Service):
 
     def _warn(self, message, **fields):
         """Log ``message`` (a format of ``fields``), or only count it if the last warning is less than a second old."""
+        self._outage = True
         now = self._clock.seconds()
         if self._warned_at is not None and now - self._warned_at < 1:
             self._unwarned += 1
@@ -532,6 +536,7 @@ class RedisRegistry(Service):
         if not self._factory.size:
             if self._connected_once:
                 # Lost every connection: answer at once instead of queueing callers until reconnection.
+                self._warn("Redis unavailable: connection lost, reconnecting")
                 return defer.fail(RegistryUnavailable("Redis connection lost; reconnecting"))
             # Before the first connection txredisapi queues commands (a timeout does not take them out): a bound.
             if self._queued >= MAX_PENDING:
@@ -544,10 +549,17 @@ class RedisRegistry(Service):
         d = self._redis.eval(script, keys, args)
         d.addTimeout(self.timeout, self._clock)
         d.addBoth(self._done)
-        return d.addErrback(self._unavailable)
+        return d.addCallbacks(self._answered, self._unavailable)
 
     def _done(self, result):
         self._pending -= 1
+        return result
+
+    def _answered(self, result):
+        if self._outage:
+            self._outage = False
+            self.log.info("Redis answers again ({more} more failures since the last warning)", more=self._unwarned)
+            self._warned_at, self._unwarned = None, 0
         return result
 
     def _pair_script(self, script, client_id, pair_id, *args):
