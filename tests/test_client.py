@@ -14,6 +14,7 @@ from twisted.internet.endpoints import TCP6ServerEndpoint
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.protocols import portforward
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
@@ -129,6 +130,37 @@ class ClientTests(RelayHarness, TestCase):
             self.assertEqual((code, out), (1, b""))
             self.assertTrue(err.startswith(b"mterelay.client: error: cannot reach the relay:"), err)
             self.assertEqual(err.count(b"\n"), 1, err)
+
+        return ensureDeferred(run())
+
+    def test_cli_connection_cut_after_sending_is_not_unreachable(self):
+        """A connection cut once the message was sent (the relay died) is reported as a connection that failed before
+        the answer ended, never as a relay it could not reach: the message may have been delivered. (Twisted's pool
+        would send it again on a new connection, and report that one's refusal.)"""
+
+        async def run():
+            relay_port = int(self.relay_url.rsplit(":", 1)[1])
+            factory = portforward.ProxyFactory("127.0.0.1", relay_port)
+            cut = Deferred()
+
+            class CutAtMessage(portforward.ProxyServer):
+                def dataReceived(self, data):
+                    super().dataReceived(data)
+                    if data.startswith(b"GET ") and not cut.called:
+                        cut.callback(self)
+
+            factory.protocol = CutAtMessage
+            front = reactor.listenTCP(0, factory, interface="127.0.0.1")
+            self.addCleanup(lambda: front.stopListening() if front.connected else None)
+
+            async def die(server):
+                await front.stopListening()
+                server.transport.abortConnection()
+
+            cut.addCallback(lambda server: ensureDeferred(die(server)))
+            out, err, code = await run_cli(f"http://127.0.0.1:{front.getHost().port}/echo/once")
+            self.assertEqual((code, out), (1, b""))
+            self.assertEqual(err, b"mterelay.client: error: the connection to the relay failed before the answer ended\n")
 
         return ensureDeferred(run())
 

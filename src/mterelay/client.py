@@ -529,10 +529,15 @@ class Client:
         for a message with a body, after 563 (an MKE counter fell behind the relay's window while it was being sent,
         an MTE step is not the relay's: the pair is paired again).
 
-        @return: a Deferred firing with a ``RelayResponse`` (``relay_error`` True when the relay answered an error
-            itself), or failing with a ``RelayError``: 400 for a header no block may hold (a name that is not a
-            token, a control character in a value), 431 for headers a block cannot hold, 504 on timeout, the
-            relay's code when a message sent again is refused again.
+        @return: a Deferred firing with a ``RelayResponse`` (``relay_error`` True when the relay answered the message
+            with an error of its own, e.g. 503 while its registry is unavailable), or failing with a ``RelayError``:
+            400 for a header no block may hold (a name that is not a token, a control character in a value), 431 for
+            headers a block cannot hold, 504 on timeout, the relay's code when a pairing the message needed was
+            refused (503, 567, ...) or when a message sent again is refused again. Transport failures are Twisted's
+            own: ``ConnectError`` or ``DNSLookupError`` when the relay cannot be reached (nothing was sent);
+            ``ResponseNeverReceived``, ``ResponseFailed`` or ``RequestTransmissionFailed`` when the connection broke
+            after sending began, so the message may have been delivered. (A pool with ``retryAutomatically``, the
+            default, then sends a bodiless message again on a new connection and reports that attempt instead.)
         """
         return ensureDeferred(self._request(method, url, headers, data, encode_type, encode_headers, encode_url))
 
@@ -813,6 +818,9 @@ async def _main(reactor, args, out):
     headers = [tuple(part.strip() for part in line.partition(":")[::2]) for line in args.header]
     data = args.data
     pool = BoundedPool(reactor, persistent=True)
+    # Twisted's pool sends a bodiless request again on a new connection when a kept-alive one breaks, and reports
+    # that attempt's failure: a relay that died after taking the message would show as one never reached.
+    pool.retryAutomatically = False
     client = Client(args.url, Agent(reactor, pool=pool), reactor, pin=args.pin, timeout=args.timeout)
     try:
         response = await client.request(
