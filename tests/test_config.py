@@ -194,6 +194,27 @@ class ErrorTests(ConfigTestCase):
         path = self.write_yaml("upstream: http://x\nupstreem: http://y\n")
         self.assertEqual(self.error(environ=BASE_ENV, path=path), f"upstreem (file {path}): unknown setting")
 
+    def test_headers_a_response_cannot_carry_refused(self):
+        """HEADERS are checked at start, not met as a 500 on every request: a value beyond Latin-1 or with a control
+        character, and a header each message sets itself (framing, hop-by-hop, content-type, x-mte-*), are each one
+        line naming HEADERS and the header; the value is not quoted (HEADERS often hold an API key)."""
+        for headers, named in (
+            (r'{"X-Test":"ttt\u0436"}', "X-Test"),
+            (r'{"X-Test":"a\u0001b"}', "X-Test"),
+            (r'{"X-Test":"a\u007fb"}', "X-Test"),
+            ('{"Content-Length":"0"}', "Content-Length"),
+            ('{"connection":"keep-alive"}', "connection"),
+            ('{"Content-Type":"text/plain"}', "Content-Type"),
+            ('{"X-MTE-Relay":"1"}', "X-MTE-Relay"),
+            ('{"Proxy-Authorization":"x"}', "Proxy-Authorization"),
+        ):
+            message = self.error(environ=dict(BASE_ENV, HEADERS=headers))
+            self.assertTrue(message.startswith("HEADERS (environment): "), message)
+            self.assertIn(named, message)
+            self.assertNotIn("ttt", message)
+        settings, _ = load({}, dict(BASE_ENV, HEADERS=r'{"X-Name":"caf\u00e9 \tok"}'))
+        self.assertEqual(settings.headers, (("X-Name", "caf\u00e9 \tok"),))
+
     def test_bad_headers_json(self):
         """HEADERS that is not a JSON object says so."""
         message = self.error(environ=dict(BASE_ENV, HEADERS="{x-service-name: 1"))

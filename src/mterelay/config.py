@@ -11,14 +11,15 @@ import base64
 import binascii
 import json
 import os
-import re
 from urllib.parse import urlsplit, urlunsplit
 
 import attrs
 import yaml
 
+from mterelay.codec import is_field_value, is_token
 from mterelay.redis_registry import RedisAddress
 from mterelay.registry import DEFAULT_MAX_PAIRS_PER_CLIENT, DEFAULT_MAX_PAIRS_TOTAL, DEFAULT_PAIR_TTL
+from mterelay.upstream import HOP_BY_HOP
 
 FLAG = "flag"
 ENVIRONMENT = "environment"
@@ -232,16 +233,24 @@ def _secret(value):
         raise ValueError("empty secret") from None
 
 
-_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+#: Headers HEADERS may not add: each message has its own (framing, hop-by-hop, the relay's content-type of sealed
+#: bodies, the protocol's), and a second copy would contradict it.
+_NOT_ADDED = frozenset((b"host", b"content-length", b"content-type", *HOP_BY_HOP))
 
 
 def _headers(value):
     headers = _mapping(value)
     for name, text in headers.items():
-        if not _TOKEN.match(name):
+        if not is_token(name):
             raise ValueError(f"not a header name: {name!r}")
-        if "\r" in text or "\n" in text:
-            raise ValueError(f"line break in the value of {name!r}")
+        lower = name.lower().encode("ascii")
+        if lower in _NOT_ADDED or lower.startswith((b"x-mte-", b"proxy-")):
+            raise ValueError(f"{name} is set by the relay for each message, not by HEADERS")
+        # Latin-1 is what a header's bytes are read as; a control character would split or corrupt the head.
+        if not all(ord(c) < 256 for c in text) or not is_field_value(text):
+            raise ValueError(f"the value of {name} holds a character a header cannot carry")
     return tuple(headers.items())
 
 
@@ -284,7 +293,7 @@ def _peer_pins(value):
 def _methods(value):
     methods = tuple(m.upper() for m in _list(value))
     for method in methods:
-        if not _TOKEN.match(method):
+        if not is_token(method):
             raise ValueError(f"not an HTTP method: {method!r}")
     return methods
 

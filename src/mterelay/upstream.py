@@ -39,7 +39,7 @@ log = Logger()
 #: Bytes read from the spooled request body per cooperative step (unless the transform asks for its ``read_size``).
 READ_SIZE = 64 * 1024
 
-_HOP_BY_HOP = frozenset(
+HOP_BY_HOP = frozenset(
     (b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade", b"http2-settings")
 )
 
@@ -213,7 +213,7 @@ def _listed(values):
 
 def _passes(lower, listed, drop):
     return not (
-        lower in _HOP_BY_HOP
+        lower in HOP_BY_HOP
         or lower in listed
         or lower in drop
         or lower.startswith(b"proxy-")

@@ -16,6 +16,7 @@ from mterelay.codec.header import (
     UnencodableHeader,
     decode_header_block,
     encode_header_block,
+    is_field_value,
     is_token,
 )
 from mterelay.codec.identity import RelayIdentity, fingerprint
@@ -38,6 +39,7 @@ __all__ = [
     "RelayHeader",
     "encode_header_block",
     "UnencodableHeader",
+    "is_field_value",
     "is_token",
     "decode_header_block",
     "MAX_HEADER_PAIRS",

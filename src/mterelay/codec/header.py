@@ -115,6 +115,11 @@ def is_token(name):
     return _TOKEN.fullmatch(name) is not None
 
 
+def is_field_value(text):
+    """Whether ``text`` (header bytes read as Latin-1) holds only what RFC 9110 5.5 allows in a field value."""
+    return _FORBIDDEN_IN_VALUE.search(text) is None
+
+
 class UnencodableHeader(ValueError):
     """A header whose name is not an HTTP token or whose value holds a control character (named, value left out)."""
 
@@ -134,7 +139,7 @@ def encode_header_block(pairs):
     for name, value in texts:
         if not is_token(name):
             raise UnencodableHeader(f"header name {name[:40]!r} is not an HTTP token")
-        if _FORBIDDEN_IN_VALUE.search(value):
+        if not is_field_value(value):
             raise UnencodableHeader(f"header {name} has a control character in its value")
     block = _COMPACT.encode(texts)
     if len(block) > MAX_HEADER_BLOCK:
@@ -164,7 +169,7 @@ def decode_header_block(data):
             name, value = pair
             if not isinstance(name, str) or not isinstance(value, str) or not _TOKEN.fullmatch(name):
                 raise ValueError
-            if _FORBIDDEN_IN_VALUE.search(value):
+            if not is_field_value(value):
                 raise ValueError
             result.append((name.encode("latin-1"), value.encode("latin-1")))
         return result
