@@ -407,6 +407,31 @@ class ClientTests(RelayHarness, TestCase):
 
         return ensureDeferred(run())
 
+    def test_malformed_pairing_answers_are_565(self):
+        """A pairing answer nested past the parser's recursion limit, or JSON in UTF-16, is a malformed answer
+        (565), not an exception escaping the client."""
+
+        class Answer(Resource):
+            isLeaf = True
+
+            def __init__(self, body):
+                super().__init__()
+                self.body = body
+
+            def render(self, request):
+                request.setHeader(CLIENT_ID_HEADER, TOKEN)
+                return self.body
+
+        async def run():
+            genuine = json.dumps({"identity": "x", "pairs": []})
+            for body in (b"[" * 30000 + b"]" * 30000, genuine.encode("utf-16")):
+                client = self.client(f"http://127.0.0.1:{await serve(self, Site(Answer(body)))}")
+                with self.assertRaises(RelayError) as ctx:
+                    await client.pair("MKE")
+                self.assertEqual(ctx.exception.code, 565)
+
+        return ensureDeferred(run())
+
     def test_client_id_injected_on_the_way_is_not_taken(self):
         """
         A foreign (well-formed) client id added on the way to a genuine pairing answer and to a genuine message

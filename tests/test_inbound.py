@@ -440,6 +440,52 @@ class RefusalTests(RelayHarness, TestCase):
 
         return ensureDeferred(run())
 
+    def test_unsealable_answer_names_no_header(self):
+        """An upstream answer with a header no block may hold is refused with 561, whose unsealed text names no
+        upstream header (that header would otherwise have crossed sealed)."""
+
+        async def run():
+            response = await self.client.request("GET", "/control/name-of-a-header")
+            body = await response.content()
+            self.assertEqual((response.code, response.relay_error), (561, True))
+            self.assertNotIn(b"name-of-a-header", body.lower())
+            self.assertEqual(json.loads(body)["code"], 561)
+
+        return ensureDeferred(run())
+
+    def test_refused_on_the_head_unread(self):
+        """
+        What the head alone shows is refused before the body is read, so that nobody can make the relay take in
+        MAX_BODY_SIZE first: a missing, forged or foreign x-mte-client-id (566), a missing header block (569), a body
+        on a message whose body flag is 0 (562). Only the head of a 200 MB body is sent: the answer comes at once.
+        """
+
+        async def run():
+            token = await self.client._client_token()
+            client_id = token.partition(".")[0]
+            port = int(self.relay_url.rsplit(":", 1)[1])
+
+            def relay(owner=client_id, body=True):
+                return RelayHeader(owner, "pair-0001-vector", "MKE", 0, False, True, body, False).format()
+
+            eh = "x-mte-relay-eh: AAAA\r\n"
+            cases = (
+                (f"x-mte-relay: {relay()}\r\n{eh}", 566),
+                (f"x-mte-client-id: {'A' * 22}.{'B' * 43}\r\nx-mte-relay: {relay()}\r\n{eh}", 566),
+                (f"x-mte-client-id: {token}\r\nx-mte-relay: {relay('C' * 22)}\r\n{eh}", 566),
+                (f"x-mte-client-id: {token}\r\nx-mte-relay: {relay()}\r\n", 569),
+                (f"x-mte-client-id: {token}\r\nx-mte-relay: {relay(body=False)}\r\n{eh}", 562),
+            )
+            for headers, code in cases:
+                head = f"POST /echo/x HTTP/1.1\r\nHost: a\r\nContent-Length: 200000000\r\n{headers}\r\n"
+                answer = await raw_exchange(port, head.encode("ascii"))
+                status, _, body = answer.partition(b"\r\n\r\n")
+                self.assertTrue(status.startswith(b"HTTP/1.1 %d " % code), (headers, status))
+                self.assertEqual(json.loads(body)["code"], code)
+            self.assertEqual(self.upstream.received, [])
+
+        return ensureDeferred(run())
+
     def test_missing_relay_header(self):
         """A request on an MTE route without x-mte-relay is answered 569."""
 
@@ -540,6 +586,8 @@ class RefusalTests(RelayHarness, TestCase):
                 (json.dumps([{"pairId": "p" * 20, "type": "MKE", "publicKey": "!!"}]).encode(), "[0].publicKey"),
                 (json.dumps([{"pairId": "bad id", "type": "MKE", "publicKey": "AAAA"}]).encode(), "pairId"),
                 (json.dumps([twice, twice]).encode(), "[1].pairId repeats"),
+                # JSON must be UTF-8 (json.loads alone would also take UTF-16).
+                (json.dumps([twice]).encode("utf-16"), "JSON"),
             ]
             for data, field in cases:
                 code, body = await self._raw("POST", "/api/mte-pair", headers, data)

@@ -158,6 +158,9 @@ class _Upstream(Resource):
             call = self._owner.clock.callLater(float(argument), self._answer, request, received)
             request.notifyFinish().addErrback(self._abandoned, call)
             return server.NOT_DONE_YET
+        elif route == "control":
+            # A header whose value holds a control character, which no header block may carry.
+            request.responseHeaders.setRawHeaders(b"x-secret-" + argument.encode(), [b"a\x01b"])
         elif route == "untyped":
             # A body without Content-Type (twisted.web would label it text/html).
             request.defaultContentType = None

@@ -482,7 +482,8 @@ class Client:
         if response.code != 200:
             raise self._refusal(response.code, token)
         try:
-            reply = json.loads(answer)
+            # Decoded here: json.loads would take UTF-16 and UTF-32 too.
+            reply = json.loads(answer.decode("utf-8"))
             item = reply["pairs"][0]
             if item["pairId"] != pairing.pair_id:
                 raise ValueError
@@ -494,7 +495,7 @@ class Client:
             )
         except CodecError as e:
             raise RelayError(565, e.detail) from None
-        except (ValueError, KeyError, IndexError, TypeError):
+        except (ValueError, KeyError, IndexError, TypeError, RecursionError):
             raise RelayError(565, "the relay's pairing answer is malformed") from None
         # Only a pairing that verified may hand us a re-signed client id.
         self._note_token(response)

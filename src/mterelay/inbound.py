@@ -27,6 +27,7 @@ from mterelay.codec import (
     VERSION_HEADER,
     CodecError,
     RelayHeader,
+    UnencodableHeader,
     b64decode,
     b64encode,
     decode_header_block,
@@ -106,6 +107,25 @@ class Inbound:
             return self._async(request, self._pair)
         return self._async(request, self._relay)
 
+    def head_refusal(self, headers, header):
+        """
+        The ``RelayError`` that refuses an encoded message (``header``: its ``x-mte-relay``) on its request head
+        ``headers``, so that its body is never read, or None: a missing, forged or foreign ``x-mte-client-id`` (566,
+        as step 1 of the order of work would), a missing header block (569), a body on a message that says it has
+        none (562). Everything else needs the pair.
+        """
+        token = headers.getRawHeaders(CLIENT_ID_HEADER, [None])[-1]
+        try:
+            if self._signer.verify(token.decode("ascii", "replace") if token else None).client_id != header.client_id:
+                return RelayError(566, "x-mte-client-id does not match x-mte-relay")
+        except RelayError as e:
+            return e
+        if not headers.hasHeader(ENCODED_HEADERS):
+            return RelayError(569, "x-mte-relay-eh header is missing")
+        if not header.body:
+            return CodecError(562, "the message has a body but says it is not encoded")
+        return None
+
     def _async(self, request, handler):
         """
         Run ``handler(request, gone)`` and answer a ``RelayError`` it raises (while nothing was sent yet); ``gone`` is
@@ -159,7 +179,8 @@ class Inbound:
             raise RelayError(400, "/api/mte-pair takes POST")
         client_id = self._verify_client(request).client_id
         try:
-            items = json.loads(_read_bounded(request, MAX_PAIR_BODY, "pair request"))
+            # Decoded here: json.loads would take UTF-16 and UTF-32 too.
+            items = json.loads(_read_bounded(request, MAX_PAIR_BODY, "pair request").decode("utf-8"))
         except (ValueError, UnicodeDecodeError, RecursionError):
             raise _bad_request("body is not JSON") from None
         if not isinstance(items, list) or not 1 <= len(items) <= MAX_PAIRS_PER_REQUEST:
@@ -382,6 +403,10 @@ class Inbound:
         binding = response_binding(status, relay.flags)
         try:
             block = encode_header_block(protected)
+        except UnencodableHeader:
+            # Its text names the header, which would cross unsealed: only what kind of header it is.
+            raise RelayError(561, "the upstream answer has a header no block may hold (a name that is not a token,"
+                                  " or a control character in a value)") from None
         except ValueError as e:
             raise RelayError(561, f"the upstream answer cannot be encoded: {e}") from None
         sealed = keys.seal(HEADERS, block, binding)

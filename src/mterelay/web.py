@@ -7,7 +7,8 @@ Dispatch order: CORS preflight; ``/api/mte-echo[/<msg>]``; ``/api/mte-errors``; 
 ``/api/mte-pair`` (inbound handler); a request carrying ``x-mte-relay`` (inbound handler, which matches MTE_ROUTES
 against the decoded path); PASS_THROUGH_ROUTES (proxied as is); MTE routes (MTE_ROUTES, or every other path when unset;
 inbound handler); else 404. A handler is an object with ``render(request)`` returning bytes or
-``NOT_DONE_YET``; an absent handler answers 501.
+``NOT_DONE_YET``; an absent handler answers 501. The inbound one may also refuse a message on its head
+(``head_refusal(headers, header)``: a ``RelayError`` or None), before its body is read.
 """
 
 import errno
@@ -739,9 +740,9 @@ class Router(Resource):
         """
         ``(limit, error)`` for a request ``routed`` so, with ``headers``: its body is refused with ``error`` once
         over ``limit`` bytes, before it is read on. A body nothing will read (the relay's own routes', a request
-        the inbound role refuses for want of ``x-mte-relay``, one without the outbound token, one that no route
-        takes) is refused at once, and a pair request beyond ``MAX_PAIR_BODY``: else anyone could make the relay
-        take in MAX_BODY_SIZE before refusing it.
+        the inbound role refuses for want of ``x-mte-relay`` or on its head, ``Inbound.head_refusal``, one without
+        the outbound token, one that no route takes) is refused at once, and a pair request beyond
+        ``MAX_PAIR_BODY``: else anyone could make the relay take in MAX_BODY_SIZE before refusing it.
         """
         if isinstance(routed, RelayError):
             return 0, routed
@@ -761,6 +762,11 @@ class Router(Resource):
             # An encoded message's visible path is checked as the inbound role would, before its body is read.
             if not self._mte_routes.fullmatch(path):
                 return 0, RelayError(404)
+        head_refusal = getattr(self._inbound, "head_refusal", None)
+        if route == "inbound" and head_refusal is not None:
+            refusal = head_refusal(headers, header)
+            if refusal is not None:
+                return 0, refusal
         return self._settings.max_body_size, RelayError(413)
 
     def _dispatch(self, request):
