@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 
-from mterelay.client import Client, RelayResponse, _Pool
+from mterelay.client import MAX_SHARED_WAITERS, Client, RelayResponse, _Pool, _Shared
 from mterelay.codec import CLIENT_ID_HEADER, RELAY_HEADER, RelayIdentity, b64decode, b64encode, relay_pair
 from mterelay.demo import WireRecorder
 from mterelay.errors import RelayError
@@ -836,6 +836,19 @@ class _ScriptedAgent:
     def request(self, method, url, headers=None, producer=None):
         self.sent.append((method, url.split(b"/", 3)[-1], headers, producer, Deferred()))
         return self.sent[-1][-1]
+
+
+class SharedOperationTests(SynchronousTestCase):
+    def test_waiters_bounded(self):
+        """Callers waiting on one shared discovery or pairing are bounded (each is an application request held in
+        memory): past MAX_SHARED_WAITERS the next one is refused with 503 at once, and the first ones still get the
+        outcome."""
+        operation = Deferred()
+        shared = _Shared(lambda: operation)
+        waiting = [shared() for _ in range(MAX_SHARED_WAITERS)]
+        self.assertEqual(self.assertRaises(RelayError, shared).code, 503)
+        operation.callback("paired")
+        self.assertEqual({self.successResultOf(w) for w in waiting}, {"paired"})
 
 
 class ClientIdRaceTests(SynchronousTestCase):

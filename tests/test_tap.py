@@ -15,7 +15,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import Application
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactor
-from twisted.logger import ILogObserver, Logger, LogPublisher, globalLogPublisher
+from twisted.logger import ILogObserver, Logger, LogPublisher, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from mterelay import gctuning, logs, tap, web
@@ -53,6 +53,26 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(options.settings.listen, ("tcp:0", "tcp:1"))
         self.assertTrue(options.settings.debug)
         self.assertEqual(options.settings.mte_routes, ("/api/*",))
+
+    def test_repr_names_options_only(self):
+        """The parsed command line's repr names the options given, never their values: CLIENT_ID_SECRET and
+        OUTBOUND_TOKEN given as flags would otherwise show in any log or traceback that prints it."""
+        token = "t" * 40
+        options, _ = parse(["--client-id-secret", SECRET, "--outbound-token", token, "--debug"], {"UPSTREAM": "http://a"})
+        text = repr(options)
+        self.assertNotIn(SECRET, text)
+        self.assertNotIn(token, text)
+        self.assertIn("client-id-secret", text)
+
+    def test_start_line_shows_no_upstream_path(self):
+        """The start-up line names the upstream's origin only: a path can hold a token (as config errors say)."""
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        options, _ = parse(["--listen", "tcp:0"], dict(ENV, UPSTREAM="http://api.example/key-123/v1"))
+        tap.makeService(options)
+        [line] = [formatEvent(e) for e in events if "serving" in formatEvent(e)]
+        self.assertTrue(line.endswith("for upstream http://api.example/..."), line)
 
     def test_bad_value_exits_with_one_line(self):
         """An invalid setting exits with status 2 and a single 'mterelay: error:' line naming the source."""

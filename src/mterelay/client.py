@@ -1,11 +1,11 @@
 """
-``mterelay.client``: a treq-based Python client that pairs with a relay and sends encoded requests.
+``mterelay.client``: a Python client (on any Twisted ``IAgent``) that pairs with a relay and sends encoded requests.
 
 ``Client(relay_url).request(method, url, headers=, data=, encode_type=, encode_headers=, encode_url=)`` returns a
 ``RelayResponse`` with the upstream's status, its decoded headers and a decoded, streamable body. The client discovers
 the relay (``HEAD /api/mte-relay``), keeps pools of pairs per encode type, re-pairs by itself when the relay lost or
-refused a pair (559, 560, 564, 566) and then retries once, since request bodies are always replayable (bytes or a
-seekable file).
+refused a pair (559, 560, 564, 566; 562, and 563 for a message with a body) and then sends the message once more,
+since request bodies are always replayable (bytes or a seekable file).
 
 MKE pairs carry any number of concurrent requests (each reserves its own counter), so one MKE pair per relay serves
 all. An MTE pair is a strict ratchet that carries one request at a time: the MTE pool grows up to ``pool_size`` pairs,
@@ -16,6 +16,7 @@ Command line, like curl: ``python -m mterelay.client URL [-X METHOD] [-d DATA|@f
 """
 
 import argparse
+import hmac
 import io
 import json
 import os
@@ -116,6 +117,10 @@ class _Pair:
         return counter, request_keys, response_keys
 
 
+#: Callers that may wait on one shared discovery or pairing (each an application request): beyond, 503 at once.
+MAX_SHARED_WAITERS = 4096
+
+
 class _Shared:
     """
     Runs one async operation on behalf of every concurrent caller; each caller gets its outcome. Each caller waits
@@ -130,6 +135,8 @@ class _Shared:
     def __call__(self):
         waiter = Deferred()
         if self._waiters is not None:
+            if len(self._waiters) >= MAX_SHARED_WAITERS:
+                raise RelayError(503, "too many requests are waiting for the relay's discovery or pairing")
             self._waiters.append(waiter)
         else:
             self._waiters = [waiter]
@@ -509,7 +516,7 @@ class Client:
         pairs, so that the retry starts from a new one (for a client holding no pair, pairing is where it finds that
         out), unless it was dropped already and a new one taken meanwhile, which a late 566 must not drop too.
         """
-        if code == 566 and self._token == token:
+        if code == 566 and self._token is not None and hmac.compare_digest(self._token, token):
             self._forget_client()
         return _answered_error(code)
 

@@ -123,9 +123,19 @@ def _mapping(value):
     return {_text(k): _text(v) for k, v in value.items()}
 
 
+def _origin_of(parts):
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], "", "", ""))
+
+
 def _shown(parts):
     """A URL as an error may quote it: scheme, host and port only (user, password, path and query can hold tokens)."""
-    return repr(urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], "", "", "")))
+    return repr(_origin_of(parts))
+
+
+def loggable_url(url):
+    """``url`` as a log may show it: scheme, host and port, then ``/...`` for a path (it can hold a token)."""
+    parts = urlsplit(url)
+    return _origin_of(parts) + ("/..." if parts.path.strip("/") else "")
 
 
 def _url(value, allow_path):
@@ -353,7 +363,7 @@ OPTIONS = (
     Option("cors_methods", "cors-methods", "CORS_METHODS", "corsMethods", _methods,
            "comma list of CORS methods (OPTIONS and HEAD always allowed)", ",".join(DEFAULT_CORS_METHODS)),
     Option("max_pool_size", "max-pool-size", "MAX_POOL_SIZE", "maxPoolSize", _int(1),
-           "pairs a client keeps per relay", "25"),
+           "MTE pairs the outbound role keeps per peer relay", "25"),
     Option("upstream_timeout", "upstream-timeout", "UPSTREAM_TIMEOUT", "upstreamTimeout", _seconds,
            "seconds to wait for the upstream's response headers", "30"),
     Option("max_body_size", "max-body-size", "MAX_BODY_SIZE", "maxBodySize", _int(0),

@@ -255,7 +255,7 @@ class Inbound:
             )
             if not await seen:
                 raise CodecError(563, "message counter was already used or is outside the window")
-            if new_state != state:
+            if new_state is not state:
                 # Best effort: another instance that moved the window first stored the same or a later one.
                 await registry.swap_state(
                     header.client_id, header.pair_id, record.version, new_state.to_bytes(), created=record.created

@@ -49,6 +49,10 @@ class Options(usage.Options):
         self.identity = None
         self.warnings = []
 
+    def __repr__(self):
+        # The parsed command line holds CLIENT_ID_SECRET and OUTBOUND_TOKEN when given as flags: names only.
+        return f"<mterelay Options: {' '.join(sorted(name for name, value in self.items() if value))}>"
+
     def parseOptions(self, options=None):
         try:
             super().parseOptions(options)
@@ -163,6 +167,6 @@ def makeService(options):
     log.info(
         "mterelay serving {listen} for upstream {upstream}",
         listen=",".join(settings.listen),
-        upstream=settings.upstream,
+        upstream=config.loggable_url(settings.upstream),
     )
     return top

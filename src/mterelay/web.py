@@ -3,10 +3,10 @@ The relay's HTTP face: a router resource that answers echo, the error table and 
 everything else to the outbound role, the inbound relay or the pass-through proxy.
 
 Dispatch order: CORS preflight; ``/api/mte-echo[/<msg>]``; ``/api/mte-errors``; a request carrying
-``x-mte-outbound-token`` (outbound handler, only when the token matches OUTBOUND_TOKEN); ``/api/mte-relay`` and
-``/api/mte-pair`` (inbound handler); a request carrying ``x-mte-relay`` (inbound handler, which matches MTE_ROUTES
-against the decoded path); PASS_THROUGH_ROUTES (proxied as is); MTE routes (MTE_ROUTES, or every other path when unset;
-inbound handler); else 404. A handler is an object with ``render(request)`` returning bytes or
+``x-mte-outbound-token`` or ``x-mte-upstream`` (outbound handler, only when the token matches OUTBOUND_TOKEN, 401
+otherwise); ``/api/mte-relay`` and ``/api/mte-pair`` (inbound handler); a request carrying ``x-mte-relay`` (inbound
+handler, which matches MTE_ROUTES against the decoded path); PASS_THROUGH_ROUTES (proxied as is); MTE routes
+(MTE_ROUTES, or every other path when unset; inbound handler); else 404. A handler is an object with ``render(request)`` returning bytes or
 ``NOT_DONE_YET``; an absent handler answers 501. The inbound one may also refuse a message on its head
 (``head_refusal(headers, header)``: a ``RelayError`` or None), before its body is read.
 """
@@ -434,7 +434,7 @@ class RelayChannel(http.HTTPChannel):
     def allHeadersReceived(self):
         self._head_timer = _cancel(self._head_timer)
         super().allHeadersReceived()
-        # A body is due unless there is none or the request was refused (413) on its head.
+        # A body is due unless there is none or the request was refused on its head (``Router.body_limit``).
         if self.length != 0 and not self.transport.disconnecting:
             self._body_bytes = 0
             self._body_timer = self.callLater(self.site.body_timeout, self._body_check)

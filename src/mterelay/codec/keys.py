@@ -19,7 +19,8 @@ from mterelay.codec.wire import ENCODE_TYPES, PROTOCOL_VERSION, lp
 
 #: Plaintext bytes in every non-final body record; the final record holds fewer (possibly 0). 128 KiB: each record
 #: costs one AEAD call with a fixed cost (context set-up, a fresh output buffer), which with 64 KiB records kept raw
-#: AES-GCM itself to 0.87 of one call over a MiB (0.94 at 128 KiB); a stream still holds at most one record.
+#: AES-GCM itself to 0.87 of one call over a MiB (0.94 at 128 KiB); an encoder holds at most one record of input, a
+#: decoder one record of input and one opened record held back.
 RECORD_SIZE = 131072
 TAG_SIZE = 16
 C2S = 0
