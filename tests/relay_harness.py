@@ -23,7 +23,7 @@ from mterelay.eager import EagerTCPReactor
 from mterelay.redis_registry import RedisRegistry
 from mterelay.registry import MemoryRegistry
 from mterelay.site import build_site
-from mterelay.upstream import BoundedPool, make_agent
+from mterelay.upstream import make_agent, make_pool
 from tests.redis_server import RedisServerMixin
 from tests.upstream_server import UpstreamServer
 
@@ -46,9 +46,9 @@ async def serve(case, factory):
     return port.getHost().port
 
 
-def agent(case):
-    """An Agent as the relay makes it, over its own persistent pool, closed at cleanup."""
-    pool = BoundedPool(reactor, persistent=True)
+def agent(case, resend=True):
+    """An Agent as the relay makes it, over its own persistent pool (``make_pool``), closed at cleanup."""
+    pool = make_pool(reactor, resend)
     case.addCleanup(pool.closeCachedConnections)
     return make_agent(NETWORK, pool)
 
@@ -78,7 +78,9 @@ class RelayHarness(RedisServerMixin):
         settings = Settings(upstream=upstream_url, client_id_secrets=settings.pop("secrets", (SECRET,)), **settings)
         registry = self.make_registry() if registry is None else registry
         identity = RelayIdentity.generate() if identity is None else identity
-        site = build_site(settings, reactor, agent(self), registry, identity, cooperator=cooperator)
+        site = build_site(
+            settings, reactor, agent(self), registry, identity, cooperator=cooperator, peer_agent=agent(self, False)
+        )
         return f"http://127.0.0.1:{await serve(self, site)}", registry, identity
 
     def client(self, relay_url, **kwargs):

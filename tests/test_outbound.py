@@ -16,7 +16,7 @@ from twisted.internet.defer import ensureDeferred
 from twisted.internet.protocol import Factory
 from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.web.client import FileBodyProducer, ResponseFailed
+from twisted.web.client import FileBodyProducer, ResponseFailed, readBody
 from twisted.logger import Logger, formatEvent, globalLogPublisher
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
@@ -25,7 +25,7 @@ from twisted.trial.unittest import TestCase
 
 from mterelay.codec import RECORD_SIZE, RelayIdentity
 from mterelay.demo import WireRecorder
-from tests.relay_harness import Arrivals, RelayHarness, agent, serve
+from tests.relay_harness import Arrivals, RelayHarness, agent, raw_exchange, serve
 from tests.upstream_server import pattern
 
 TOKEN = "outbound-token-for-tests-0123456789"
@@ -187,6 +187,24 @@ class ChainTests(RelayHarness, TestCase):
 
         return ensureDeferred(run())
 
+    def test_empty_query(self):
+        """A target ending in an empty query (``/echo/a?``) goes through with the URL visible or encoded, and reaches
+        the upstream as ``/echo/a`` either way (an empty query is no query; Twisted's agent drops the lone "?")."""
+
+        async def run():
+            port = int(self.a_url.rsplit(":", 1)[1])
+            for encode_url in ("false", "true"):
+                for target, path in (("/echo/a?", "/echo/a"), ("/?", "/")):
+                    self.upstream.received.clear()
+                    # Raw: an Agent would drop the "?" itself.
+                    head = (f"GET {target} HTTP/1.1\r\nHost: a\r\nConnection: close\r\nx-mte-upstream: {self.peer}\r\n"
+                            f"x-mte-outbound-token: {TOKEN}\r\nx-mte-encode-url: {encode_url}\r\n\r\n")
+                    answer = await raw_exchange(port, head.encode("ascii"))
+                    self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), (target, encode_url, answer[:300]))
+                    self.assertEqual([(r.path, r.query) for r in self.upstream.received], [(path, "")])
+
+        return ensureDeferred(run())
+
     def test_event_stream_arrives_as_sent(self):
         """
         An upstream event stream (no Content-Length) reaches the application through both relays event by event
@@ -288,6 +306,53 @@ class ChainTests(RelayHarness, TestCase):
             response, body = await self.send("GET", "/echo/x")
             self.assertEqual(response.code, 502, body)
             self.assertEqual(json.loads(body)["code"], 502)
+
+        return ensureDeferred(run())
+
+
+class _CutAtSealedAnswer(WireRecorder):
+    """Between A and B: once B's first sealed answer starts (B has taken the message), every connection from A is
+    broken off instead of passing it on."""
+
+    def __init__(self, host, port):
+        super().__init__(host, port)
+        self.servers = []
+        self.cut = False
+
+    def buildProtocol(self, addr):
+        protocol = super().buildProtocol(addr)
+        self.servers.append(protocol)
+        return protocol
+
+    def rewrite(self, direction, data):
+        if direction == "<" and not self.cut and b"\r\nx-mte-relay:" in data.lower():
+            self.cut = True
+            for server in self.servers:
+                server.transport.abortConnection()
+            return b""
+        return data
+
+
+class BrokenExchangeTests(RelayHarness, TestCase):
+    def test_break_after_delivery_is_reported_as_such(self):
+        """A bodiless message whose connection to B breaks after B took it is answered 502 "broke off" (it may have
+        been delivered), not sent again: a resent sealed message is refused as a replay, and a 563 would tell the
+        application that it was never carried out."""
+
+        async def run():
+            upstream = await self.start_upstream()
+            b_url, _, _ = await self.start_relay(upstream.url)
+            for encode_type in ("MKE", "MTE"):
+                cutter = _CutAtSealedAnswer("127.0.0.1", int(b_url.rsplit(":", 1)[1]))
+                peer = f"http://127.0.0.1:{await serve(self, cutter)}"
+                a_url, _, _ = await self.start_relay(upstream.url, outbound_token=TOKEN, allowed_peers=(peer,))
+                upstream.received.clear()
+                headers = Headers({"x-mte-outbound-token": [TOKEN], "x-mte-upstream": [peer],
+                                   "x-mte-encode-type": [encode_type]})
+                response = await agent(self).request(b"GET", f"{a_url}/echo/once".encode(), headers)
+                body = json.loads(await readBody(response))
+                self.assertEqual((response.code, body["message"]), (502, "the exchange with the peer relay broke off"))
+                self.assertEqual([r.path for r in upstream.received], ["/echo/once"], encode_type)
 
         return ensureDeferred(run())
 

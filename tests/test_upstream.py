@@ -6,7 +6,7 @@ import os
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock, Cooperator
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web._newclient import RequestTransmissionFailed, ResponseFailed
@@ -18,6 +18,7 @@ from zope.interface.verify import verifyObject
 
 from mterelay.codec.keys import RECORD_SIZE, TAG_SIZE, MessageKeys
 from mterelay.errors import RelayError
+from mterelay.web import CLIENT_IDLE_TIMEOUT
 from mterelay.upstream import (
     AgentUpstreamClient,
     IdleDeadline,
@@ -26,6 +27,7 @@ from mterelay.upstream import (
     RequestBodyProducer,
     copy_response_head,
     filter_headers,
+    make_pool,
     merge_end_to_end,
     stream_response,
     upstream_error,
@@ -160,6 +162,17 @@ class HeaderTests(SynchronousTestCase):
 
 def _late(result, seconds):
     raise RelayError(504, f"late after {seconds}")
+
+
+class PoolTests(SynchronousTestCase):
+    def test_pool_drops_idle_connections_before_a_relay_does(self):
+        """A pooled connection is dropped while idle before a relay (and the balancers in front of one, 60 s) drops
+        it: a request then never goes out on a connection its server is closing, which lost it (502). A peer pool
+        resends nothing."""
+        pool = make_pool(MemoryReactorClock())
+        self.assertLess(pool.cachedConnectionTimeout, min(CLIENT_IDLE_TIMEOUT, 60))
+        self.assertTrue(pool.retryAutomatically)
+        self.assertFalse(make_pool(MemoryReactorClock(), resend=False).retryAutomatically)
 
 
 class IdleDeadlineTests(SynchronousTestCase):

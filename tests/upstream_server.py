@@ -38,7 +38,7 @@ import json
 from urllib.parse import parse_qs
 
 import attrs
-from twisted.internet.defer import succeed
+from twisted.internet.defer import gatherResults, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.web import server
 from twisted.web.http_headers import Headers
@@ -239,11 +239,13 @@ class RelayUnderTest:
     url: str
     tracker: object
     port: object
-    pool: object
+    pools: tuple
 
     def stop(self):
-        """Stop listening and close the relay's upstream connections."""
-        return self.port.stopListening().addCallback(lambda _: self.pool.closeCachedConnections())
+        """Stop listening and close the relay's upstream and peer connections."""
+        return self.port.stopListening().addCallback(
+            lambda _: gatherResults([pool.closeCachedConnections() for pool in self.pools])
+        )
 
 
 def serve_relay(reactor, settings):
@@ -257,16 +259,22 @@ def serve_relay(reactor, settings):
     from mterelay.eager import EagerTCPReactor
     from mterelay.registry import MemoryRegistry
     from mterelay.site import build_site
-    from mterelay.upstream import BoundedPool, make_agent
+    from mterelay.upstream import make_agent, make_pool
     from mterelay.web import InFlight
 
-    pool = BoundedPool(reactor, persistent=True)
+    pool, peers = make_pool(reactor), make_pool(reactor, resend=False)
     tracker = InFlight(reactor)
     network = EagerTCPReactor(reactor)
     site = build_site(
-        settings, reactor, make_agent(network, pool), MemoryRegistry(reactor), RelayIdentity.generate(), tracker
+        settings,
+        reactor,
+        make_agent(network, pool),
+        MemoryRegistry(reactor),
+        RelayIdentity.generate(),
+        tracker,
+        peer_agent=make_agent(network, peers),
     )
     d = TCP4ServerEndpoint(network, 0, interface="127.0.0.1").listen(site)
     return d.addCallback(
-        lambda port: RelayUnderTest(f"http://127.0.0.1:{port.getHost().port}", tracker, port, pool)
+        lambda port: RelayUnderTest(f"http://127.0.0.1:{port.getHost().port}", tracker, port, (pool, peers))
     )

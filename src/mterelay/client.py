@@ -62,7 +62,7 @@ from mterelay.codec import (
     response_binding,
 )
 from mterelay.errors import CODES, RelayError
-from mterelay.upstream import BoundedPool, IdleDeadline, RequestBodyProducer, filter_headers, standard_phrase
+from mterelay.upstream import IdleDeadline, RequestBodyProducer, filter_headers, make_pool, standard_phrase
 
 log = Logger()
 
@@ -575,7 +575,10 @@ class Client:
     def _target(self, url):
         url = _bytes(url)
         if url.startswith(b"/"):
-            return url
+            # An empty query is no query: Twisted's agent drops a lone "?" from the request line, which would then
+            # differ from the target the message is bound to (and an encoded URL would keep it from the upstream).
+            path, mark, query = url.partition(b"?")
+            return path if mark and not query else url
         parts = urlsplit(url.decode("latin-1"))
         if f"{parts.scheme}://{parts.netloc}" != self.relay:
             raise ValueError(f"{url!r} is not on the relay {self.relay}")
@@ -825,10 +828,10 @@ async def _main(reactor, args, out):
 
     headers = [tuple(part.strip() for part in line.partition(":")[::2]) for line in args.header]
     data = args.data
-    pool = BoundedPool(reactor, persistent=True)
-    # Twisted's pool sends a bodiless request again on a new connection when a kept-alive one breaks, and reports
-    # that attempt's failure: a relay that died after taking the message would show as one never reached.
-    pool.retryAutomatically = False
+    # Without resending: Twisted's pool sends a bodiless request again on a new connection when a kept-alive one
+    # breaks, and reports that attempt's failure, so a relay that died after taking the message would show as one
+    # never reached.
+    pool = make_pool(reactor, resend=False)
     client = Client(args.url, Agent(reactor, pool=pool), reactor, pin=args.pin, timeout=args.timeout)
     try:
         response = await client.request(

@@ -133,12 +133,13 @@ async def chain(reactor, out, encode_type="MKE"):
     from mterelay.config import Settings
     from mterelay.registry import MemoryRegistry
     from mterelay.site import build_site
-    from mterelay.upstream import BoundedPool
+    from mterelay.upstream import make_agent, make_pool
 
     def relay_site(**settings):
         settings = Settings(upstream=upstream_url, client_id_secrets=(secrets.token_urlsafe(32),), **settings)
-        agent = Agent(reactor, pool=BoundedPool(reactor, persistent=True))
-        return build_site(settings, reactor, agent, MemoryRegistry(reactor), RelayIdentity.generate())
+        agents = make_agent(reactor, make_pool(reactor)), make_agent(reactor, make_pool(reactor, resend=False))
+        return build_site(settings, reactor, agents[0], MemoryRegistry(reactor), RelayIdentity.generate(),
+                          peer_agent=agents[1])
 
     upstream = DemoUpstream()
     upstream_url = await _listen(reactor, server.Site(upstream))

@@ -67,7 +67,7 @@ def _boolean(value):
 
 class Outbound:
     """
-    The outbound handler. ``agent`` is the ``IAgent`` that reaches peer relays (over its own persistent pool),
+    The outbound handler. ``agent`` is the ``IAgent`` that reaches peer relays (a pool that resends nothing),
     ``clock`` bounds every exchange by UPSTREAM_TIMEOUT.
     """
 

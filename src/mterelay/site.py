@@ -19,15 +19,17 @@ def load_identity(path):
         return RelayIdentity.from_pem(f.read())
 
 
-def build_site(settings, reactor, agent, registry, identity, tracker=None, cooperator=task):
+def build_site(settings, reactor, agent, registry, identity, tracker=None, cooperator=task, peer_agent=None):
     """
     The relay's ``Site`` for ``settings``: the inbound role always, the outbound role when OUTBOUND_TOKEN is set.
-    ``agent`` is the shared ``IAgent`` (one persistent pool) that reaches UPSTREAM and peer relays, ``registry`` an
-    ``IRegistry``, ``identity`` a ``RelayIdentity``; ``cooperator`` runs the inbound role's body verification.
+    ``agent`` is the ``IAgent`` that reaches UPSTREAM, ``peer_agent`` the one that reaches peer relays (``agent``
+    when None), ``registry`` an ``IRegistry``, ``identity`` a ``RelayIdentity``; ``cooperator`` runs the inbound
+    role's body verification.
     """
     upstream = AgentUpstreamClient(agent)
     signer = ClientIdSigner(settings.client_id_secrets)
     inbound = Inbound(settings, identity, registry, upstream, reactor, signer, cooperator)
-    outbound = None if settings.outbound_token is None else Outbound(settings, agent, reactor)
+    peer_agent = agent if peer_agent is None else peer_agent
+    outbound = None if settings.outbound_token is None else Outbound(settings, peer_agent, reactor)
     resource = build_resource(settings, upstream, reactor, inbound=inbound, outbound=outbound, tracker=tracker)
     return RelaySite(resource, settings, reactor)

@@ -5,6 +5,7 @@ The twistd plugin's ``Options`` and ``makeService``: parse the settings once, th
 import os
 import sys
 
+from twisted.internet.defer import gatherResults
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
@@ -16,9 +17,6 @@ from mterelay.registry import MemoryRegistry
 
 log = Logger()
 
-#: Idle keep-alive connections kept per upstream host or peer relay; more open on demand. Sized for hundreds of
-#: concurrent requests: a connection closed and reopened per request costs more than the relaying itself.
-POOL_PERSISTENT_PER_HOST = 512
 
 
 def _help(option):
@@ -140,14 +138,17 @@ def _registry(settings, reactor):
 
 
 def makeService(options):
-    """Wire the relay: one listening service per endpoint, one shared upstream connection pool, draining on stop."""
+    """Wire the relay: one listening service per endpoint, a connection pool for UPSTREAM and one for peer relays,
+    draining on stop."""
     settings, reactor = options.settings, options.reactor
     out = logs.output_for(getattr(options, "parent", None))
     top = logs.LoggingService(logs.make_observer(settings.log_format, settings.debug, out))
     for warning in options.warnings:
         log.warn("{text}", text=warning)
-    pool = upstream.BoundedPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = POOL_PERSISTENT_PER_HOST
+    pool = upstream.make_pool(reactor)
+    # A peer relay takes each sealed message once: Twisted's resend of a bodiless one whose kept-alive connection
+    # broke would be refused as a replay (563) whenever the first got through, so the break is reported instead.
+    peers = upstream.make_pool(reactor, resend=False)
     gctuning.GCTuningService().setServiceParent(top)
     # The registry stops only once the relay has drained: in-flight requests still read and write it.
     lifetime = web.StopInOrder()
@@ -157,9 +158,14 @@ def makeService(options):
     tracker = web.InFlight(reactor)
     # Upstream and peer connections share the listening side's eager sending (see mterelay.eager).
     agent = upstream.make_agent(options.network, pool)
-    relay_site = site.build_site(settings, reactor, agent, registry, options.identity, tracker)
+    peer_agent = upstream.make_agent(options.network, peers)
+    relay_site = site.build_site(settings, reactor, agent, registry, options.identity, tracker, peer_agent=peer_agent)
     relay = web.DrainingService(
-        tracker, settings.drain_timeout, pool.closeCachedConnections, relay_site, web.StopSignals(reactor)
+        tracker,
+        settings.drain_timeout,
+        lambda: gatherResults([pool.closeCachedConnections(), peers.closeCachedConnections()]),
+        relay_site,
+        web.StopSignals(reactor),
     )
     for description in settings.listen:
         web.ListeningService(description, relay_site, options.network, options.stderr).setServiceParent(relay)

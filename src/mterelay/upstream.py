@@ -197,6 +197,27 @@ class BoundedPool(HTTPConnectionPool):
     _factory = _BoundedHeadFactory
 
 
+#: Idle keep-alive connections kept per upstream host or peer relay; more open on demand. Sized for hundreds of
+#: concurrent requests: a connection closed and reopened per request costs more than the relaying itself.
+POOL_PERSISTENT_PER_HOST = 512
+#: Seconds a pooled connection may stay idle (Twisted's default is 240): less than the 60 s that a relay
+#: (web.CLIENT_IDLE_TIMEOUT) and common load balancers allow, so that the pool drops it before its server does. A
+#: request sent as the server closes the connection is lost (502; a bodiless one may be sent again, see make_pool).
+POOL_IDLE_TIMEOUT = 50
+
+
+def make_pool(reactor, resend=True):
+    """
+    The relay's persistent ``BoundedPool``. With ``resend`` (Twisted's default), a bodiless request whose kept-alive
+    connection broke before its answer is sent again on a new connection, which may deliver it twice.
+    """
+    pool = BoundedPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = POOL_PERSISTENT_PER_HOST
+    pool.cachedConnectionTimeout = POOL_IDLE_TIMEOUT
+    pool.retryAutomatically = resend
+    return pool
+
+
 def make_agent(reactor, pool):
     """The relay's ``Agent`` over ``pool``: TLS checked like a browser, endpoints cached."""
     return Agent.usingEndpointFactory(reactor, CachedEndpointFactory(reactor), pool=pool)
