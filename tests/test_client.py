@@ -90,6 +90,24 @@ class ClientTests(RelayHarness, TestCase):
 
         return ensureDeferred(run())
 
+    def test_used_up_pair_is_paired_again(self):
+        """An MKE pair the client has used up (2^32 messages: the relay would answer 564) is paired again under its
+        id and the request goes out on the new pair, instead of every later request failing on the old one."""
+
+        async def run():
+            client = self.client(self.relay_url)
+            response = await client.request("GET", "/echo/first")
+            await response.content()
+            pool = client._pools["MKE"]
+            used = pool._shared
+            used.next_counter = 1 << 32
+            response = await client.request("GET", "/echo/second")
+            self.assertEqual((response.code, json.loads(await response.content())["path"]), (200, "/echo/second"))
+            self.assertIsNot(pool._shared, used)
+            self.assertEqual(pool._shared.pair_id, used.pair_id)
+
+        return ensureDeferred(run())
+
     def test_cli_like_curl(self):
         """``python -m mterelay.client URL -d DATA -H ...`` prints the decoded upstream answer."""
 

@@ -29,10 +29,11 @@ from mterelay.codec import (
 )
 from mterelay import client as client_module
 from mterelay.client import RepairNeeded
+from mterelay.demo import WireRecorder
 from mterelay.errors import RelayError
 from mterelay.redis_registry import RedisRegistry
 from mterelay.registry import MemoryRegistry
-from tests.relay_harness import SECRET, Arrivals, RelayHarness, agent, raw_exchange, rss_kib
+from tests.relay_harness import SECRET, Arrivals, RelayHarness, agent, raw_exchange, rss_kib, serve
 from tests.upstream_server import pattern, pattern_sha256
 
 METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH")
@@ -632,6 +633,47 @@ class RefusalTests(RelayHarness, TestCase):
             code, body = await self._raw("GET", "/echo/x", {"x-mte-client-id": "forged.token"})
             self.assertEqual(code, 569)
             self.assertNotIn(SECRET.encode(), body)
+
+        return ensureDeferred(run())
+
+
+class _HeaderInjector(WireRecorder):
+    """A man in the middle between client and relay that adds visible header lines to every encoded request."""
+
+    def __init__(self, host, port, lines):
+        super().__init__(host, port)
+        self.lines = lines
+
+    def rewrite(self, direction, data):
+        if direction == ">" and b"\r\nx-mte-relay:" in data.lower():
+            line, rest = data.split(b"\r\n", 1)
+            return line + b"\r\n" + self.lines + rest
+        return data
+
+
+class InjectedHeaderTests(RelayHarness, TestCase):
+    def test_visible_headers_cannot_strip_or_add_to_sealed_ones(self):
+        """
+        Someone on the way adds ``Connection`` naming sealed headers, and headers of their own: the sealed headers
+        still reach the upstream, and none of the added ones, whether the client sealed all its headers or a list
+        (whose visible headers, named in the block, still pass). Only with no header sealed (flag 0, documented as
+        unprotected) do visible headers pass as sent.
+        """
+
+        async def run():
+            upstream = await self.start_upstream()
+            relay_url, _, _ = await self.start_relay(upstream.url)
+            injector = _HeaderInjector("127.0.0.1", int(relay_url.rsplit(":", 1)[1]),
+                                       b"Connection: authorization, if-match\r\nX-Api-Key: mallory\r\n")
+            client = self.client(f"http://127.0.0.1:{await serve(self, injector)}")
+            headers = {"Authorization": "Bearer t0ken", "If-Match": '"v1"', "X-Visible": "v"}
+            for mode in (True, ["authorization", "if-match"]):
+                response = await client.request("PUT", "/echo/doc", headers=headers, data=b"x", encode_headers=mode)
+                seen = json.loads(await response.content())["headers"]
+                self.assertEqual((seen["authorization"], seen["if-match"]), (["Bearer t0ken"], ['"v1"']), mode)
+                self.assertEqual(seen["x-visible"], ["v"], mode)
+                self.assertNotIn("x-api-key", seen, mode)
+                self.assertFalse([name for name in seen if name.startswith("x-mte-")], mode)
 
         return ensureDeferred(run())
 

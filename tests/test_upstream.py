@@ -137,6 +137,22 @@ class HeaderTests(SynchronousTestCase):
         for name in dropped + (b"x-secret", b"x-hop"):
             self.assertFalse(headers.hasHeader(name), name)
 
+    def test_visible_connection_names_no_sealed_header(self):
+        """A visible Connection header (anyone's on the way) drops only visible headers it names, never sealed ones;
+        with ``allowed`` only the visible headers named there (and X-Forwarded-For) pass."""
+        request = DummyRequest([b""])
+        request.isSecure = lambda: False
+        for name, value in ((b"Connection", b"Authorization, X-Hop"), (b"X-Hop", b"h"), (b"X-Named", b"n"),
+                            (b"X-Added", b"a"), (b"X-Forwarded-For", b"10.0.0.1")):
+            request.requestHeaders.addRawHeader(name, value)
+        opened = [(b"Authorization", b"Bearer t")]
+        headers = upstream_headers(request, (), opened, allowed={b"x-named"})
+        self.assertEqual(headers.getRawHeaders(b"authorization"), [b"Bearer t"])
+        self.assertEqual(headers.getRawHeaders(b"x-named"), [b"n"])
+        self.assertFalse(headers.hasHeader(b"x-added"))
+        self.assertFalse(headers.hasHeader(b"x-hop"))
+        self.assertEqual(headers.getRawHeaders(b"x-forwarded-for")[0].split(b", ")[0], b"10.0.0.1")
+
     def test_vary_merged(self):
         """
         Copying an answer's headers over the relay's keeps the relay's value of a name both set, but Vary: its

@@ -49,6 +49,7 @@ from mterelay.codec import (
     HEADERS,
     RELAY_HEADER,
     URL,
+    VISIBLE_HEADERS,
     ClientPairing,
     CodecError,
     RelayHeader,
@@ -595,11 +596,16 @@ class Client:
         pool = self._pools[encode_type]
         pair = await pool.acquire()
         try:
+            counter, request_keys, response_keys = pair.message_keys()
+        except CodecError as e:
+            # Used up (2^32 MKE messages or MTE steps): as the relay would answer (564), pair again.
+            pool.discard(pair)
+            raise RepairNeeded(564, e.detail) from None
+        try:
             token = self._token
             if token is None or token.partition(".")[0] != pair.state.client_id:
                 # A 566 for another request dropped our client id while this pair was being made under it.
                 raise RepairNeeded(566, "the client id was dropped while this pair was being made")
-            counter, request_keys, response_keys = pair.message_keys()
             out = Headers({CLIENT_ID_HEADER: [token.encode("ascii")]})
             for name, value in visible:
                 out.addRawHeader(name, value)
@@ -707,7 +713,8 @@ class Client:
 def _split_headers(pairs, encode_headers):
     """
     ``(protected, visible)`` header pairs: every header (True), content-type and the named ones (a list), or none
-    (False). Framing and ``x-mte-*`` headers are never sent.
+    (False). Framing and ``x-mte-*`` headers are never sent. With some protected, the block names the visible ones
+    (``x-mte-visible``): the relay passes on no other visible header.
     """
     if encode_headers is True:
         names = None
@@ -721,6 +728,8 @@ def _split_headers(pairs, encode_headers):
         if lower in _FRAMING or lower.startswith(b"x-mte-"):
             continue
         (protected if names is None or lower in names else visible).append((name, value))
+    if names and visible:
+        protected.append((VISIBLE_HEADERS, b",".join(sorted({name.lower() for name, _ in visible}))))
     return protected, visible
 
 

@@ -33,6 +33,7 @@ from mterelay.codec import (
     decode_header_block,
     decoded_length,
     encode_header_block,
+    visible_names,
     load_state,
     relay_pair,
     request_binding,
@@ -360,10 +361,14 @@ class Inbound:
         return keys.body_decoder(binding)
 
     def _upstream_request_headers(self, request, opened, header):
-        """The visible end-to-end headers, overlaid by the opened header block, for the upstream request."""
+        """
+        The visible end-to-end headers, overlaid by the opened header block, for the upstream request. With the
+        headers flag 1 only the visible headers the block names (``x-mte-visible``) pass: others were added on the way.
+        """
+        if not header.headers:
+            return upstream_headers(request, self._settings.headers, opened)
         # With a header block the visible content-type only describes the sealed records.
-        hidden = (b"content-type",) if header.headers else ()
-        return upstream_headers(request, self._settings.headers, opened, hidden)
+        return upstream_headers(request, self._settings.headers, opened, (b"content-type",), visible_names(opened))
 
     def _seal_response(self, request, response, header, keys):
         """

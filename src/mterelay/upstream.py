@@ -285,25 +285,28 @@ def _vary_union(*headers):
     return b"*" if b"*" in names else b", ".join(names.values())
 
 
-def upstream_headers(request, extra=(), opened=(), hidden=()):
+def upstream_headers(request, extra=(), opened=(), hidden=(), allowed=None):
     """
-    The headers to send upstream for ``request``: its end-to-end headers (but the ``hidden`` names), overlaid by the
-    ``opened`` ``(name, value)`` pairs of a header block (which replace the visible headers of their names and are
-    filtered alike), then ``X-Forwarded-For/-Proto/-Host``, then the ``extra`` pairs (HEADERS). Host and
-    Content-Length are left to the agent.
+    The headers to send upstream for ``request``: its end-to-end headers (but the ``hidden`` names, and with
+    ``allowed``, a set of lower-case names, only those and X-Forwarded-For), overlaid by the ``opened`` ``(name,
+    value)`` pairs of a header block (which replace the visible headers of their names and are filtered alike), then
+    ``X-Forwarded-For/-Proto/-Host``, then the ``extra`` pairs (HEADERS). Host and Content-Length are left to the
+    agent.
     """
     framing = (b"host", b"content-length")
     visible = request.requestHeaders
-    # A Connection header on either side names headers of this hop, visible or sealed: none of them go on.
-    listed = _listed(visible.getRawHeaders(b"connection", ()))
-    listed |= _listed(value for name, value in opened if name.lower() == b"connection")
+    # A Connection header names headers of its own hop. A sealed one may name sealed headers; a visible one only
+    # visible ones, or anyone on the way could strip sealed headers by naming them.
+    sealed_listed = _listed(value for name, value in opened if name.lower() == b"connection")
+    listed = sealed_listed | _listed(visible.getRawHeaders(b"connection", ()))
     drop = {*framing, *hidden, *(name.lower() for name, _ in opened)}
     headers = Headers()
     for name, values in visible.getAllRawHeaders():
-        if _passes(name.lower(), listed, drop):
+        lower = name.lower()
+        if _passes(lower, listed, drop) and (allowed is None or lower in allowed or lower == b"x-forwarded-for"):
             headers.setRawHeaders(name, values)
     for name, value in opened:
-        if _passes(name.lower(), listed, framing):
+        if _passes(name.lower(), sealed_listed, framing):
             headers.addRawHeader(name, value)
     peer = request.getClientAddress()
     forwarded_for = headers.getRawHeaders(b"x-forwarded-for", [])

@@ -18,6 +18,8 @@ from mterelay.codec.header import (
     encode_header_block,
     is_field_value,
     is_token,
+    visible_names,
+    VISIBLE_HEADERS,
 )
 from mterelay.codec.identity import RelayIdentity, fingerprint
 from mterelay.codec.keys import (
@@ -41,6 +43,8 @@ __all__ = [
     "UnencodableHeader",
     "is_field_value",
     "is_token",
+    "visible_names",
+    "VISIBLE_HEADERS",
     "decode_header_block",
     "MAX_HEADER_PAIRS",
     "MAX_HEADER_BLOCK",

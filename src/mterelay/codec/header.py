@@ -147,6 +147,21 @@ def encode_header_block(pairs):
     return block.encode("ascii")
 
 
+#: The block entry that names, as a comma list, the end-to-end headers a request sends visibly beside its block.
+VISIBLE_HEADERS = b"x-mte-visible"
+
+
+def visible_names(pairs):
+    """The lower-case header names that the ``x-mte-visible`` entries of an opened block list (none: an empty set)."""
+    return {
+        name.strip().lower()
+        for entry, value in pairs
+        if entry.lower() == VISIBLE_HEADERS
+        for name in value.split(b",")
+        if name.strip()
+    }
+
+
 def decode_header_block(data):
     """
     The ``[(name, value)]`` byte pairs of an opened header block, or ``CodecError(562)`` if it is malformed: each
