@@ -1,6 +1,8 @@
 """The client's command line, pools under concurrency, and the identity key generator."""
 
+import contextlib
 import gc
+import io
 import json
 import os
 import stat
@@ -105,6 +107,23 @@ class ClientTests(RelayHarness, TestCase):
             self.assertEqual((response.code, json.loads(await response.content())["path"]), (200, "/echo/second"))
             self.assertIsNot(pool._shared, used)
             self.assertEqual(pool._shared.pair_id, used.pair_id)
+
+        return ensureDeferred(run())
+
+    def test_pin_as_keygen_prints_it(self):
+        """A pin given as the base64url text that keygen prints (and the start-up line shows) works; a different
+        key refuses the pairing (565); a pin that is not base64url is a ValueError at once."""
+
+        async def run():
+            client = self.client(self.relay_url, pin=self.identity.public_b64())
+            response = await client.request("GET", "/echo/pinned")
+            self.assertEqual(response.code, 200)
+            await response.content()
+            other = self.client(self.relay_url, pin=RelayIdentity.generate().public_b64())
+            with self.assertRaises(RelayError) as ctx:
+                await other.request("GET", "/echo/x")
+            self.assertEqual(ctx.exception.code, 565)
+            self.assertRaises(ValueError, self.client, self.relay_url, pin="not base64!")
 
         return ensureDeferred(run())
 
@@ -1039,6 +1058,13 @@ class KeygenTests(SynchronousTestCase):
             self.assertEqual(RelayIdentity.from_pem(f.read()).public_b64() + "\n", printed[0])
         with self.assertRaises(SystemExit):
             keygen([path], out=Out)
+
+    def test_help_is_whole_sentences(self):
+        """``--help`` describes the command in its whole first paragraph, not a line cut off mid-sentence."""
+        text = io.StringIO()
+        with contextlib.redirect_stdout(text), self.assertRaises(SystemExit):
+            keygen(["--help"])
+        self.assertIn("for IDENTITY_KEY, and print its public key", " ".join(text.getvalue().split()))
 
 
 class _RefusingRelay(Resource):

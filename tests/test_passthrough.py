@@ -125,6 +125,16 @@ class RoundTripTests(PassThroughTestCase):
         )
 
     @inlineCallbacks
+    def test_origin_server_and_date_kept(self):
+        """The upstream's Server and Date reach the client, not the relay's own defaults (Twisted's name and version,
+        the time it relayed): a proxy passes the origin's on."""
+        relay = yield self.relay()
+        response = yield self.request(relay, "GET", "/echo/x")
+        yield readBody(response)
+        self.assertEqual(response.headers.getRawHeaders(b"server"), [b"mterelay-test-upstream"])
+        self.assertEqual(response.headers.getRawHeaders(b"date"), [b"Tue, 01 Jan 2030 00:00:00 GMT"])
+
+    @inlineCallbacks
     def test_redirect_returned_not_followed(self):
         """A redirect is handed to the client, not followed by the relay."""
         relay = yield self.relay()

@@ -65,7 +65,8 @@ class OptionsTests(SynchronousTestCase):
         self.assertIn("client-id-secret", text)
 
     def test_start_line_shows_no_upstream_path(self):
-        """The start-up line names the upstream's origin only: a path can hold a token (as config errors say)."""
+        """The start-up line names the upstream's origin only: a path can hold a token (as config errors say); another
+        names the relay's public identity key, what clients and peers pin."""
         events = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
@@ -73,6 +74,9 @@ class OptionsTests(SynchronousTestCase):
         tap.makeService(options)
         [line] = [formatEvent(e) for e in events if "serving" in formatEvent(e)]
         self.assertTrue(line.endswith("for upstream http://api.example/..."), line)
+        # The public key to pin is said at start (for an IDENTITY_KEY file nothing else shows it).
+        [line] = [formatEvent(e) for e in events if "relay identity" in formatEvent(e)]
+        self.assertIn(options.identity.public_b64(), line)
 
     def test_bad_value_exits_with_one_line(self):
         """An invalid setting exits with status 2 and a single 'mterelay: error:' line naming the source."""

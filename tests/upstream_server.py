@@ -134,6 +134,9 @@ class _Upstream(Resource):
         route, argument = parts[0], (parts[1] if len(parts) > 1 else "")
         query = parse_qs(received.query)
         request.setHeader(b"x-upstream", b"test")
+        # Not what a relay would set itself, so that a test sees whose they are.
+        request.setHeader(b"server", b"mterelay-test-upstream")
+        request.setHeader(b"date", b"Tue, 01 Jan 2030 00:00:00 GMT")
         if route == "status":
             request.setResponseCode(int(argument), *(phrase.encode() for phrase in query.get("phrase", [])[-1:]))
             if int(argument) in (204, 304):

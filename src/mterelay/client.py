@@ -396,14 +396,17 @@ class Client:
     handling refuses). ``clock`` bounds every exchange by ``timeout`` seconds: until an encoded answer's headers
     (counted from the request body's last progress), and to the end of discovery and pairing answers (which are read
     whole, up to ``MAX_SMALL_ANSWER`` bytes); ``pin`` is the relay's Ed25519 public key or its SHA-256 fingerprint
-    (bytes), checked at every pairing.
+    (raw bytes, or base64url as ``python -m mterelay.keygen`` prints it), checked at every pairing.
     """
 
     def __init__(self, relay_url, agent, clock, pool_size=25, pin=None, timeout=30.0):
         self.relay = _origin(relay_url)
         self._agent = agent
         self._clock = clock
-        self._pin = pin
+        try:
+            self._pin = b64decode(pin, field="pin") if isinstance(pin, str) else pin
+        except CodecError:
+            raise ValueError("pin is not base64url") from None
         self._timeout = timeout
         self._pools = {
             t: _Pool(t, pool_size, lambda pair_id, t=t: ensureDeferred(self.pair(t, pair_id)), clock, timeout)

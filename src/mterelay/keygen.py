@@ -22,7 +22,7 @@ def write_identity(path):
 
 
 def main(argv=None, out=sys.stdout):
-    parser = argparse.ArgumentParser(prog="python -m mterelay.keygen", description=__doc__.strip().splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m mterelay.keygen", description=__doc__.strip().split("\n\n")[0].replace("\n", " "))
     parser.add_argument("path", help="where to write the private key (must not exist)")
     args = parser.parse_args(argv)
     try:

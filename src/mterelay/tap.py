@@ -170,6 +170,8 @@ def makeService(options):
     for description in settings.listen:
         web.ListeningService(description, relay_site, options.network, options.stderr).setServiceParent(relay)
     relay.setServiceParent(lifetime)
+    log.info("relay identity {identity} (what clients pass as --pin, peers put in PEER_PINS)",
+             identity=options.identity.public_b64())
     log.info(
         "mterelay serving {listen} for upstream {upstream}",
         listen=",".join(settings.listen),
