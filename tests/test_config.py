@@ -212,8 +212,8 @@ class ErrorTests(ConfigTestCase):
             self.assertTrue(message.startswith("HEADERS (environment): "), message)
             self.assertIn(named, message)
             self.assertNotIn("ttt", message)
-        settings, _ = load({}, dict(BASE_ENV, HEADERS=r'{"X-Name":"caf\u00e9 \tok"}'))
-        self.assertEqual(settings.headers, (("X-Name", "caf\u00e9 \tok"),))
+        settings, _ = load({}, dict(BASE_ENV, HEADERS=r'{"X-Name":"caf\u00e9 \tok","Host":"api.internal"}'))
+        self.assertEqual(settings.headers, (("X-Name", "caf\u00e9 \tok"), ("Host", "api.internal")))
 
     def test_bad_headers_json(self):
         """HEADERS that is not a JSON object says so."""

@@ -133,6 +133,14 @@ class RoundTripTests(PassThroughTestCase):
         yield readBody(response)
         self.assertEqual(response.headers.getRawHeaders(b"server"), [b"mterelay-test-upstream"])
         self.assertEqual(response.headers.getRawHeaders(b"date"), [b"Tue, 01 Jan 2030 00:00:00 GMT"])
+        # The relay's own answers name no server; a Server in HEADERS is the operator's, and wins.
+        response = yield self.request(relay, "GET", "/api/mte-echo/x")
+        yield readBody(response)
+        self.assertFalse(response.headers.hasHeader(b"server"))
+        relay = yield self.relay(headers=(("Server", "edge-proxy"),))
+        response = yield self.request(relay, "GET", "/echo/x")
+        yield readBody(response)
+        self.assertEqual(response.headers.getRawHeaders(b"server"), [b"edge-proxy"])
 
     @inlineCallbacks
     def test_redirect_returned_not_followed(self):

@@ -13,7 +13,6 @@ import urllib.request
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import Application
-from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactor
 from twisted.logger import ILogObserver, Logger, LogPublisher, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase

@@ -5,7 +5,7 @@ import json
 from twisted.application.service import Service
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
@@ -595,6 +595,23 @@ class EarlyRefusalTests(SynchronousTestCase):
         self.assertEqual(json.loads(answer.partition(b"\r\n\r\n")[2])["code"], code)
         self.assertTrue(transport.disconnecting)
         return channel, transport
+
+    def test_refusal_on_the_head_carries_the_relays_headers_and_is_logged(self):
+        """A refusal made on the head carries what every other answer of the relay does (CORS for a granted origin,
+        Vary: Origin, HEADERS), so a browser can read it, and is logged like any other answer."""
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        head = (b"POST /api/mte-echo/x HTTP/1.1\r\nHost: a\r\nOrigin: https://app.example\r\n"
+                b"Content-Length: 100000000\r\n\r\n")
+        _, transport = self.assert_refused(head, 413, cors_origins=("https://app.example",),
+                                           headers=(("x-service-name", "relay"),))
+        answer = transport.value().partition(b"\r\n\r\n")[0].lower()
+        for line in (b"access-control-allow-origin: https://app.example", b"vary: origin", b"x-service-name: relay"):
+            self.assertIn(b"\r\n" + line + b"\r\n", answer + b"\r\n")
+        logged = [formatEvent(e) for e in events if e.get("code") == 413]
+        self.assertEqual(len(logged), 1)
+        self.assertTrue(logged[0].startswith("POST /api/mte-echo/x 413 "), logged)
 
     def test_large_pair_request_refused_on_its_head(self):
         """A pair request announcing more than MAX_PAIR_BODY bytes is answered 413 before any of it is read, and a

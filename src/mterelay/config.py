@@ -246,8 +246,9 @@ def _secret(value):
 
 
 #: Headers HEADERS may not add: each message has its own (framing, hop-by-hop, the relay's content-type of sealed
-#: bodies, the protocol's), and a second copy would contradict it.
-_NOT_ADDED = frozenset((b"host", b"content-length", b"content-type", *HOP_BY_HOP))
+#: bodies, the protocol's), and a second copy would contradict it. (Host may be set: it names the upstream's virtual
+#: host.)
+_NOT_ADDED = frozenset((b"content-length", b"content-type", *HOP_BY_HOP))
 
 
 def _headers(value):

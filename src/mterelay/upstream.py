@@ -261,22 +261,17 @@ def filter_headers(headers, drop=()):
     return kept
 
 
-#: Headers a relay's answer takes from the upstream's over its own: twisted.web sets them on every answer (its name
-#: and version, the time of relaying), where a proxy passes the origin's on.
-_ORIGIN_WINS = frozenset((b"server", b"date"))
-
-
 def merge_end_to_end(source, target):
     """
-    Copy ``source``'s end-to-end headers but Content-Length into ``target``, leaving the names it already has (but
-    Server and Date); but Vary, whose names are merged (the relay's ``Vary: Origin`` must not hide what the
-    upstream's answer varies on).
+    Copy ``source``'s end-to-end headers but Content-Length into ``target``, leaving the names it already has; but
+    Date (twisted.web stamps every answer with the time of relaying, where a proxy passes the origin's on) and Vary,
+    whose names are merged (the relay's ``Vary: Origin`` must not hide what the upstream's answer varies on).
     """
     for name, values in end_to_end(source, (b"content-length",)):
         lower = name.lower()
         if lower == b"vary" and target.hasHeader(name):
             target.setRawHeaders(name, [_vary_union(values, target.getRawHeaders(name))])
-        elif lower in _ORIGIN_WINS or not target.hasHeader(name):
+        elif lower == b"date" or not target.hasHeader(name):
             target.setRawHeaders(name, values)
 
 

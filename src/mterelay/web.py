@@ -384,8 +384,15 @@ class RelayRequest(server.Request):
         # The body is never read: answer at once and close, so the client stops sending. No "100 Continue" either.
         self._refused = True
         self.requestHeaders.removeHeader(b"expect")
-        self.channel.answer_and_close(self._over)
-        log.info("refused a request body over {limit} bytes: {code}", limit=self._limit, code=self._over.code)
+        # With the relay's own headers (CORS above all: a browser could not read the refusal without them), and
+        # logged as any other answer.
+        self.channel.site.resource.own_headers(self)
+        self.setResponseCode(self._over.code)
+        self.sentLength = self.channel.answer_and_close(self._over, self.responseHeaders)
+        # Only the channel has the request line yet (requestReceived never comes for a refused request).
+        self.method, self.uri = self.channel._command, self.channel._path
+        self.path = self.uri.split(b"?", 1)[0]
+        self.channel.site.log(self)
 
 
 @implementer(IHalfCloseableProtocol)
@@ -475,10 +482,12 @@ class RelayChannel(http.HTTPChannel):
             if not request.startedWriting:
                 request.responseHeaders.setRawHeaders(b"connection", [b"close"])
 
-    def answer_and_close(self, error):
+    def answer_and_close(self, error, headers=None):
         """
         Answer ``error`` straight on the connection, then close it: for refusals made before (or instead of) reading a
-        whole request, when there is no request to answer through. Nothing else is timed or answered after it.
+        whole request, when there is no request to answer through. Nothing else is timed or answered after it. The
+        answer carries ``headers`` (a ``Headers``, the relay's own for the request) or else HEADERS; returns the
+        size of its body.
         """
         self._closing = True
         self._stop_timers()
@@ -486,9 +495,13 @@ class RelayChannel(http.HTTPChannel):
         # The error's name as its phrase, as on the relay's other error answers (error_response).
         head = [b"HTTP/1.1 %d %s" % (error.code, error.entry.name.encode("ascii")), b"Content-Type: application/json"]
         head += [b"Connection: close", b"Content-Length: %d" % (len(body),)]
-        head += [b"%s: %s" % (n.encode("latin-1"), v.encode("latin-1")) for n, v in self.site.headers]
+        if headers is None:
+            head += [b"%s: %s" % (n.encode("latin-1"), v.encode("latin-1")) for n, v in self.site.headers]
+        else:
+            head += [name + b": " + value for name, values in headers.getAllRawHeaders() for value in values]
         self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
         self.loseConnection()
+        return len(body)
 
     def _stop_timers(self):
         self._head_timer = _cancel(self._head_timer)
@@ -659,15 +672,26 @@ class Router(Resource):
         token = settings.outbound_token
         self._outbound_token = None if token is None else token.encode("utf-8")
 
-    def render(self, request):
-        if self._tracker is not None:
-            self._tracker.track(request)
+    def own_headers(self, request):
+        """
+        Set the relay's own headers on ``request``'s answer (the request id under DEBUG, HEADERS, CORS) and keep a
+        copy for error answers (``own_headers``); True when CORS granted the request's origin.
+        """
         if self._settings.debug:
             request.request_id = logs.request_id(request)
             request.setHeader(logs.REQUEST_ID_HEADER, request.request_id.encode("ascii"))
+        # twisted.web names itself and its version on every answer: not the relay's to say (a proxied answer keeps
+        # the upstream's Server; HEADERS may set one).
+        request.responseHeaders.removeHeader(b"server")
         _set_headers(request, self._settings.headers)
         granted = self._cors(request)
         request.own_headers = request.responseHeaders.copy()
+        return granted
+
+    def render(self, request):
+        if self._tracker is not None:
+            self._tracker.track(request)
+        granted = self.own_headers(request)
         if request.method == b"OPTIONS" and request.requestHeaders.hasHeader(b"access-control-request-method"):
             return self._preflight(request, granted)
         try:
