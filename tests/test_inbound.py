@@ -458,7 +458,8 @@ class RefusalTests(RelayHarness, TestCase):
         """
         What the head alone shows is refused before the body is read, so that nobody can make the relay take in
         MAX_BODY_SIZE first: a missing, forged or foreign x-mte-client-id (566), a missing header block (569), a body
-        on a message whose body flag is 0 (562). Only the head of a 200 MB body is sent: the answer comes at once.
+        on a message whose body flag is 0 (562), a pair the relay does not hold (560, looked up while the connection
+        reads nothing; with Redis too). Only the head of a 200 MB body is sent: the answer comes at once.
         """
 
         async def run():
@@ -476,6 +477,8 @@ class RefusalTests(RelayHarness, TestCase):
                 (f"x-mte-client-id: {token}\r\nx-mte-relay: {relay('C' * 22)}\r\n{eh}", 566),
                 (f"x-mte-client-id: {token}\r\nx-mte-relay: {relay()}\r\n", 569),
                 (f"x-mte-client-id: {token}\r\nx-mte-relay: {relay(body=False)}\r\n{eh}", 562),
+                # Well formed, but naming a pair this relay does not hold: the registry says so before any body.
+                (f"x-mte-client-id: {token}\r\nx-mte-relay: {relay()}\r\n{eh}", 560),
             )
             for headers, code in cases:
                 head = f"POST /echo/x HTTP/1.1\r\nHost: a\r\nContent-Length: 200000000\r\n{headers}\r\n"

@@ -127,6 +127,15 @@ class Inbound:
             return CodecError(562, "the message has a body but says it is not encoded")
         return None
 
+    def pair_lookup(self, header):
+        """
+        Start looking up the pair a message with a body names (``header``: its ``x-mte-relay``), on its head: a
+        Deferred firing with its ``PairRecord``, or failing with the ``RelayError`` that refuses the message (560 for a
+        pair this relay does not hold, 503 for a registry that cannot answer), before its body is read. ``_relay``
+        takes the outcome from ``request.pair_lookup`` (the record, or that error) rather than looking again.
+        """
+        return self._registry.get_pair(header.client_id, header.pair_id)
+
     def _async(self, request, handler):
         """
         Run ``handler(request, gone)`` and answer a ``RelayError`` it raises (while nothing was sent yet); ``gone`` is
@@ -233,7 +242,10 @@ class Inbound:
         if self._verify_client(request).client_id != header.client_id:
             raise RelayError(566, "x-mte-client-id does not match x-mte-relay")
         registry = self._registry
-        record = await registry.get_pair(header.client_id, header.pair_id)
+        lookup = getattr(request, "pair_lookup", None)
+        record = await (lookup if lookup is not None else registry.get_pair(header.client_id, header.pair_id))
+        if isinstance(record, RelayError):
+            raise record
         # Everything is opened before the registry changes: a forged message neither burns a counter nor moves a
         # ratchet, and nothing unauthenticated goes upstream.
         try:

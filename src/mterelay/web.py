@@ -7,8 +7,9 @@ Dispatch order: CORS preflight; ``/api/mte-echo[/<msg>]``; ``/api/mte-errors``; 
 otherwise); ``/api/mte-relay`` and ``/api/mte-pair`` (inbound handler); a request carrying ``x-mte-relay`` (inbound
 handler, which matches MTE_ROUTES against the decoded path); PASS_THROUGH_ROUTES (proxied as is); MTE routes
 (MTE_ROUTES, or every other path when unset; inbound handler); else 404. A handler is an object with ``render(request)`` returning bytes or
-``NOT_DONE_YET``; an absent handler answers 501. The inbound one may also refuse a message on its head
-(``head_refusal(headers, header)``: a ``RelayError`` or None), before its body is read.
+``NOT_DONE_YET``; an absent handler answers 501. The inbound one may also refuse a message on its head, before its
+body is read: at once (``head_refusal(headers, header)``: a ``RelayError`` or None), or once its pair was looked up
+(``pair_lookup(header)``: a Deferred of the pair's record, failing with the refusal).
 """
 
 import errno
@@ -349,6 +350,9 @@ class RelayRequest(server.Request):
     _limit = None
     _over = None
 
+    #: The inbound role's lookup of the pair a message with a body names, started on its head (``Router.pair_lookup``).
+    pair_lookup = None
+
     def gotLength(self, length):
         router = self.channel.site.resource
         # The request target is only the channel's until the whole request is in.
@@ -356,8 +360,41 @@ class RelayRequest(server.Request):
         self._limit, self._over = router.body_limit(self.routed, self.requestHeaders)
         if length is not None and length > self._limit:
             self._refuse()
-        else:
-            super().gotLength(length)
+            return
+        super().gotLength(length)
+        if length != 0:
+            self._look_up_pair(router)
+
+    def _look_up_pair(self, router):
+        """
+        Look the message's pair up before its body is read: a pair this relay does not hold (anyone may name one, with
+        a client id anyone may have) is refused on the head, not after taking in up to MAX_BODY_SIZE. The connection
+        stops reading while the registry answers.
+        """
+        lookup = router.pair_lookup(self.routed)
+        if lookup is None:
+            return
+        channel = self.channel
+
+        def settled(failure):
+            # The refusal becomes the outcome: the inbound role raises it, or nobody needs to (refused here).
+            failure.trap(RelayError)
+            return failure.value
+
+        def looked_up(outcome):
+            if isinstance(outcome, RelayError) and not self._refused and not channel._handlingRequest:
+                # The body never came whole (reading stopped): answer on the head, read nothing more.
+                self._over, self._limit = outcome, 0
+                self._refuse()
+            elif paused and not channel._handlingRequest and not channel._waitingForTransport:
+                channel._networkProducer.resumeProducing()
+            return outcome
+
+        self.pair_lookup = lookup.addErrback(settled)
+        paused = not lookup.called
+        if paused:
+            channel._networkProducer.pauseProducing()
+        lookup.addCallback(looked_up)
 
     def handleContentChunk(self, data):
         if self._refused:
@@ -792,6 +829,14 @@ class Router(Resource):
             if refusal is not None:
                 return 0, refusal
         return self._settings.max_body_size, RelayError(413)
+
+    def pair_lookup(self, routed):
+        """The inbound role's lookup of the pair an encoded message names (``Inbound.pair_lookup``), started on the
+        head of one with a body; None for any other request."""
+        lookup = getattr(self._inbound, "pair_lookup", None)
+        if lookup is None or isinstance(routed, RelayError) or routed[1] != "inbound":
+            return None
+        return lookup(routed[2])
 
     def _dispatch(self, request):
         # Worked out on the request's head (a unit test's DummyRequest has none).
