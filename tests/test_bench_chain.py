@@ -77,6 +77,20 @@ class WrkOutputTests(SynchronousTestCase):
 class ReportTests(SynchronousTestCase):
     """The product's Result row (ratios and differences) and issue 7's targets."""
 
+    def test_rounds_combined(self):
+        """Rounds of one chain add up to one result: requests and time summed (req/s of all rounds together),
+        errors summed, latency percentiles the median of the rounds', the maximum the largest."""
+        rounds = [
+            wrk.from_summary(summary(requests=r, p50=p, status=s), 100)
+            for r, p, s in ((1000, 2000, 0), (1200, 3000, 1), (800, 9000, 0))
+        ]
+        combined = wrk.combine(rounds)
+        self.assertEqual((combined.requests, combined.duration_s, combined.errors.total), (3000, 30.0, 1))
+        self.assertEqual(combined.rps, 100.0)
+        self.assertEqual(combined.p50_ms, 3.0)
+        self.assertEqual(combined.max_ms, max(r.max_ms for r in rounds))
+        self.assertIs(wrk.combine(rounds[:1]), rounds[0])
+
     def test_ratios_and_differences(self):
         """The Result row is candidate / baseline for counts and candidate - baseline for latencies."""
         baseline = result(requests=1000, p50=2000, p90=4000, p99=9000)
@@ -253,6 +267,13 @@ class ChainAndCommandLineTests(SynchronousTestCase):
         """--saturate drops the think time and makes the plain proxy chain the baseline."""
         options = cli.parse_args(["--saturate", "--chains", "proxy,relay-memory"])
         self.assertEqual((options.baseline, options.chains, options.think_ms), ("proxy", ["relay-memory"], (0, 0)))
+
+    def test_rounds(self):
+        """--rounds splits --duration into alternating rounds: one by default, never more than the seconds, never 0."""
+        self.assertEqual(cli.parse_args([]).rounds, 1)
+        self.assertEqual(cli.parse_args(["--duration", "30", "--rounds", "3"]).rounds, 3)
+        for rounds in ("0", "61"):
+            self.assertRaises(SystemExit, cli.parse_args, ["--rounds", rounds])
 
     def test_bad_levels_are_refused(self):
         """Connection counts wrk cannot split evenly over its threads are refused with a usage error."""

@@ -73,10 +73,15 @@ def parse_args(argv):
     parser.add_argument("--body-bytes", type=int, default=1024, help="request and response body size")
     parser.add_argument("--seed", type=int, default=1, help="think-time seed (same for every chain at a level)")
     parser.add_argument("--settle", type=float, default=2.0, help="pause between runs (s)")
+    parser.add_argument(
+        "--rounds", type=int, default=1,
+        help="alternate the chains this many times per level, --duration/rounds seconds each, in rotating order "
+             "(a shared machine drifts: the baseline and the relay then see the same moments); default 1",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out", help="results go in a dated folder here")
     options = parser.parse_args(argv)
-    if options.duration < 1 or options.body_bytes < 0:
-        parser.error("--duration must be >= 1 and --body-bytes >= 0")
+    if options.duration < 1 or options.body_bytes < 0 or not 1 <= options.rounds <= options.duration:
+        parser.error("--duration must be >= 1, --body-bytes >= 0 and --rounds between 1 and --duration")
     options.chains = options.chains or ["relay-memory", "relay-redis"]
     if options.saturate:
         options.think_ms = (0, 0)
@@ -197,36 +202,54 @@ async def start_chains(reactor, supervisor, options, redis_dir):
 
 
 async def run_levels(reactor, supervisor, options, chains, endpoints, processes, meta):
-    """Load every chain at every level, chains of one level back to back; answers wrk's results by chain name."""
+    """
+    Load every chain at every level, chains of one level back to back (in ``--rounds`` rounds, each starting one
+    chain later); answers wrk's results by chain name, one per level (the rounds combined).
+    """
     runs = {chain.name: [] for chain in chains}
-    total = len(options.connections) * len(chains)
-    for level_index, connections in enumerate(options.connections):
-        load = wrk.Load(connections, options.duration, options.think_ms, options.body_bytes, options.seed)
-        for chain_index, chain in enumerate(chains):
-            await deferLater(reactor, options.settle)
-            load_before, cpu_before = loadavg(), cpu_by_chain(processes)
-            endpoint = endpoints[chain.name]
-            result = await wrk.run(
-                reactor, supervisor, f"wrk-{chain.name}-{connections}", load, endpoint.url, endpoint.headers
-            )
-            cpu = {name: used - cpu_before[name] for name, used in cpu_by_chain(processes).items()}
-            runs[chain.name].append(result)
-            meta["runs"].append({
-                "chain": chain.name,
-                "connections": connections,
-                "loadavg_before": load_before,
-                "loadavg_after": loadavg(),
-                "cpu_seconds": cpu,
-                "chain_cpu_ms_per_request": 1000 * cpu[chain.name] / result.requests if result.requests else None,
-            })
-            print(
-                f"[{level_index * len(chains) + chain_index + 1}/{total}] {chain.name:<13} c={connections:<4} "
-                f"{result.requests:>8} req {result.rps:>9.1f} req/s  p50 {result.p50_ms:7.2f}  "
-                f"p90 {result.p90_ms:7.2f}  p99 {result.p99_ms:7.2f} ms  errors {result.errors.total}  "
-                f"cpu {cpu[chain.name]:.1f}s (upstream {cpu['upstream']:.1f}s)  load {load_before:.2f}",
-                flush=True,
-            )
+    total = len(options.connections) * len(chains) * options.rounds
+    done = 0
+    for connections in options.connections:
+        load = wrk.Load(
+            connections, options.duration // options.rounds, options.think_ms, options.body_bytes, options.seed
+        )
+        rounds = {chain.name: [] for chain in chains}
+        for round_ in range(options.rounds):
+            for chain in chains[round_ % len(chains):] + chains[: round_ % len(chains)]:
+                done += 1
+                rounds[chain.name].append(await _run_one(reactor, supervisor, options, chain, endpoints, processes,
+                                                         meta, load, f"{done}/{total}"))
+        for chain in chains:
+            runs[chain.name].append(wrk.combine(rounds[chain.name]))
     return runs
+
+
+async def _run_one(reactor, supervisor, options, chain, endpoints, processes, meta, load, progress):
+    """One wrk run of ``load`` on ``chain``, recorded in ``meta`` and printed; its result."""
+    connections = load.connections
+    await deferLater(reactor, options.settle)
+    load_before, cpu_before = loadavg(), cpu_by_chain(processes)
+    endpoint = endpoints[chain.name]
+    result = await wrk.run(reactor, supervisor, f"wrk-{chain.name}-{connections}", load, endpoint.url, endpoint.headers)
+    cpu = {name: used - cpu_before[name] for name, used in cpu_by_chain(processes).items()}
+    meta["runs"].append({
+        "chain": chain.name,
+        "connections": connections,
+        "duration_s": load.duration_s,
+        "requests": result.requests,
+        "loadavg_before": load_before,
+        "loadavg_after": loadavg(),
+        "cpu_seconds": cpu,
+        "chain_cpu_ms_per_request": 1000 * cpu[chain.name] / result.requests if result.requests else None,
+    })
+    print(
+        f"[{progress}] {chain.name:<13} c={connections:<4} "
+        f"{result.requests:>8} req {result.rps:>9.1f} req/s  p50 {result.p50_ms:7.2f}  "
+        f"p90 {result.p90_ms:7.2f}  p99 {result.p99_ms:7.2f} ms  errors {result.errors.total}  "
+        f"cpu {cpu[chain.name]:.1f}s (upstream {cpu['upstream']:.1f}s)  load {load_before:.2f}",
+        flush=True,
+    )
+    return result
 
 
 async def measure(reactor, options, out_dir, meta):
@@ -241,7 +264,11 @@ def summarize(options, runs, meta, out_dir):
     """Print the tables, write results.json, table.txt and chart.png; answers the paths written."""
     targets = report.SATURATION_TARGETS if options.saturate else report.THINK_TARGETS
     think = "no think time" if options.saturate else f"think {options.think_ms[0]}-{options.think_ms[1]} ms"
-    load_text = f"{options.duration} s per run, {options.body_bytes} B request and response, {think}"
+    per_run = f"{options.duration} s per run" if options.rounds == 1 else (
+        f"{options.rounds} alternating rounds of {options.duration // options.rounds} s per chain (latency: median of"
+        " the rounds')"
+    )
+    load_text = f"{per_run}, {options.body_bytes} B request and response, {think}"
     tables, comparisons = [], {}
     for name in options.chains:
         compared = report.compare(runs[options.baseline], runs[name])

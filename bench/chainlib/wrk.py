@@ -79,6 +79,35 @@ class WrkResult:
         return dict(attrs.asdict(self), rps=self.rps)
 
 
+def combine(results):
+    """
+    One result for several rounds of the same load on the same chain (``--rounds``): requests, bytes, errors and time
+    add up, so req/s is that of all rounds together; p50/p90/p99 and the mean are the median of the rounds' (wrk gives
+    no histogram to merge), the maximum the largest.
+    """
+    if len(results) == 1:
+        return results[0]
+
+    def median(values):
+        values = sorted(values)
+        middle = len(values) // 2
+        return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+
+    errors = Errors(**{field: sum(getattr(r.errors, field) for r in results) for field in attrs.fields_dict(Errors)})
+    return WrkResult(
+        connections=results[0].connections,
+        duration_s=sum(r.duration_s for r in results),
+        requests=sum(r.requests for r in results),
+        bytes=sum(r.bytes for r in results),
+        errors=errors,
+        p50_ms=median(r.p50_ms for r in results),
+        p90_ms=median(r.p90_ms for r in results),
+        p99_ms=median(r.p99_ms for r in results),
+        mean_ms=median(r.mean_ms for r in results),
+        max_ms=max(r.max_ms for r in results),
+    )
+
+
 def command(load, url, threads=THREADS):
     """wrk's argv for ``load`` against ``url``."""
     return [
