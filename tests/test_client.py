@@ -197,7 +197,8 @@ class ClientTests(RelayHarness, TestCase):
             cut.addCallback(lambda server: ensureDeferred(die(server)))
             out, err, code = await run_cli(f"http://127.0.0.1:{front.getHost().port}/echo/once")
             self.assertEqual((code, out), (1, b""))
-            self.assertEqual(err, b"mterelay.client: error: the connection to the relay failed before the answer ended\n")
+            expected = b"mterelay.client: error: the connection to the relay failed before the answer ended\n"
+            self.assertEqual(err, expected)
 
         return ensureDeferred(run())
 

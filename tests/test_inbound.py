@@ -441,6 +441,23 @@ class RefusalTests(RelayHarness, TestCase):
 
         return ensureDeferred(run())
 
+    def test_pair_lookup_failing_unexpectedly_does_not_hang(self):
+        """A registry whose pair lookup fails in a way it should not (a bug) while the connection waits for it, with
+        reading stopped, still has the message answered (502), not left hanging."""
+
+        class BrokenLookup(MemoryRegistry):
+            def get_pair(self, client_id, pair_id):
+                return deferLater(reactor, 0.01, lambda: 1 / 0)
+
+        async def run():
+            url, _, _ = await self.start_relay(self.upstream.url, registry=BrokenLookup(reactor))
+            response = await RelayHarness.client(self, url).request("POST", "/echo/x", data=b"x" * 300000)
+            await response.content()
+            self.assertEqual((response.code, response.relay_error), (502, True))
+            self.assertEqual(self.upstream.received, [])
+
+        return ensureDeferred(run())
+
     def test_unsealable_answer_names_no_header(self):
         """An upstream answer with a header no block may hold is refused with 561, whose unsealed text names no
         upstream header (that header would otherwise have crossed sealed)."""

@@ -57,7 +57,8 @@ class OptionsTests(SynchronousTestCase):
         """The parsed command line's repr names the options given, never their values: CLIENT_ID_SECRET and
         OUTBOUND_TOKEN given as flags would otherwise show in any log or traceback that prints it."""
         token = "t" * 40
-        options, _ = parse(["--client-id-secret", SECRET, "--outbound-token", token, "--debug"], {"UPSTREAM": "http://a"})
+        argv = ["--client-id-secret", SECRET, "--outbound-token", token, "--debug"]
+        options, _ = parse(argv, {"UPSTREAM": "http://a"})
         text = repr(options)
         self.assertNotIn(SECRET, text)
         self.assertNotIn(token, text)

@@ -22,7 +22,9 @@ def write_identity(path):
 
 
 def main(argv=None, out=sys.stdout):
-    parser = argparse.ArgumentParser(prog="python -m mterelay.keygen", description=__doc__.strip().split("\n\n")[0].replace("\n", " "))
+    # The whole first paragraph: its first line alone stops mid-sentence.
+    summary = __doc__.strip().split("\n\n")[0].replace("\n", " ")
+    parser = argparse.ArgumentParser(prog="python -m mterelay.keygen", description=summary)
     parser.add_argument("path", help="where to write the private key (must not exist)")
     args = parser.parse_args(argv)
     try:

@@ -6,10 +6,11 @@ Dispatch order: CORS preflight; ``/api/mte-echo[/<msg>]``; ``/api/mte-errors``; 
 ``x-mte-outbound-token`` or ``x-mte-upstream`` (outbound handler, only when the token matches OUTBOUND_TOKEN, 401
 otherwise); ``/api/mte-relay`` and ``/api/mte-pair`` (inbound handler); a request carrying ``x-mte-relay`` (inbound
 handler, which matches MTE_ROUTES against the decoded path); PASS_THROUGH_ROUTES (proxied as is); MTE routes
-(MTE_ROUTES, or every other path when unset; inbound handler); else 404. A handler is an object with ``render(request)`` returning bytes or
-``NOT_DONE_YET``; an absent handler answers 501. The inbound one may also refuse a message on its head, before its
-body is read: at once (``head_refusal(headers, header)``: a ``RelayError`` or None), or once its pair was looked up
-(``pair_lookup(header)``: a Deferred of the pair's record, failing with the refusal).
+(MTE_ROUTES, or every other path when unset; inbound handler); else 404. A handler is an object with
+``render(request)`` returning bytes or ``NOT_DONE_YET``; an absent handler answers 501. The inbound one may also
+refuse a message on its head, before its body is read: at once (``head_refusal(headers, header)``: a ``RelayError``
+or None), or once its pair was looked up (``pair_lookup(header)``: a Deferred of the pair's record, failing with the
+refusal).
 """
 
 import errno
@@ -394,7 +395,8 @@ class RelayRequest(server.Request):
         paused = not lookup.called
         if paused:
             channel._networkProducer.pauseProducing()
-        lookup.addCallback(looked_up)
+        # Whatever the outcome (an unexpected failure too, which the inbound role answers), reading goes on.
+        lookup.addBoth(looked_up)
 
     def handleContentChunk(self, data):
         if self._refused:
