@@ -3,6 +3,7 @@
 import json
 
 from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
@@ -659,6 +660,66 @@ class EarlyRefusalTests(SynchronousTestCase):
             channel.dataReceived(head % (path, extra))
             self.assertEqual(transport.value(), b"")
             self.assertFalse(transport.disconnecting)
+
+
+class _LookingUp(Handler):
+    """A stand-in inbound handler whose pair lookup waits on ``gate``, through a Deferred that has been called already
+    (as txredisapi's are): only a callback can tell that its result is not there yet."""
+
+    def __init__(self):
+        super().__init__("inbound")
+        self.gate = Deferred()
+
+    def pair_lookup(self, header):
+        return succeed(None).addCallback(lambda _: self.gate)
+
+
+class PairLookupTests(SynchronousTestCase):
+    """An encoded message with a body: its pair is looked up on the head, and nothing is read until it is known."""
+
+    def channel(self):
+        clock = Clock()
+        handler = _LookingUp()
+        site = RelaySite(build_resource(settings(), None, clock, inbound=handler), settings(), clock)
+        channel, transport = connect_channel(site, clock)
+        return handler, channel, transport
+
+    def test_reading_stops_until_the_pair_is_known(self):
+        """The connection stops reading as soon as the head is in, and reads again once the pair is known; the body
+        then goes to the handler."""
+        handler, channel, transport = self.channel()
+        channel.dataReceived(ENCODED_POST + b"Content-Length: 4\r\n\r\n")
+        self.assertEqual(transport.producerState, "paused")
+        handler.gate.callback("record")
+        self.assertEqual(transport.producerState, "producing")
+        channel.dataReceived(b"body")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 "), transport.value())
+
+    def test_unknown_pair_refused_without_100_continue(self):
+        """A client that asked to be told before sending its body (Expect: 100-continue) is not told to send it
+        while the pair is looked up; an unknown pair is refused with 560 and no 100 ever; a known one gets its 100
+        once known."""
+        handler, channel, transport = self.channel()
+        channel.dataReceived(ENCODED_POST + b"Expect: 100-continue\r\nContent-Length: 4\r\n\r\n")
+        self.assertEqual(transport.value(), b"")
+        handler.gate.errback(RelayError(560))
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 560 "), transport.value())
+        self.assertNotIn(b"100 Continue", transport.value())
+        handler, channel, transport = self.channel()
+        channel.dataReceived(ENCODED_POST + b"Expect: 100-continue\r\nContent-Length: 4\r\n\r\n")
+        handler.gate.callback("record")
+        self.assertEqual(transport.value(), b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def test_client_gone_before_the_answer(self):
+        """A client that goes away while its pair is looked up leaves nothing to answer and no error behind."""
+        handler, channel, transport = self.channel()
+        channel.dataReceived(ENCODED_POST + b"Content-Length: 4\r\n\r\n")
+        [request] = channel.requests
+        channel.connectionLost(None)
+        handler.gate.errback(RelayError(560))
+        self.assertEqual(transport.value(), b"")
+        # The lookup ends with the refusal (for nobody), not with an error of its own left to be logged.
+        self.assertEqual(request.pair_lookup.result.code, 560)
 
 
 class HeadTimeoutTests(SynchronousTestCase):

@@ -369,13 +369,15 @@ class RelayRequest(server.Request):
     def _look_up_pair(self, router):
         """
         Look the message's pair up before its body is read: a pair this relay does not hold (anyone may name one, with
-        a client id anyone may have) is refused on the head, not after taking in up to MAX_BODY_SIZE. The connection
-        stops reading while the registry answers.
+        a client id anyone may have) is refused on the head, not after taking in up to MAX_BODY_SIZE. Until the
+        registry answers the connection reads nothing, and a client that asked (``Expect: 100-continue``) is told to
+        send its body only once the pair is known.
         """
         lookup = router.pair_lookup(self.routed)
         if lookup is None:
             return
         channel = self.channel
+        waiting = {"answered": False, "paused": False, "continue": False}
 
         def settled(failure):
             # The refusal becomes the outcome: the inbound role raises it, or nobody needs to (refused here).
@@ -383,20 +385,33 @@ class RelayRequest(server.Request):
             return failure.value
 
         def looked_up(outcome):
-            if isinstance(outcome, RelayError) and not self._refused and not channel._handlingRequest:
-                # The body never came whole (reading stopped): answer on the head, read nothing more.
+            waiting["answered"] = True
+            if self.channel is None or self._refused or channel._handlingRequest:
+                # Gone, refused already, or the whole request came in before the lookup stopped reading.
+                return outcome
+            if isinstance(outcome, RelayError):
+                # Answered on the head; nothing more is read.
                 self._over, self._limit = outcome, 0
                 self._refuse()
-            elif paused and not channel._handlingRequest and not channel._waitingForTransport:
+                return outcome
+            if waiting["continue"]:
+                channel._send100Continue()
+            if waiting["paused"] and not channel._waitingForTransport:
                 channel._networkProducer.resumeProducing()
             return outcome
 
         self.pair_lookup = lookup.addErrback(settled)
-        paused = not lookup.called
-        if paused:
-            channel._networkProducer.pauseProducing()
-        # Whatever the outcome (an unexpected failure too, which the inbound role answers), reading goes on.
+        # Whatever the outcome (an unexpected failure too, which the inbound role answers), reading goes on. A
+        # Deferred can have been called and still wait on another (a Redis reply): only this callback says.
         lookup.addBoth(looked_up)
+        if not waiting["answered"]:
+            waiting["paused"] = True
+            channel._networkProducer.pauseProducing()
+            expect = self.requestHeaders.getRawHeaders(b"expect", [b""])[0].lower()
+            if expect == b"100-continue" and channel._version == b"HTTP/1.1":
+                # twisted.web would send "100 Continue" as soon as this returns: only once the pair is known.
+                self.requestHeaders.removeHeader(b"expect")
+                waiting["continue"] = True
 
     def handleContentChunk(self, data):
         if self._refused:
