@@ -115,9 +115,8 @@ class Inbound:
         as step 1 of the order of work would), a missing header block (569), a body on a message that says it has
         none (562). Everything else needs the pair.
         """
-        token = headers.getRawHeaders(CLIENT_ID_HEADER, [None])[-1]
         try:
-            if self._signer.verify(token.decode("ascii", "replace") if token else None).client_id != header.client_id:
+            if self._verify_token(headers.getRawHeaders(CLIENT_ID_HEADER, [None])[-1]).client_id != header.client_id:
                 return RelayError(566, "x-mte-client-id does not match x-mte-relay")
         except RelayError as e:
             return e
@@ -163,11 +162,15 @@ class Inbound:
         ensureDeferred(handler(request, gone)).addErrback(failed)
         return server.NOT_DONE_YET
 
+    def _verify_token(self, token):
+        """The ``VerifiedClientId`` of an ``x-mte-client-id`` value (bytes or None), or ``BadClientId`` (566)."""
+        return self._signer.verify(token.decode("ascii", "replace") if token else None)
+
     def _verify_client(self, request, required=True):
         token = request.getHeader(CLIENT_ID_HEADER)
         if token is None and not required:
             return self._signer.issue()
-        verified = self._signer.verify(token.decode("ascii", "replace") if token else None)
+        verified = self._verify_token(token)
         if verified.resigned:
             request.setHeader(CLIENT_ID_HEADER, verified.token.encode("ascii"))
         return verified

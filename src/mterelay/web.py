@@ -440,7 +440,7 @@ class RelayRequest(server.Request):
         self.requestHeaders.removeHeader(b"expect")
         # With the relay's own headers (CORS above all: a browser could not read the refusal without them), and
         # logged as any other answer.
-        self.channel.site.resource.own_headers(self)
+        self.channel.site.resource.set_own_headers(self)
         self.setResponseCode(self._over.code)
         self.sentLength = self.channel.answer_and_close(self._over, self.responseHeaders)
         # Only the channel has the request line yet (requestReceived never comes for a refused request).
@@ -726,7 +726,7 @@ class Router(Resource):
         token = settings.outbound_token
         self._outbound_token = None if token is None else token.encode("utf-8")
 
-    def own_headers(self, request):
+    def set_own_headers(self, request):
         """
         Set the relay's own headers on ``request``'s answer (the request id under DEBUG, HEADERS, CORS) and keep a
         copy for error answers (``own_headers``); True when CORS granted the request's origin.
@@ -745,7 +745,7 @@ class Router(Resource):
     def render(self, request):
         if self._tracker is not None:
             self._tracker.track(request)
-        granted = self.own_headers(request)
+        granted = self.set_own_headers(request)
         if request.method == b"OPTIONS" and request.requestHeaders.hasHeader(b"access-control-request-method"):
             return self._preflight(request, granted)
         try:
